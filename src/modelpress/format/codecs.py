@@ -1,0 +1,160 @@
+"""Each tensor in its cheapest exact encoding, as manifest entries plus byte streams.
+
+kinds:  raw  - the tensor's bytes as they are (any dtype)
+        cb   - codebook: float16 centroids + entropy-coded indices (+ a sparsity mask)
+        q    - uniform grid: float16 per-channel scales + entropy-coded integer codes (+ mask)
+        sp   - sparse float32: mask + the kept values
+A mask is stored only where it makes the tensor smaller. Decoding checks every declared size
+against the manifest before allocating, and recomputes weights with the same float32 operations
+the pipeline used, so a loaded model is bitwise identical to the one compressed.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import CorruptStream
+from ..state import ParamState, broadcast_scale
+from .entropy import decode_mask, decode_symbols, encode_mask, encode_symbols
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64,
+          "i64": torch.int64, "i32": torch.int32, "i8": torch.int8, "u8": torch.uint8, "bool": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_ELEMENTS = 2 ** 34  # a declared tensor larger than this is refused before anything is allocated
+
+
+def mask_2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    """Masks are coded as (output channels, rest): columns then share an input position."""
+    if len(shape) <= 1:
+        return (1, int(math.prod(shape)))
+    return (shape[0], int(math.prod(shape[1:])))
+
+
+def encode_tensor(name: str, t: torch.Tensor, st: ParamState | None) -> tuple[dict, dict[str, bytes]]:
+    """(entry, streams) for one tensor; stream keys are prefixed with `name/`."""
+    entry: dict = {"shape": list(t.shape), "dtype": DTYPE_NAMES[t.dtype]}
+    kind = st.kind if st is not None else "dense"
+    if kind == "dense":
+        return {**entry, "kind": "raw"}, {f"{name}/data": t.contiguous().numpy().tobytes()}
+    if kind == "masked":
+        entry["kind"], values = "sp", t[st.mask].contiguous().numpy().tobytes()
+        return entry, {f"{name}/mask": encode_mask(st.mask.reshape(mask_2d(t.shape)).numpy()),
+                       f"{name}/values": values}
+    if kind == "codebook":
+        entry.update(kind="cb", k=int(st.codebook.numel()))
+        side = {f"{name}/table": st.codebook.half().numpy().tobytes()}
+        codes = st.codes
+    else:
+        qmax = 2 ** (st.bits - 1) - 1
+        entry.update(kind="q", bits=int(st.bits), nscale=int(st.scale.numel()))
+        side = {f"{name}/scale": st.scale.half().numpy().tobytes()}
+        codes = st.codes.to(torch.int64) + qmax  # non-negative symbols
+    entry, streams = _codes_with_best_mask(name, entry, codes, st.mask, t.shape)
+    return entry, {**streams, **side}
+
+
+def _codes_with_best_mask(name, entry, codes, mask, shape):
+    """Codes of all positions, or a mask plus the codes of kept positions: whichever is smaller."""
+    whole = {f"{name}/codes": encode_symbols(codes.flatten().numpy())}
+    if mask is None or bool(mask.all()):
+        return {**entry, "masked": False}, whole
+    split = {f"{name}/mask": encode_mask(mask.reshape(mask_2d(shape)).numpy()),
+             f"{name}/codes": encode_symbols(codes[mask].numpy())}
+    if sum(map(len, split.values())) < sum(map(len, whole.values())):
+        return {**entry, "masked": True}, split
+    return {**entry, "masked": False}, whole
+
+
+def _stream(streams: dict[str, bytes], key: str) -> bytes:
+    if key not in streams:
+        raise CorruptStream(f"stream {key!r} is missing")
+    return streams[key]
+
+
+def _check_entry(name: str, entry: dict) -> tuple[tuple[int, ...], torch.dtype, int]:
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 8:
+        raise CorruptStream(f"tensor {name!r}: bad shape {shape!r}")
+    numel = math.prod(shape)
+    if numel > MAX_ELEMENTS:
+        raise CorruptStream(f"tensor {name!r}: declares {numel} elements, more than the cap {MAX_ELEMENTS}")
+    dtype = DTYPES.get(entry.get("dtype"))
+    if dtype is None:
+        raise CorruptStream(f"tensor {name!r}: unknown dtype {entry.get('dtype')!r}")
+    return tuple(shape), dtype, numel
+
+
+def _from_bytes(name: str, data: bytes, dtype: torch.dtype, count: int) -> torch.Tensor:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(data) != count * itemsize:
+        raise CorruptStream(f"tensor {name!r}: {len(data)} bytes where {count} x {itemsize} were declared")
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype)
+
+
+def _int_field(name: str, entry: dict, key: str, lo: int, hi: int) -> int:
+    v = entry.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise CorruptStream(f"tensor {name!r}: field {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def decode_tensor(name: str, entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
+    """Rebuild one tensor exactly; raises CorruptStream on any inconsistency."""
+    shape, dtype, numel = _check_entry(name, entry)
+    kind = entry.get("kind")
+    if kind == "raw":
+        return _from_bytes(name, _stream(streams, f"{name}/data"), dtype, numel).reshape(shape)
+    if dtype != torch.float32:
+        raise CorruptStream(f"tensor {name!r}: kind {kind!r} needs dtype f32")
+    masked = entry.get("masked", kind == "sp")
+    mask = None
+    if masked:
+        try:
+            mask = torch.from_numpy(decode_mask(_stream(streams, f"{name}/mask"), mask_2d(shape)).copy())
+        except CorruptStream:
+            raise
+        except Exception as e:
+            raise CorruptStream(f"tensor {name!r}: mask does not decode: {e}") from None
+        mask = mask.reshape(shape)
+    n = int(mask.sum()) if mask is not None else numel
+    if kind == "sp":
+        w = torch.zeros(shape, dtype=torch.float32)
+        w[mask] = _from_bytes(name, _stream(streams, f"{name}/values"), torch.float32, n)
+        return w
+    codes = torch.from_numpy(decode_symbols(_stream(streams, f"{name}/codes"), n).astype(np.int64))
+    if kind == "cb":
+        k = _int_field(name, entry, "k", 1, 2 ** 16)
+        table = _from_bytes(name, _stream(streams, f"{name}/table"), torch.float16, k).float()
+        if codes.numel() and int(codes.max()) >= k:
+            raise CorruptStream(f"tensor {name!r}: a code is outside its codebook of {k}")
+        full = _scatter(codes, mask, shape)
+        return table[full] * _ones_or(mask, shape)
+    if kind == "q":
+        bits = _int_field(name, entry, "bits", 1, 16)
+        nscale = _int_field(name, entry, "nscale", 1, max(1, shape[0] if shape else 1))
+        if nscale not in (1, shape[0] if shape else 1):
+            raise CorruptStream(f"tensor {name!r}: {nscale} scales for shape {list(shape)}")
+        scale = _from_bytes(name, _stream(streams, f"{name}/scale"), torch.float16, nscale).float()
+        qmax = 2 ** (bits - 1) - 1
+        if codes.numel() and int(codes.max()) > 2 * qmax:
+            raise CorruptStream(f"tensor {name!r}: a code is outside the {bits}-bit range")
+        q = (_scatter(codes, mask, shape, fill=qmax) - qmax).to(torch.int32)
+        w = q.float() * broadcast_scale(scale, q)
+        return w if mask is None else w * mask
+    raise CorruptStream(f"tensor {name!r}: unknown kind {kind!r}")
+
+
+def _scatter(codes: torch.Tensor, mask: torch.Tensor | None, shape, fill: int = 0) -> torch.Tensor:
+    if mask is None:
+        return codes.reshape(shape)
+    full = torch.full(shape, fill, dtype=torch.int64)
+    full[mask] = codes
+    return full
+
+
+def _ones_or(mask: torch.Tensor | None, shape) -> torch.Tensor | float:
+    return 1 if mask is None else mask

@@ -1,0 +1,365 @@
+"""Entropy coders for the streams of a compressed model file.
+
+Symbol streams (cluster / quantisation codes) are coded with the cheapest of: a constant,
+fixed-width bit packing, or rANS (constriction, 24-bit precision) with the stream's own
+frequency table stored as square-root-quantised counts in split Elias-gamma codes.
+Sparsity masks are coded row by row with an adaptive Bernoulli model (column KT counts x
+row factor, no side information except a one-byte parameter choice), see `encode_mask`.
+Decoders raise `CorruptStream` on any malformed input; their work is bounded by the
+caller-supplied count/shape.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import constriction
+import numpy as np
+
+from modelpress.errors import CorruptStream
+
+__all__ = ["encode_symbols", "decode_symbols", "encode_mask", "decode_mask",
+           "entropy_bits", "mask_entropy_bits"]
+
+_MAX_ALPHABET = 1 << 16
+_CONST, _PACK, _ANS = 0, 1, 2              # symbol methods (high 3 bits of the first byte);
+                                           # _ANS + 1 = ANS with delta-coded table
+_ZEROS, _ONES, _ADAPTIVE = 0, 1, 2         # mask methods (first byte)
+_MAX_Z = 28                                # longest exp-Golomb prefix the reader accepts
+# Mask model grid: column prior strength tau and row-factor prior strength beta (inf = off).
+_TAUS = (0.25, 1.0, 4.0, 16.0, 64.0, np.inf)
+_BETAS = (0.5, 2.0, 8.0, np.inf)
+_CONFIGS = [(t, b) for t in _TAUS for b in _BETAS]
+_P_LO, _P_HI = 2.0 ** -18, 1.0 - 2.0 ** -18
+_SEARCH_ELEMENTS = 1 << 17                 # the encoder picks the config on about this many bits
+_FIRST_CHUNK, _CHUNK_GROWTH = 16, 4
+_BERNOULLI = constriction.stream.model.Bernoulli(perfect=False)
+
+
+def entropy_bits(symbols: np.ndarray) -> float:
+    """n times the order-0 empirical entropy of `symbols`, in bits (the target for ANS)."""
+    counts = np.unique(np.asarray(symbols).ravel(), return_counts=True)[1].astype(np.float64)
+    n = counts.sum()
+    return float(np.sum(counts * np.log2(n / counts))) if n else 0.0
+
+
+def mask_entropy_bits(mask: np.ndarray) -> float:
+    """n * H(density) in bits: the cost of an ideal iid Bernoulli code for `mask`."""
+    n = np.asarray(mask).size
+    k = int(np.count_nonzero(mask))
+    if k in (0, n):
+        return 0.0
+    d = k / n
+    return float(-n * (d * np.log2(d) + (1 - d) * np.log2(1 - d)))
+
+
+# ---------------------------------------------------------------- bit-level helpers
+
+def _bitlen(u: np.ndarray) -> np.ndarray:
+    """Exact bit length of positive integers < 2**53."""
+    return np.frexp(u.astype(np.float64))[1].astype(np.int64)
+
+
+def _eg_len(vals: np.ndarray, k: int) -> np.ndarray:
+    """Length in bits of the order-k exp-Golomb code of each non-negative value."""
+    return 2 * _bitlen(vals + (1 << k)) - 1 - k
+
+
+def _eg_write(vals: np.ndarray, k: int) -> np.ndarray:
+    """Order-k exp-Golomb codes, split in two runs (all unary prefixes, then all mantissas)
+    so that the reader can decode them without a per-value loop. Returns a bit array."""
+    u = np.asarray(vals, dtype=np.int64) + (1 << k)
+    nb = _bitlen(u)
+    prefix = np.zeros(int(np.sum(nb - k)), dtype=np.uint8)
+    prefix[np.cumsum(nb - k) - 1] = 1
+    lens = nb - 1
+    idx = np.repeat(np.arange(len(u)), lens)
+    t = np.arange(len(idx)) - np.repeat(np.cumsum(lens) - lens, lens)
+    mant = ((u[idx] >> (lens[idx] - 1 - t)) & 1).astype(np.uint8)
+    return np.concatenate([prefix, mant])
+
+
+def _eg_read(bits: np.ndarray, pos: int, m: int, k: int) -> tuple[np.ndarray, int]:
+    """Inverse of `_eg_write` for `m` values starting at bit `pos`; returns (values, new pos)."""
+    if m == 0:
+        return np.zeros(0, dtype=np.int64), pos
+    ones = np.flatnonzero(bits[pos:pos + m * (_MAX_Z + 1)])[:m]
+    if len(ones) < m:
+        raise CorruptStream("truncated exp-Golomb codes")
+    z = np.diff(ones, prepend=-1) - 1
+    if z.max() > _MAX_Z:
+        raise CorruptStream("exp-Golomb value out of range")
+    pos += int(ones[-1]) + 1
+    lens = z + k
+    total = int(lens.sum())
+    if pos + total > len(bits):
+        raise CorruptStream("truncated exp-Golomb mantissas")
+    idx = np.repeat(np.arange(m), lens)
+    t = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+    w = bits[pos:pos + total] * np.ldexp(1.0, lens[idx] - 1 - t)
+    u = (np.int64(1) << lens) + np.bincount(idx, weights=w, minlength=m).astype(np.int64)
+    return u - (1 << k), pos + total
+
+
+def _ans_bytes(coder: constriction.stream.stack.AnsCoder) -> bytes:
+    """Compressed words as little-endian bytes, trailing zero bytes stripped."""
+    return coder.get_compressed().astype("<u4").tobytes().rstrip(b"\0")
+
+
+def _ans_coder(payload: bytes) -> constriction.stream.stack.AnsCoder:
+    """Rebuild an ANS decoder from `_ans_bytes` output."""
+    payload += b"\0" * (-len(payload) % 4)
+    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+    return constriction.stream.stack.AnsCoder(words)
+
+
+def _guard(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call into constriction, turning its errors (Rust panics included) into CorruptStream."""
+    try:
+        return fn(*args)
+    except (CorruptStream, KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+        raise
+    except BaseException as exc:  # pyo3 PanicException derives from BaseException
+        raise CorruptStream(f"entropy decoder failed: {exc}") from exc
+
+
+# ---------------------------------------------------------------- symbol streams
+
+def _zigzag(v: np.ndarray) -> np.ndarray:
+    """Deltas of consecutive table entries mapped to non-negative ints (smooth tables are cheap)."""
+    d = np.diff(v, prepend=1)
+    return np.where(d >= 0, 2 * d, -2 * d - 1)
+
+
+def _unzigzag(z: np.ndarray) -> np.ndarray:
+    """Inverse of `_zigzag`."""
+    return np.cumsum(np.where(z & 1, -(z + 1) // 2, z // 2)) + 1
+
+
+def _table_code(v: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """Cheapest way to code the table values: (delta flag, exp-Golomb order, values to code)."""
+    options = [(dl, k, vals) for dl, vals in ((0, v - 1), (1, _zigzag(v))) for k in range(8)]
+    return min(options, key=lambda o: int(_eg_len(o[2], o[1]).sum()))
+
+
+def _sqrt_table(counts: np.ndarray) -> np.ndarray:
+    """Quantised sqrt-counts v >= 1 (model p ~ v**2) at the scale minimising table + coded bits;
+    sqrt companding equalises the cost of count errors across frequent and rare symbols."""
+    root = np.sqrt(counts.astype(np.float64))
+    best = None
+    for j in range(32):
+        v = np.maximum(1, np.rint(root * 2.0 ** (j / 2 - 4))).astype(np.int64)
+        if v.max() >= 1 << 24:
+            break
+        p = v.astype(np.float64) ** 2
+        _, k, vals = _table_code(v)
+        cost = float(np.sum(counts * np.log2(p.sum() / p))) + int(_eg_len(vals, k).sum())
+        if best is None or cost < best[0]:
+            best = (cost, v)
+    return best[1]
+
+
+def _encode_ans(x: np.ndarray) -> bytes:
+    """Method byte (+ table codes' orders), split exp-Golomb table, rANS words."""
+    present, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    m = len(present)
+    gaps = np.diff(present, prepend=-1) - 1
+    kg = 3 if present[-1] == m - 1 else min(range(3), key=lambda k: int(_eg_len(gaps, k).sum()))
+    v = _sqrt_table(counts)
+    delta, kv, vals = _table_code(v)
+    bits = np.concatenate([_eg_write(np.array([m - 2]), 0),
+                           _eg_write(gaps, kg) if kg < 3 else np.zeros(0, np.uint8),
+                           _eg_write(vals, kv)])
+    model = constriction.stream.model.Categorical(v.astype(np.float64) ** 2, perfect=False)
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(inverse.astype(np.int32), model)
+    head = (_ANS + delta) << 5 | kg << 3 | kv
+    return bytes([head]) + np.packbits(bits).tobytes() + _ans_bytes(coder)
+
+
+def encode_symbols(symbols: np.ndarray) -> bytes:
+    """Code a 1-D array of ints in [0, 2**16) with the cheapest of constant / bit packing /
+    ANS with the empirical table. The first byte tags the method; the count is not stored."""
+    x = np.asarray(symbols).ravel().astype(np.int64)
+    if len(x) and (x.min() < 0 or x.max() >= _MAX_ALPHABET):
+        raise ValueError("symbols must lie in [0, 2**16)")
+    if len(x) == 0 or x.min() == x.max():
+        return bytes([_CONST << 5]) + int(x[0] if len(x) else 0).to_bytes(2, "little")
+    w = int(_bitlen(x.max()[None])[0])
+    packed = bytes([_PACK << 5 | w]) + np.packbits(
+        ((x[:, None] >> np.arange(w - 1, -1, -1)) & 1).astype(np.uint8)).tobytes()
+    coded = _encode_ans(x)
+    return coded if len(coded) < len(packed) else packed
+
+
+def decode_symbols(data: bytes, count: int) -> np.ndarray:
+    """Inverse of `encode_symbols`; `count` is the number of symbols. Returns int64."""
+    if count < 0:
+        raise ValueError("negative count")
+    if not data:
+        raise CorruptStream("empty symbol stream")
+    method, param, body = data[0] >> 5, data[0] & 31, bytes(data[1:])
+    if method == _CONST:
+        if len(body) != 2:
+            raise CorruptStream("bad constant stream")
+        return np.full(count, int.from_bytes(body, "little"), dtype=np.int64)
+    if method == _PACK:
+        if not 1 <= param <= 16 or len(body) != -(-count * param // 8):
+            raise CorruptStream("bad bit-packed stream")
+        bits = np.unpackbits(np.frombuffer(body, dtype=np.uint8))[:count * param]
+        return bits.reshape(count, param).astype(np.int64) @ (1 << np.arange(param - 1, -1, -1))
+    if method not in (_ANS, _ANS + 1) or count < 2:
+        raise CorruptStream("unknown symbol coding method")
+    kg, kv = param >> 3, param & 7
+    bits = np.unpackbits(np.frombuffer(body, dtype=np.uint8))
+    m, pos = _eg_read(bits, 0, 1, 0)
+    m = int(m[0]) + 2
+    if m > min(count, _MAX_ALPHABET):
+        raise CorruptStream("bad alphabet size")
+    if kg == 3:
+        present = np.arange(m)
+    else:
+        gaps, pos = _eg_read(bits, pos, m, kg)
+        present = np.cumsum(gaps + 1) - 1
+    vals, pos = _eg_read(bits, pos, m, kv)
+    v = _unzigzag(vals) if method == _ANS + 1 else vals + 1
+    if present[-1] >= _MAX_ALPHABET or v.min() < 1 or v.max() > 1 << 30:
+        raise CorruptStream("bad frequency table")
+    p = v.astype(np.float64) ** 2
+    payload = body[(pos + 7) // 8:]
+    if 8 * len(payload) + 64 < count * np.log2(p.sum() / p.max()):
+        raise CorruptStream("symbol stream too short for its count")
+    model = _guard(lambda: constriction.stream.model.Categorical(p, perfect=False))
+    coder = _guard(_ans_coder, payload)
+    idx = _guard(coder.decode, model, count)
+    if not coder.is_empty():
+        raise CorruptStream("symbol stream has trailing or inconsistent data")
+    return present[idx.astype(np.int64)]
+
+
+# ---------------------------------------------------------------- sparsity masks
+
+def _chunk_starts(cols: int) -> np.ndarray:
+    """Start column of the chunk holding each column. Chunks grow geometrically
+    (16, 48, 192, ...): the row factor adapts early while rows stay ~log(cols) decoder calls."""
+    ends, e = [], _FIRST_CHUNK
+    while e < cols:
+        ends.append(e)
+        e *= _CHUNK_GROWTH
+    starts = np.array([0] + ends)
+    return starts[np.searchsorted(starts, np.arange(cols), side="right") - 1]
+
+
+def _block_stats(m: np.ndarray, i0: int, col0: np.ndarray, ones0: int, starts: np.ndarray) -> tuple:
+    """Integer statistics the decoder knows before each bit of rows i0.. of `m` (vectorised form
+    of the decoder's loop): row index, column ones above, running density, column ones above
+    and left of the chunk, row ones left of the chunk."""
+    rows, cols = m.shape
+    mi = m.astype(np.int64)
+    above = col0 + np.cumsum(mi, axis=0) - mi
+    zero = np.zeros((rows, 1), dtype=np.int64)
+    row_left = np.concatenate([zero, np.cumsum(mi, axis=1)], axis=1)
+    ones_before = ones0 + np.cumsum(row_left[:, -1]) - row_left[:, -1]
+    i = np.arange(i0, i0 + rows)[:, None]
+    row_left = row_left[:, starts]
+    dens = (ones_before[:, None] + row_left + 0.5) / (i * cols + starts + 1.0)
+    prefix = np.concatenate([zero, np.cumsum(above, axis=1)], axis=1)[:, starts]
+    return i, above, dens, prefix, row_left
+
+
+def _probs(stats: tuple, starts: np.ndarray, tau: float, inv_beta: float) -> np.ndarray:
+    """P(bit = 1): column estimate (ones above, shrunk towards the running density with prior
+    strength tau) times a row factor (ones so far in the row / ones expected, prior beta).
+    Same IEEE operations in the same order as `decode_mask`, so both sides agree exactly."""
+    i, above, dens, prefix, row_left = stats
+    a_col = 1.0 / (i + tau)
+    b_glob = 1.0 - i * a_col
+    q = above * a_col + dens * b_glob
+    expected = prefix * a_col + (starts * dens) * b_glob
+    return np.clip(q * ((row_left * inv_beta + 1.0) / (expected * inv_beta + 1.0)), _P_LO, _P_HI)
+
+
+def _blocks(m: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
+    """Row blocks of ~2**15 bits: (first row, rows, column ones above, ones before)."""
+    step = max(1, (1 << 15) // m.shape[1])
+    col0, ones0 = np.zeros(m.shape[1], dtype=np.int64), 0
+    for i0 in range(0, m.shape[0], step):
+        blk = m[i0:i0 + step]
+        yield i0, blk, col0, ones0
+        col0 = col0 + blk.sum(axis=0)
+        ones0 += int(blk.sum())
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Code a 2-D bool mask with an adaptive Bernoulli model and rANS (see `_probs`); masks
+    taller than wide are transposed so the decoder makes few, long calls. The encoder picks
+    (tau, beta) from a small grid and stores its index in one byte; nothing else is sent."""
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2:
+        raise ValueError("mask must be 2-D")
+    k = int(np.count_nonzero(m))
+    if k == 0 or k == m.size:
+        return bytes([_ZEROS if k == 0 else _ONES])
+    m = np.ascontiguousarray(m.T if m.shape[0] > m.shape[1] else m)
+    starts = _chunk_starts(m.shape[1])
+    blocks = list(_blocks(m))
+    stride = max(1, len(blocks) * (1 << 15) // _SEARCH_ELEMENTS)
+    cost = np.zeros(len(_CONFIGS))
+    for i0, blk, col0, ones0 in blocks[::stride]:
+        stats = _block_stats(blk, i0, col0, ones0, starts)
+        for c, (tau, beta) in enumerate(_CONFIGS):
+            p = _probs(stats, starts, tau, 1.0 / beta)
+            cost[c] -= np.log2(np.where(blk, p, 1.0 - p)).sum()
+    return _encode_adaptive(m, int(np.argmin(cost)))
+
+
+def _encode_adaptive(m: np.ndarray, config: int) -> bytes:
+    """Code an (already oriented) mask with model config `config` of `_CONFIGS`."""
+    tau, beta = _CONFIGS[config]
+    starts = _chunk_starts(m.shape[1])
+    coder = constriction.stream.stack.AnsCoder()
+    for i0, blk, col0, ones0 in reversed(list(_blocks(m))):  # ANS is a stack: last block first
+        p = _probs(_block_stats(blk, i0, col0, ones0, starts), starts, tau, 1.0 / beta)
+        coder.encode_reverse(blk.ravel().astype(np.int32), _BERNOULLI, p.ravel())
+    return bytes([_ADAPTIVE, config]) + _ans_bytes(coder)
+
+
+def decode_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of `encode_mask` for a mask of the given (rows, cols): decodes one chunk of a
+    row per constriction call, updating the counts the model needs as it goes."""
+    rows, cols = (int(s) for s in shape)
+    if rows < 0 or cols < 0:
+        raise ValueError("negative mask shape")
+    if len(data) == 1 and data[0] in (_ZEROS, _ONES):
+        return np.full((rows, cols), data[0] == _ONES, dtype=bool)
+    if len(data) < 3 or data[0] != _ADAPTIVE or data[1] >= len(_CONFIGS) or rows * cols == 0:
+        raise CorruptStream("bad mask stream header")
+    transpose = rows > cols
+    rows, cols = (cols, rows) if transpose else (rows, cols)
+    tau, beta = _CONFIGS[data[1]]
+    inv_beta = 1.0 / beta
+    coder = _guard(_ans_coder, bytes(data[2:]))
+    starts = _chunk_starts(cols)
+    bounds = list(zip(*[np.r_[np.unique(starts), cols][s:] for s in (0, 1)]))
+    out = np.zeros((rows, cols), dtype=bool)
+    above = np.zeros(cols, dtype=np.int64)
+    ones = 0
+    for i in range(rows):
+        a_col = 1.0 / (i + tau)
+        b_glob = 1.0 - i * a_col
+        prefix = np.concatenate([[0], np.cumsum(above)])
+        row_ones = 0
+        for a, b in bounds:
+            dens = (ones + 0.5) / (i * cols + a + 1.0)
+            q = above[a:b] * a_col + dens * b_glob
+            expected = prefix[a] * a_col + (a * dens) * b_glob
+            p = np.clip(q * ((row_ones * inv_beta + 1.0) / (expected * inv_beta + 1.0)), _P_LO, _P_HI)
+            x = _guard(coder.decode, _BERNOULLI, p).astype(bool)
+            out[i, a:b] = x
+            k = int(np.count_nonzero(x))
+            row_ones += k
+            ones += k
+        above += out[i]
+    if not coder.is_empty():
+        raise CorruptStream("mask stream has trailing or inconsistent data")
+    return out.T if transpose else out

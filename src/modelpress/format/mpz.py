@@ -1,0 +1,100 @@
+"""A model and its compression state <-> one .mpz file (see docs/format.md for the bytes)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CorruptStream, FormatError, ModelMismatch
+from ..state import CompressionState
+from . import arch
+from .codecs import decode_tensor, encode_tensor
+from .container import read_container, write_container
+
+FORMAT_NAME = "modelpress"
+
+
+def encode_model(model: nn.Module, state: CompressionState, meta: dict | None = None
+                 ) -> tuple[dict, dict[str, bytes]]:
+    """The manifest and streams for every parameter and buffer of `model`."""
+    tensors, streams = {}, {}
+    for name, t in model.state_dict().items():
+        entry, s = encode_tensor(name, t.detach().cpu(), state.params.get(name))
+        tensors[name] = entry
+        streams.update(s)
+    manifest = {"format": FORMAT_NAME, "arch": arch.describe(model), "tensors": tensors, "meta": meta or {}}
+    return manifest, streams
+
+
+def decode_state_dict(manifest: dict, streams: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    """Every tensor of a manifest, decoded and checked."""
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict):
+        raise CorruptStream("the manifest has no 'tensors' table")
+    out = {}
+    for name, entry in tensors.items():
+        if not isinstance(entry, dict):
+            raise CorruptStream(f"tensor {name!r}: entry is not a mapping")
+        out[name] = decode_tensor(name, entry, streams)
+    return out
+
+
+def save(path: str | os.PathLike, model: nn.Module, state: CompressionState, meta: dict | None = None) -> int:
+    """Write atomically; returns the file's size in bytes."""
+    manifest, streams = encode_model(model, state, meta)
+    return write_container(path, manifest, streams)
+
+
+def read(source: str | os.PathLike | bytes) -> tuple[dict, dict[str, bytes]]:
+    """Read and check the container, and that it holds a modelpress model."""
+    manifest, streams = read_container(source)
+    if manifest.get("format") != FORMAT_NAME:
+        raise FormatError(f"the file is a container but not a modelpress model (format={manifest.get('format')!r})")
+    return manifest, streams
+
+
+def load(source: str | os.PathLike | bytes, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model (from its stored architecture, or into the skeleton `model`) with decoded weights."""
+    manifest, streams = read(source)
+    state = decode_state_dict(manifest, streams)
+    if model is None:
+        spec = manifest.get("arch")
+        if spec is None:
+            raise ModelMismatch(
+                "this file does not hold an architecture modelpress can rebuild (the model is not made only "
+                "of standard torch.nn layers); pass a skeleton: modelpress.load(path, model=MyModel())")
+        model = arch.build(spec)
+    _check_against(model, state)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def _check_against(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    got = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = [f"{k}: file has {list(got[k][0])}, model has {list(expected[k][0])}"
+             for k in sorted(set(got) & set(expected)) if got[k][0] != expected[k][0]]
+    if missing or extra or wrong:
+        parts = ([f"missing in the file: {missing[:5]}"] if missing else []) + \
+                ([f"not in the model: {extra[:5]}"] if extra else []) + wrong[:5]
+        raise ModelMismatch("the model does not match the file: " + "; ".join(parts))
+
+
+def describe_file(source: Any) -> list[dict]:
+    """Per tensor: kind, shape, bytes, sparsity and bits (stored bits per parameter) for `inspect`."""
+    manifest, streams = read(source)
+    state = decode_state_dict(manifest, streams)
+    rows = []
+    for name, entry in manifest["tensors"].items():
+        nbytes = sum(len(v) for k, v in streams.items() if k.rpartition("/")[0] == name)
+        t = state[name]
+        numel = max(1, t.numel())
+        rows.append({"name": name, "kind": entry["kind"], "shape": list(t.shape),
+                     "bytes": nbytes, "sparsity": float((t == 0).sum()) / numel,
+                     "bits": entry.get("bits") or (entry["k"].bit_length() - 1 if "k" in entry else
+                                                   t.element_size() * 8),
+                     "bits_per_param": 8.0 * nbytes / numel})
+    return rows

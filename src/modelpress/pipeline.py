@@ -1,0 +1,149 @@
+"""Runs a recipe's stages in order and measures the model after each one.
+
+A stage plugs in through one handler registered for its config type. After every stage the
+model is put in canonical form (encoded and decoded exactly as the file will hold it), so each
+row of the report describes what would be saved at that point, byte for byte.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import ModelpressError
+from .format.container import container_overhead
+from .format.mpz import decode_state_dict, encode_model
+from .recipe import ClusterConfig, FinetuneConfig, PruneConfig, QuantizeConfig, Recipe, StageConfig
+from .report import Report, StageRow
+from .state import CompressionState
+from .techniques.cluster import cluster
+from .techniques.finetune import TrainContext, train
+from .techniques.prune import prune
+from .techniques.quantize import quantize
+
+log = logging.getLogger(__name__)
+Handler = Callable[[nn.Module, CompressionState, Any, "Run"], None]
+HANDLERS: dict[type, Handler] = {}
+
+
+def handles(config_type: type[StageConfig]) -> Callable[[Handler], Handler]:
+    """Register the function that applies stages of `config_type`."""
+    def deco(fn: Handler) -> Handler:
+        HANDLERS[config_type] = fn
+        return fn
+    return deco
+
+
+class Run:
+    """What handlers share during one compress() call."""
+
+    def __init__(self, recipe: Recipe, ctx: TrainContext):
+        self.recipe, self.ctx = recipe, ctx
+
+    def exclude(self, cfg: StageConfig) -> tuple[str, ...]:
+        return tuple(self.recipe.exclude) + tuple(cfg.exclude)
+
+
+@handles(PruneConfig)
+def _prune(model: nn.Module, state: CompressionState, cfg: PruneConfig, run: Run) -> None:
+    prune(model, state, sparsity=cfg.sparsity, criterion=cfg.criterion, scope=cfg.scope,
+          schedule=cfg.schedule, steps=cfg.steps, epochs=cfg.epochs, lr=cfg.lr,
+          exclude=run.exclude(cfg), ctx=run.ctx)
+
+
+@handles(ClusterConfig)
+def _cluster(model: nn.Module, state: CompressionState, cfg: ClusterConfig, run: Run) -> None:
+    cluster(model, state, bits=cfg.bits, include_bias=cfg.include_bias, exclude=run.exclude(cfg))
+
+
+@handles(QuantizeConfig)
+def _quantize(model: nn.Module, state: CompressionState, cfg: QuantizeConfig, run: Run) -> None:
+    quantize(model, state, bits=cfg.bits, per_channel=cfg.per_channel, include_bias=cfg.include_bias,
+             exclude=run.exclude(cfg))
+
+
+@handles(FinetuneConfig)
+def _finetune(model: nn.Module, state: CompressionState, cfg: FinetuneConfig, run: Run) -> None:
+    train(model, state, run.ctx, epochs=cfg.epochs, lr=cfg.lr, label="finetune")
+
+
+def canonicalize(model: nn.Module, state: CompressionState, meta: dict | None = None
+                 ) -> tuple[dict, dict[str, bytes]]:
+    """Snap the model to exactly what its file holds; returns the manifest and streams."""
+    for st in state.params.values():
+        if st.codebook is not None:
+            st.codebook = st.codebook.half().float()
+    manifest, streams = encode_model(model, state, meta)
+    decoded = decode_state_dict(manifest, streams)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            t.copy_(decoded[name])
+    return manifest, streams
+
+
+def measure(model: nn.Module, stage: str, manifest: dict, streams: dict[str, bytes], fp32_bytes: int,
+            seconds: float, eval_fn: Callable | None) -> StageRow:
+    nbytes = sum(map(len, streams.values())) + container_overhead(manifest, streams)
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    zeros = sum(int((p == 0).sum()) for p in params)
+    return StageRow(stage=stage, bytes=nbytes, ratio=fp32_bytes / nbytes, params=n,
+                    sparsity=zeros / max(1, n), bits_per_param=8 * nbytes / max(1, n), seconds=seconds,
+                    metrics=evaluate(model, eval_fn))
+
+
+def evaluate(model: nn.Module, eval_fn: Callable | None) -> dict[str, float]:
+    if eval_fn is None:
+        return {}
+    model.eval()
+    with torch.no_grad():
+        value = eval_fn(model)
+    if isinstance(value, dict):
+        return {str(k): float(v) for k, v in value.items()}
+    return {"metric": float(value)}
+
+
+def run_pipeline(model: nn.Module, recipe: Recipe, ctx: TrainContext, eval_fn: Callable | None = None,
+                 on_stage: Callable[[StageRow], None] | None = None, meta: dict | None = None
+                 ) -> tuple[nn.Module, CompressionState, Report]:
+    """Apply every stage to a copy of `model`; the original is left untouched. `meta` goes into the
+    file, so each row's bytes are the exact size of the file saved at that point."""
+    student = copy.deepcopy(model).float().cpu().eval()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    state = CompressionState()
+    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    report = Report(fp32_bytes=fp32_bytes)
+    if fp32_bytes == 0:
+        raise ModelpressError("the model has no parameters to compress")
+    t0 = time.perf_counter()
+    row = StageRow("fp32", fp32_bytes, 1.0, fp32_bytes // 4, _sparsity(student), 32.0, 0.0,
+                   evaluate(student, eval_fn))
+    report.rows.append(row)
+    if on_stage:
+        on_stage(row)
+    run = Run(recipe, ctx)
+    for i, cfg in enumerate(recipe.stages, 1):
+        handler = HANDLERS.get(type(cfg))
+        if handler is None:
+            raise ModelpressError(f"stage {i} ({cfg.key}) has no registered handler; register one with "
+                                  f"@modelpress.pipeline.handles({type(cfg).__name__})")
+        t = time.perf_counter()
+        log.info("stage %d/%d: %s", i, len(recipe.stages), cfg.key)
+        handler(student, state, cfg, run)
+        manifest, streams = canonicalize(student, state, meta)
+        row = measure(student, f"{i}. {cfg.key}", manifest, streams, fp32_bytes, time.perf_counter() - t, eval_fn)
+        report.rows.append(row)
+        if on_stage:
+            on_stage(row)
+    report.notes.append(f"total {time.perf_counter() - t0:.1f} s")
+    return student, state, report
+
+
+def _sparsity(model: nn.Module) -> float:
+    n = sum(p.numel() for p in model.parameters())
+    return sum(int((p == 0).sum()) for p in model.parameters()) / max(1, n)

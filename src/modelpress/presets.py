@@ -1,0 +1,15 @@
+"""Named recipes. Each is plain YAML so users can copy one and edit it."""
+
+DEEP_COMPRESSION = """\
+# Deep Compression (Han et al. 2016), pushed further: gradual pruning with Taylor importance and
+# recovery training, 4-bit weight sharing with centroid fine-tuning, then context-adaptive coding.
+stages:
+  - prune: {sparsity: 0.96, criterion: taylor, scope: global, schedule: agp, steps: 8, epochs: 8, lr: 1.0e-3}
+  - finetune: {epochs: 4, lr: 3.0e-4}
+  - cluster: {bits: 4}
+  - finetune: {epochs: 4, lr: 3.0e-4}
+"""
+
+PRESETS: dict[str, str] = {
+    "deep-compression": DEEP_COMPRESSION,
+}

@@ -1,0 +1,176 @@
+"""Recipes: an ordered list of stage configs plus what to keep out, validated as a whole.
+
+Each stage is a frozen pydantic config registered under its YAML key; the config classes are the
+single source of truth and YAML is only their serialisation. Every problem in a recipe is listed
+at once, naming the stage, the field and the bad value.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import RecipeError
+
+STAGES: dict[str, type["StageConfig"]] = {}
+
+
+def register_stage(cls: type["StageConfig"]) -> type["StageConfig"]:
+    """Class decorator: make a config usable as a recipe stage under `cls.key`."""
+    STAGES[cls.key] = cls
+    return cls
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key: ClassVar[str] = ""
+    exclude: tuple[str, ...] = ()  # extra layer-name patterns kept out of this stage only
+
+
+@register_stage
+class PruneConfig(StageConfig):
+    """Unstructured pruning to `sparsity` with recovery training spread over the schedule."""
+
+    key: ClassVar[str] = "prune"
+    sparsity: float = Field(ge=0.0, lt=1.0)
+    granularity: Literal["element"] = "element"
+    criterion: Literal["magnitude", "taylor"] = "magnitude"
+    scope: Literal["global", "layer"] = "global"
+    schedule: Literal["oneshot", "agp"] = "oneshot"
+    steps: int = Field(default=10, ge=1, le=1000)
+    epochs: float = Field(default=0.0, ge=0.0)
+    lr: float = Field(default=1e-3, gt=0.0, lt=1.0)
+
+
+@register_stage
+class ClusterConfig(StageConfig):
+    """Weight sharing: per-layer k-means codebook of 2**bits values."""
+
+    key: ClassVar[str] = "cluster"
+    bits: int = Field(ge=1, le=8)
+    include_bias: bool = True
+
+
+@register_stage
+class QuantizeConfig(StageConfig):
+    """Uniform symmetric weight quantization, per output channel by default."""
+
+    key: ClassVar[str] = "quantize"
+    bits: int = Field(ge=2, le=8)
+    per_channel: bool = True
+    include_bias: bool = False
+
+
+@register_stage
+class FinetuneConfig(StageConfig):
+    """Recovery training under the current masks / codebooks / grids (distillation if data has no labels)."""
+
+    key: ClassVar[str] = "finetune"
+    epochs: float = Field(gt=0.0)
+    lr: float = Field(default=1e-4, gt=0.0, lt=1.0)
+
+
+class Recipe(BaseModel):
+    """An ordered list of stages and the layer-name patterns every stage leaves alone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stages: tuple[StageConfig, ...]
+    exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Recipe":
+        """Validate a parsed recipe; raises RecipeError listing every problem."""
+        if not isinstance(data, dict):
+            raise RecipeError(f"A recipe must be a mapping with a 'stages' list. Got {type(data).__name__} instead.")
+        problems, stages = [], []
+        unknown = sorted(set(data) - {"stages", "exclude"})
+        if unknown:
+            problems.append(f"Unknown top-level key(s) {unknown}; expected 'stages' and 'exclude'.")
+        raw = data.get("stages")
+        if not isinstance(raw, list) or not raw:
+            problems.append("'stages' must be a non-empty list of stages, e.g. [{prune: {sparsity: 0.9}}].")
+            raw = []
+        for i, item in enumerate(raw, 1):
+            stage, errs = _parse_stage(i, item)
+            problems += errs
+            if stage is not None:
+                stages.append(stage)
+        exclude = data.get("exclude", [])
+        if exclude is None:
+            exclude = []
+        if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
+            problems.append(f"'exclude' must be a list of layer-name patterns. Got {exclude!r} instead.")
+            exclude = []
+        if problems:
+            raise RecipeError("Invalid recipe:\n  - " + "\n  - ".join(problems))
+        return cls(stages=tuple(stages), exclude=tuple(exclude))
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | Path) -> "Recipe":
+        """Parse YAML text or a path to a YAML file."""
+        text = str(text_or_path)
+        path = Path(text) if isinstance(text_or_path, Path) or "\n" not in text else None
+        if path is not None and path.suffix in (".yaml", ".yml", ".json") or (path is not None and path.is_file()):
+            if not path.is_file():
+                raise RecipeError(f"Recipe file {str(path)!r} does not exist.")
+            text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"The recipe is not valid YAML: {e}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        out: dict = {"stages": [{s.key: s.model_dump(mode="json", exclude_defaults=True)} for s in self.stages]}
+        if self.exclude:
+            out["exclude"] = list(self.exclude)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def preset(cls, name: str) -> "Recipe":
+        """A named recipe; see `PRESETS`."""
+        from .presets import PRESETS
+
+        if name not in PRESETS:
+            raise RecipeError(f"Unknown preset {name!r}. Available presets: {sorted(PRESETS)}.")
+        return cls.from_yaml(PRESETS[name])
+
+
+def _parse_stage(i: int, item: Any) -> tuple[StageConfig | None, list[str]]:
+    if not isinstance(item, dict) or len(item) != 1:
+        return None, [f"Stage {i} must be a mapping with one technique key, e.g. {{prune: {{sparsity: 0.9}}}}. "
+                      f"Got {item!r} instead."]
+    key, settings = next(iter(item.items()))
+    if key not in STAGES:
+        return None, [f"Stage {i} has unknown technique {key!r}. Known techniques: {sorted(STAGES)}."]
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        return None, [f"The settings of stage {i} ({key}) must be a mapping. Got {settings!r} instead."]
+    try:
+        return STAGES[key](**settings), []
+    except ValidationError as e:
+        return None, [_describe(i, key, err) for err in e.errors()]
+
+
+def _describe(i: int, key: str, err: dict) -> str:
+    field = ".".join(str(x) for x in err["loc"]) or "settings"
+    if err["type"] == "extra_forbidden":
+        allowed = sorted(f for f in STAGES[key].model_fields)
+        return f"Stage {i} ({key}) has unknown field {field!r}. Allowed fields: {allowed}."
+    if err["type"] == "missing":
+        return f"The {field!r} of stage {i} ({key}) is required."
+    return f"The {field!r} of stage {i} ({key}) {_phrase(err)}. Got {err.get('input')!r} instead."
+
+
+def _phrase(err: dict) -> str:
+    ctx = err.get("ctx", {})
+    bounds = {"greater_than": f"must be > {ctx.get('gt')}", "greater_than_equal": f"must be >= {ctx.get('ge')}",
+              "less_than": f"must be < {ctx.get('lt')}", "less_than_equal": f"must be <= {ctx.get('le')}",
+              "literal_error": f"must be one of {ctx.get('expected')}"}
+    return bounds.get(err["type"], "is invalid: " + err["msg"][0].lower() + err["msg"][1:])

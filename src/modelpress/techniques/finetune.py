@@ -1,0 +1,139 @@
+"""Recovery training: fine-tuning with labels, or label-free self-distillation from the original model.
+
+`train_data` is an iterable of batches, each either `(inputs, targets)` (classification with
+cross-entropy, or the user's `loss_fn(outputs, targets)`) or inputs alone, in which case the
+student learns the teacher's outputs (KL divergence of softened logits). Constraints recorded
+in the `CompressionState` (masks, codebooks, quantization grids) hold throughout.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelpressError
+from ..state import CompressionState, constrained
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainContext:
+    """What a training step needs besides the model: data, the teacher, a loss and a progress hook."""
+
+    train_data: Iterable | None
+    teacher: nn.Module | None = None
+    loss_fn: Callable | None = None
+    progress: Callable[[str, float], None] | None = None
+    temperature: float = 2.0
+
+
+def split_batch(batch: Any) -> tuple[Any, Any | None]:
+    """(inputs, targets) pairs -> both; anything else -> (inputs, None)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:
+        return batch[0], None
+    return batch, None
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call a model on a batch's inputs: a dict is passed as keywords, a tuple as positionals."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The main output tensor of a model: the tensor itself, `.logits`, or the first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "last_hidden_state"):
+        if hasattr(output, key):
+            return getattr(output, key)
+        if isinstance(output, dict) and key in output:
+            return output[key]
+    if isinstance(output, (tuple, list)) and output:
+        return logits_of(output[0])
+    raise ModelpressError(f"cannot find an output tensor in a model output of type {type(output).__name__}")
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's softened-logit KL, scaled by T^2 so its gradients match cross-entropy's."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+def batch_loss(model: nn.Module, batch: Any, ctx: TrainContext) -> torch.Tensor:
+    """The loss of one batch: supervised when the batch carries targets, distillation otherwise."""
+    inputs, targets = split_batch(batch)
+    out = call_model(model, inputs)
+    if targets is not None:
+        if ctx.loss_fn is not None:
+            return ctx.loss_fn(out, targets)
+        return F.cross_entropy(logits_of(out), targets)
+    if ctx.teacher is None:
+        raise ModelpressError("label-free recovery needs the teacher model; none was given")
+    with torch.no_grad():
+        t_out = logits_of(call_model(ctx.teacher, inputs))
+    return distill_loss(logits_of(out), t_out, ctx.temperature)
+
+
+def require_data(ctx: TrainContext, what: str) -> Iterable:
+    if ctx.train_data is None:
+        raise ModelpressError(
+            f"{what} needs train_data: pass an iterable of (inputs, targets) or input-only batches "
+            "to compress(..., train_data=...), or remove the training from the recipe")
+    return ctx.train_data
+
+
+def train(model: nn.Module, state: CompressionState, ctx: TrainContext, *, epochs: float, lr: float,
+          label: str = "finetune", weight_decay: float = 0.0) -> int:
+    """Train for `epochs` passes (fractions allowed) over train_data under the state's constraints.
+
+    Returns the number of optimizer steps taken. Adam with a cosine-decayed learning rate.
+    """
+    data = require_data(ctx, label)
+    if epochs <= 0:
+        return 0
+    n_batches = _count(data)
+    total = max(1, int(round(epochs * n_batches)))
+    steps = 0
+    with constrained(model, state):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+        model.train()
+        while steps < total:
+            for batch in data:
+                opt.zero_grad(set_to_none=True)
+                loss = batch_loss(model, batch, ctx)
+                if not torch.isfinite(loss):
+                    raise ModelpressError(f"{label}: the loss became {loss.item()}; lower the lr ({lr})")
+                loss.backward()
+                opt.step()
+                sched.step()
+                steps += 1
+                if ctx.progress is not None:
+                    ctx.progress(label, steps / total)
+                if steps >= total:
+                    break
+        model.eval()
+    return steps
+
+
+def _count(data: Iterable) -> int:
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        n = sum(1 for _ in data)
+    if n == 0:
+        raise ModelpressError("train_data is empty: it must yield at least one batch")
+    return n
