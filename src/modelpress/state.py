@@ -127,18 +127,22 @@ def constrained(model: nn.Module, state: CompressionState) -> Iterator[nn.Module
     for name, st in state.params.items():
         mod_name, attr = split_name(name)
         module = model.get_submodule(mod_name)
-        p = _parametrization(st, getattr(module, attr))
+        original = getattr(module, attr)
+        p = _parametrization(st, original)
         if p is not None:
             parametrize.register_parametrization(module, attr, p, unsafe=True)
-            registered.append((name, module, attr))
+            registered.append((name, module, attr, original))
     try:
         yield model
     finally:
-        for name, module, attr in registered:
+        for name, module, attr, original in registered:
             st = state.params[name]
             if st.kind == "codebook":
                 st.codebook = module.parametrizations[attr].original.detach().clone()
             parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+            with torch.no_grad():  # keep the caller's Parameter object: optimizers and references stay valid
+                original.copy_(getattr(module, attr))
+            module._parameters[attr] = original
             if st.kind == "quant":
-                w = getattr(module, attr).detach()
+                w = original.detach()
                 st.codes = torch.round(w / broadcast_scale(st.scale, w)).to(torch.int32)

@@ -22,8 +22,8 @@ __all__ = ["encode_symbols", "decode_symbols", "encode_mask", "decode_mask",
            "entropy_bits", "mask_entropy_bits"]
 
 _MAX_ALPHABET = 1 << 16
-_CONST, _PACK, _ANS = 0, 1, 2              # symbol methods (high 3 bits of the first byte);
-                                           # _ANS + 1 = ANS with delta-coded table
+_CONST, _PACK, _ANS = 0, 1, 2              # symbol methods (top 3 bits of byte 0); 3 = ANS with
+                                           # a delta-coded table
 _ZEROS, _ONES, _ADAPTIVE = 0, 1, 2         # mask methods (first byte)
 _MAX_Z = 28                                # longest exp-Golomb prefix the reader accepts
 # Mask model grid: column prior strength tau and row-factor prior strength beta (inf = off).
@@ -39,18 +39,13 @@ _BERNOULLI = constriction.stream.model.Bernoulli(perfect=False)
 def entropy_bits(symbols: np.ndarray) -> float:
     """n times the order-0 empirical entropy of `symbols`, in bits (the target for ANS)."""
     counts = np.unique(np.asarray(symbols).ravel(), return_counts=True)[1].astype(np.float64)
-    n = counts.sum()
-    return float(np.sum(counts * np.log2(n / counts))) if n else 0.0
+    return float(np.sum(counts * np.log2(counts.sum() / counts)))
 
 
 def mask_entropy_bits(mask: np.ndarray) -> float:
     """n * H(density) in bits: the cost of an ideal iid Bernoulli code for `mask`."""
-    n = np.asarray(mask).size
-    k = int(np.count_nonzero(mask))
-    if k in (0, n):
-        return 0.0
-    d = k / n
-    return float(-n * (d * np.log2(d) + (1 - d) * np.log2(1 - d)))
+    n, k = np.asarray(mask).size, int(np.count_nonzero(mask))
+    return float(k * np.log2(n / k) + (n - k) * np.log2(n / (n - k))) if 0 < k < n else 0.0
 
 
 # ---------------------------------------------------------------- bit-level helpers
@@ -60,9 +55,9 @@ def _bitlen(u: np.ndarray) -> np.ndarray:
     return np.frexp(u.astype(np.float64))[1].astype(np.int64)
 
 
-def _eg_len(vals: np.ndarray, k: int) -> np.ndarray:
-    """Length in bits of the order-k exp-Golomb code of each non-negative value."""
-    return 2 * _bitlen(vals + (1 << k)) - 1 - k
+def _eg_len(vals: np.ndarray, k: int) -> int:
+    """Total length in bits of the order-k exp-Golomb codes of non-negative values."""
+    return int(np.sum(2 * _bitlen(np.asarray(vals) + (1 << k)) - 1 - k))
 
 
 def _eg_write(vals: np.ndarray, k: int) -> np.ndarray:
@@ -126,20 +121,15 @@ def _guard(fn: Callable[..., Any], *args: Any) -> Any:
 # ---------------------------------------------------------------- symbol streams
 
 def _zigzag(v: np.ndarray) -> np.ndarray:
-    """Deltas of consecutive table entries mapped to non-negative ints (smooth tables are cheap)."""
+    """Deltas of consecutive table entries as non-negative ints: smooth tables code cheaply."""
     d = np.diff(v, prepend=1)
     return np.where(d >= 0, 2 * d, -2 * d - 1)
-
-
-def _unzigzag(z: np.ndarray) -> np.ndarray:
-    """Inverse of `_zigzag`."""
-    return np.cumsum(np.where(z & 1, -(z + 1) // 2, z // 2)) + 1
 
 
 def _table_code(v: np.ndarray) -> tuple[int, int, np.ndarray]:
     """Cheapest way to code the table values: (delta flag, exp-Golomb order, values to code)."""
     options = [(dl, k, vals) for dl, vals in ((0, v - 1), (1, _zigzag(v))) for k in range(8)]
-    return min(options, key=lambda o: int(_eg_len(o[2], o[1]).sum()))
+    return min(options, key=lambda o: _eg_len(o[2], o[1]))
 
 
 def _sqrt_table(counts: np.ndarray) -> np.ndarray:
@@ -153,7 +143,7 @@ def _sqrt_table(counts: np.ndarray) -> np.ndarray:
             break
         p = v.astype(np.float64) ** 2
         _, k, vals = _table_code(v)
-        cost = float(np.sum(counts * np.log2(p.sum() / p))) + int(_eg_len(vals, k).sum())
+        cost = float(np.sum(counts * np.log2(p.sum() / p))) + _eg_len(vals, k)
         if best is None or cost < best[0]:
             best = (cost, v)
     return best[1]
@@ -164,7 +154,7 @@ def _encode_ans(x: np.ndarray) -> bytes:
     present, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     m = len(present)
     gaps = np.diff(present, prepend=-1) - 1
-    kg = 3 if present[-1] == m - 1 else min(range(3), key=lambda k: int(_eg_len(gaps, k).sum()))
+    kg = 3 if present[-1] == m - 1 else min(range(3), key=lambda k: _eg_len(gaps, k))
     v = _sqrt_table(counts)
     delta, kv, vals = _table_code(v)
     bits = np.concatenate([_eg_write(np.array([m - 2]), 0),
@@ -185,7 +175,7 @@ def encode_symbols(symbols: np.ndarray) -> bytes:
         raise ValueError("symbols must lie in [0, 2**16)")
     if len(x) == 0 or x.min() == x.max():
         return bytes([_CONST << 5]) + int(x[0] if len(x) else 0).to_bytes(2, "little")
-    w = int(_bitlen(x.max()[None])[0])
+    w = int(x.max()).bit_length()
     packed = bytes([_PACK << 5 | w]) + np.packbits(
         ((x[:, None] >> np.arange(w - 1, -1, -1)) & 1).astype(np.uint8)).tobytes()
     coded = _encode_ans(x)
@@ -222,16 +212,15 @@ def decode_symbols(data: bytes, count: int) -> np.ndarray:
         gaps, pos = _eg_read(bits, pos, m, kg)
         present = np.cumsum(gaps + 1) - 1
     vals, pos = _eg_read(bits, pos, m, kv)
-    v = _unzigzag(vals) if method == _ANS + 1 else vals + 1
+    v = np.cumsum(np.where(vals & 1, -(vals + 1) // 2, vals // 2)) + 1 if method > _ANS else vals + 1
     if present[-1] >= _MAX_ALPHABET or v.min() < 1 or v.max() > 1 << 30:
         raise CorruptStream("bad frequency table")
     p = v.astype(np.float64) ** 2
     payload = body[(pos + 7) // 8:]
     if 8 * len(payload) + 64 < count * np.log2(p.sum() / p.max()):
         raise CorruptStream("symbol stream too short for its count")
-    model = _guard(lambda: constriction.stream.model.Categorical(p, perfect=False))
     coder = _guard(_ans_coder, payload)
-    idx = _guard(coder.decode, model, count)
+    idx = _guard(lambda: coder.decode(constriction.stream.model.Categorical(p, perfect=False), count))
     if not coder.is_empty():
         raise CorruptStream("symbol stream has trailing or inconsistent data")
     return present[idx.astype(np.int64)]
@@ -240,60 +229,55 @@ def decode_symbols(data: bytes, count: int) -> np.ndarray:
 # ---------------------------------------------------------------- sparsity masks
 
 def _chunk_starts(cols: int) -> np.ndarray:
-    """Start column of the chunk holding each column. Chunks grow geometrically
-    (16, 48, 192, ...): the row factor adapts early while rows stay ~log(cols) decoder calls."""
-    ends, e = [], _FIRST_CHUNK
-    while e < cols:
-        ends.append(e)
-        e *= _CHUNK_GROWTH
-    starts = np.array([0] + ends)
+    """Start column of each column's chunk. Chunks grow geometrically (16, 64, 256, ... bits) so
+    the row factor adapts early while a row costs the decoder only ~log(cols) calls."""
+    starts = [0]
+    while starts[-1] * _CHUNK_GROWTH + _FIRST_CHUNK < cols:
+        starts.append(starts[-1] * _CHUNK_GROWTH + _FIRST_CHUNK)
+    starts = np.array(starts)
     return starts[np.searchsorted(starts, np.arange(cols), side="right") - 1]
 
 
-def _block_stats(m: np.ndarray, i0: int, col0: np.ndarray, ones0: int, starts: np.ndarray) -> tuple:
-    """Integer statistics the decoder knows before each bit of rows i0.. of `m` (vectorised form
-    of the decoder's loop): row index, column ones above, running density, column ones above
-    and left of the chunk, row ones left of the chunk."""
-    rows, cols = m.shape
-    mi = m.astype(np.int64)
-    above = col0 + np.cumsum(mi, axis=0) - mi
-    zero = np.zeros((rows, 1), dtype=np.int64)
-    row_left = np.concatenate([zero, np.cumsum(mi, axis=1)], axis=1)
-    ones_before = ones0 + np.cumsum(row_left[:, -1]) - row_left[:, -1]
-    i = np.arange(i0, i0 + rows)[:, None]
-    row_left = row_left[:, starts]
-    dens = (ones_before[:, None] + row_left + 0.5) / (i * cols + starts + 1.0)
-    prefix = np.concatenate([zero, np.cumsum(above, axis=1)], axis=1)[:, starts]
-    return i, above, dens, prefix, row_left
-
-
-def _probs(stats: tuple, starts: np.ndarray, tau: float, inv_beta: float) -> np.ndarray:
-    """P(bit = 1): column estimate (ones above, shrunk towards the running density with prior
-    strength tau) times a row factor (ones so far in the row / ones expected, prior beta).
-    Same IEEE operations in the same order as `decode_mask`, so both sides agree exactly."""
-    i, above, dens, prefix, row_left = stats
+def _probs(i: Any, above: Any, ones: Any, seen: Any, prefix: Any, row_ones: Any, start: Any,
+           tau: float, inv_beta: float) -> np.ndarray:
+    """P(bit = 1) = column estimate x row factor. Column: its ones in the `i` rows above,
+    shrunk towards the running density with prior strength tau. Row factor: ones so far in the
+    row / ones expected there, prior strength beta. Called with arrays by the encoder and per
+    chunk by the decoder: integer inputs and the same IEEE operations make both agree exactly."""
+    dens = (ones + 0.5) / (seen + 1.0)
     a_col = 1.0 / (i + tau)
     b_glob = 1.0 - i * a_col
     q = above * a_col + dens * b_glob
-    expected = prefix * a_col + (starts * dens) * b_glob
-    return np.clip(q * ((row_left * inv_beta + 1.0) / (expected * inv_beta + 1.0)), _P_LO, _P_HI)
+    expected = prefix * a_col + (start * dens) * b_glob
+    return np.clip(q * ((row_ones * inv_beta + 1.0) / (expected * inv_beta + 1.0)), _P_LO, _P_HI)
 
 
-def _blocks(m: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
-    """Row blocks of ~2**15 bits: (first row, rows, column ones above, ones before)."""
-    step = max(1, (1 << 15) // m.shape[1])
-    col0, ones0 = np.zeros(m.shape[1], dtype=np.int64), 0
-    for i0 in range(0, m.shape[0], step):
-        blk = m[i0:i0 + step]
-        yield i0, blk, col0, ones0
-        col0 = col0 + blk.sum(axis=0)
-        ones0 += int(blk.sum())
+def _mask_probs(m: np.ndarray, configs: list[tuple[float, float]], every: int = 1) -> Iterator[tuple]:
+    """For every `every`-th row block of ~2**15 bits: (block, [P(bit = 1) per config]), from the
+    counts the decoder has before each bit (vectorised form of the loop in `decode_mask`)."""
+    rows, cols = m.shape
+    starts = _chunk_starts(cols)
+    step = max(1, (1 << 15) // cols)
+    above0, ones0 = np.zeros(cols, dtype=np.int64), 0
+    for i0 in range(0, rows, step):
+        mi = m[i0:i0 + step].astype(np.int64)
+        if (i0 // step) % every == 0:
+            above = above0 + np.cumsum(mi, axis=0) - mi
+            zero = np.zeros((len(mi), 1), dtype=np.int64)
+            left = np.concatenate([zero, np.cumsum(mi, axis=1)], axis=1)
+            ones = (ones0 + np.cumsum(left[:, -1]) - left[:, -1])[:, None] + left[:, starts]
+            i = np.arange(i0, i0 + len(mi))[:, None]
+            prefix = np.concatenate([zero, np.cumsum(above, axis=1)], axis=1)[:, starts]
+            yield mi, [_probs(i, above, ones, i * cols + starts, prefix, left[:, starts], starts,
+                              tau, 1.0 / beta) for tau, beta in configs]
+        above0 = above0 + mi.sum(axis=0)
+        ones0 += int(mi.sum())
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
-    """Code a 2-D bool mask with an adaptive Bernoulli model and rANS (see `_probs`); masks
-    taller than wide are transposed so the decoder makes few, long calls. The encoder picks
-    (tau, beta) from a small grid and stores its index in one byte; nothing else is sent."""
+    """Code a 2-D bool mask with the adaptive model of `_probs` and rANS; masks taller than
+    wide are transposed so the decoder makes few, long calls. The encoder picks (tau, beta)
+    from a small grid (on ~2**17 bits) and stores its index in one byte; nothing else is sent."""
     m = np.asarray(mask, dtype=bool)
     if m.ndim != 2:
         raise ValueError("mask must be 2-D")
@@ -301,32 +285,25 @@ def encode_mask(mask: np.ndarray) -> bytes:
     if k == 0 or k == m.size:
         return bytes([_ZEROS if k == 0 else _ONES])
     m = np.ascontiguousarray(m.T if m.shape[0] > m.shape[1] else m)
-    starts = _chunk_starts(m.shape[1])
-    blocks = list(_blocks(m))
-    stride = max(1, len(blocks) * (1 << 15) // _SEARCH_ELEMENTS)
+    every = -(-m.size // _SEARCH_ELEMENTS)
     cost = np.zeros(len(_CONFIGS))
-    for i0, blk, col0, ones0 in blocks[::stride]:
-        stats = _block_stats(blk, i0, col0, ones0, starts)
-        for c, (tau, beta) in enumerate(_CONFIGS):
-            p = _probs(stats, starts, tau, 1.0 / beta)
-            cost[c] -= np.log2(np.where(blk, p, 1.0 - p)).sum()
+    for blk, probs in _mask_probs(m, _CONFIGS, every):
+        cost -= [np.log2(np.where(blk, p, 1.0 - p)).sum() for p in probs]
     return _encode_adaptive(m, int(np.argmin(cost)))
 
 
 def _encode_adaptive(m: np.ndarray, config: int) -> bytes:
-    """Code an (already oriented) mask with model config `config` of `_CONFIGS`."""
-    tau, beta = _CONFIGS[config]
-    starts = _chunk_starts(m.shape[1])
+    """Code an (already oriented) mask with model `config` of `_CONFIGS`."""
+    blocks = list(_mask_probs(m, _CONFIGS[config:config + 1]))
     coder = constriction.stream.stack.AnsCoder()
-    for i0, blk, col0, ones0 in reversed(list(_blocks(m))):  # ANS is a stack: last block first
-        p = _probs(_block_stats(blk, i0, col0, ones0, starts), starts, tau, 1.0 / beta)
+    for blk, (p,) in reversed(blocks):                    # ANS is a stack: last block first
         coder.encode_reverse(blk.ravel().astype(np.int32), _BERNOULLI, p.ravel())
     return bytes([_ADAPTIVE, config]) + _ans_bytes(coder)
 
 
 def decode_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of `encode_mask` for a mask of the given (rows, cols): decodes one chunk of a
-    row per constriction call, updating the counts the model needs as it goes."""
+    """Inverse of `encode_mask` for a mask of the given (rows, cols): one constriction call per
+    chunk of a row, updating the counts the model needs as it goes."""
     rows, cols = (int(s) for s in shape)
     if rows < 0 or cols < 0:
         raise ValueError("negative mask shape")
@@ -337,23 +314,16 @@ def decode_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     transpose = rows > cols
     rows, cols = (cols, rows) if transpose else (rows, cols)
     tau, beta = _CONFIGS[data[1]]
-    inv_beta = 1.0 / beta
     coder = _guard(_ans_coder, bytes(data[2:]))
-    starts = _chunk_starts(cols)
-    bounds = list(zip(*[np.r_[np.unique(starts), cols][s:] for s in (0, 1)]))
+    bounds = np.r_[np.unique(_chunk_starts(cols)), cols]
     out = np.zeros((rows, cols), dtype=bool)
     above = np.zeros(cols, dtype=np.int64)
     ones = 0
     for i in range(rows):
-        a_col = 1.0 / (i + tau)
-        b_glob = 1.0 - i * a_col
         prefix = np.concatenate([[0], np.cumsum(above)])
         row_ones = 0
-        for a, b in bounds:
-            dens = (ones + 0.5) / (i * cols + a + 1.0)
-            q = above[a:b] * a_col + dens * b_glob
-            expected = prefix[a] * a_col + (a * dens) * b_glob
-            p = np.clip(q * ((row_ones * inv_beta + 1.0) / (expected * inv_beta + 1.0)), _P_LO, _P_HI)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            p = _probs(i, above[a:b], ones, i * cols + a, prefix[a], row_ones, a, tau, 1.0 / beta)
             x = _guard(coder.decode, _BERNOULLI, p).astype(bool)
             out[i, a:b] = x
             k = int(np.count_nonzero(x))

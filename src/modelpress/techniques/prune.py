@@ -4,6 +4,7 @@ training between steps. Masks only ever grow sparser, and stay fixed in later tr
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -47,23 +48,50 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: s
         if old.get(n) is not None:
             s[~old[n]] = -1.0  # already pruned: ranked below every live weight
         ranked[n] = s
-    if scope == "global":
-        flat = torch.cat([s.flatten() for s in ranked.values()])
-        k = int(round(sparsity * flat.numel()))
-        thr = torch.kthvalue(flat, k).values if k > 0 else None
-        return {n: (s > thr) if thr is not None else torch.ones_like(s, dtype=torch.bool)
-                for n, s in ranked.items()}
-    out = {}
-    for n, s in ranked.items():
-        k = int(round(sparsity * s.numel()))
-        if k == 0:
-            out[n] = torch.ones_like(s, dtype=torch.bool)
-            continue
-        # exact count: keep the top (numel - k) by score, ties broken by position
-        keep = torch.zeros(s.numel(), dtype=torch.bool)
-        keep[torch.topk(s.flatten(), s.numel() - k, sorted=False).indices] = True
-        out[n] = keep.reshape(s.shape)
-    return out
+    if scope == "layer":
+        return {n: _keep_top(s, s.numel() - int(round(sparsity * s.numel()))) for n, s in ranked.items()}
+    budget = _global_budget(list(ranked.values()), sparsity)
+    return {n: _keep_top(s, k) for (n, s), k in zip(ranked.items(), budget)}
+
+
+def _keep_top(s: torch.Tensor, keep: int) -> torch.Tensor:
+    """Mask of the `keep` highest scores (ties broken by position)."""
+    out = torch.zeros(s.numel(), dtype=torch.bool)
+    if keep > 0:
+        out[torch.topk(s.flatten(), keep, sorted=False).indices] = True
+    return out.reshape(s.shape)
+
+
+def _global_budget(scores: list[torch.Tensor], sparsity: float, floor_share: float = 0.25) -> list[int]:
+    """How many weights each layer keeps under one global threshold, so that the total kept is exact.
+
+    Raw global ranking can empty a small layer whose weights are on a smaller scale, which cuts the
+    network; each layer therefore keeps at least `floor_share` of the overall keep fraction.
+    """
+    numels = [s.numel() for s in scores]
+    total_keep = sum(numels) - int(round(sparsity * sum(numels)))
+    floors = [min(n, int(math.ceil(floor_share * total_keep / sum(numels) * n))) for n in numels]
+    fixed: dict[int, int] = {}
+    while True:
+        free = [i for i in range(len(scores)) if i not in fixed]
+        budget = total_keep - sum(fixed.values())
+        flat = torch.cat([scores[i].flatten() for i in free])
+        budget = max(0, min(budget, flat.numel()))
+        if budget == 0:
+            counts = {i: 0 for i in free}
+        else:
+            thr = torch.topk(flat, budget, sorted=True).values[-1]
+            counts = {i: int((scores[i] > thr).sum()) for i in free}
+            ties = budget - sum(counts.values())  # hand weights equal to the threshold out in order
+            for i in free:
+                take = min(ties, int((scores[i] == thr).sum()))
+                counts[i] += take
+                ties -= take
+        short = [i for i in free if counts[i] < floors[i]]
+        if not short:
+            fixed.update(counts)
+            return [fixed[i] for i in range(len(scores))]
+        fixed.update({i: floors[i] for i in short})
 
 
 def agp_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:

@@ -1,0 +1,161 @@
+"""The `modelpress` command: demo, compress, inspect."""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import ModelpressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Make trained PyTorch models smaller and faster, and measure it.")
+console = Console()
+
+
+class Live:
+    """A rich progress bar fed by the library's progress(label, fraction) callback."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                            TimeElapsedColumn(), console=console, transient=True)
+        self.task = None
+
+    def __enter__(self) -> "Live":
+        self.bar.__enter__()
+        self.task = self.bar.add_task("starting", total=1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, label: str, fraction: float) -> None:
+        self.bar.update(self.task, description=label, completed=fraction)
+
+    def stage(self, row) -> None:
+        metrics = "  ".join(f"{k} {v:.2f}" for k, v in row.metrics.items())
+        self.bar.console.print(f"[green]done[/] {row.stage:<12} {row.bytes:>10,} B  {row.ratio:7.1f}x  {metrics}")
+
+
+@app.command()
+def demo(model: str = typer.Option("lenet-300-100", help="lenet-300-100 or lenet5"),
+         out: Path = typer.Option(Path("demo.mpz"), "-o", "--out", help="where to write the artifact"),
+         recipe: str = typer.Option("deep-compression", help="preset name or YAML file"),
+         epochs: int = typer.Option(0, help="fp32 training epochs (0: 30 for lenet-300-100, 20 for lenet5)"),
+         seed: int = typer.Option(0)) -> None:
+    """Train a LeNet on MNIST-5k (bundled, nothing downloaded), compress it and write the artifact."""
+    import torch
+
+    from . import api, data
+
+    torch.manual_seed(seed)
+    image = model.lower() in ("lenet5", "lenet-5")
+    if not image and model.lower() != "lenet-300-100":
+        raise typer.BadParameter(f"unknown demo model {model!r}; use lenet-300-100 or lenet5", param_hint="--model")
+    split = data.mnist5k(image=image)
+    net = data.lenet5() if image else data.lenet_300_100()
+    epochs = epochs or (20 if image else 30)
+    t = time.perf_counter()
+    with console.status(f"training {model} in fp32 on MNIST-5k (4,000 digits) for {epochs} epochs"):
+        data.train_classifier(net, split, epochs=epochs, seed=seed)
+    console.print(f"trained {model}: test accuracy {data.accuracy(net, split.x_test, split.y_test):.2f}% "
+                  f"in {time.perf_counter() - t:.1f} s")
+    evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
+    with Live() as live:
+        result = api.compress(net, recipe, train_data=split.loader(64, seed=seed), eval_fn=evaluate,
+                              progress=live, on_stage=live.stage)
+    console.print(result.report.to_rich(title=f"{model} on MNIST-5k, recipe {recipe}"))
+    size = result.save(out)
+    loaded = api.load(out)
+    same = torch.equal(loaded(split.x_test), result.model(split.x_test))
+    console.print(f"wrote {out} ({size:,} bytes, {result.report.fp32_bytes / size:.1f}x smaller than fp32); "
+                  f"reloaded: accuracy {data.accuracy(loaded, split.x_test, split.y_test):.2f}%, "
+                  f"outputs bitwise identical: {same}")
+
+
+def _load_model(spec: str):
+    """A model from an .mpz file or from 'package.module:attr' (a Module or a callable returning one)."""
+    from torch import nn
+
+    from . import api
+
+    if spec.endswith(".mpz") or Path(spec).is_file():
+        return api.load(spec)
+    if ":" not in spec:
+        raise typer.BadParameter("MODEL must be an .mpz file or 'package.module:attr'", param_hint="MODEL")
+    mod_name, attr = spec.split(":", 1)
+    obj = getattr(importlib.import_module(mod_name), attr)
+    obj = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    if not isinstance(obj, nn.Module):
+        raise typer.BadParameter(f"{spec} is not an nn.Module", param_hint="MODEL")
+    return obj
+
+
+@app.command()
+def compress(model: str = typer.Argument(..., help="an .mpz file or 'package.module:attr'"),
+             recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
+             out: Path = typer.Option(..., "-o", "--out"),
+             data_name: Optional[str] = typer.Option(None, "--data", help="built-in training data: mnist, mnist-image, digits, digits-image")) -> None:
+    """Compress a model with a recipe and write the artifact."""
+    from . import api, data
+
+    net = _load_model(model)
+    split, train, evaluate = None, None, None
+    if data_name:
+        loaders = {"mnist": lambda: data.mnist5k(False), "mnist-image": lambda: data.mnist5k(True),
+                   "digits": lambda: data.digits(False), "digits-image": lambda: data.digits(True)}
+        if data_name not in loaders:
+            raise typer.BadParameter(f"unknown data {data_name!r}; choose from {sorted(loaders)}", param_hint="--data")
+        split = loaders[data_name]()
+        train = split.loader(64)
+        evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
+    with Live() as live:
+        result = api.compress(net, recipe, train_data=train, eval_fn=evaluate, progress=live, on_stage=live.stage)
+    console.print(result.report.to_rich())
+    console.print(f"wrote {out} ({result.save(out):,} bytes)")
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="an .mpz file")) -> None:
+    """Where every byte of an artifact goes: per tensor kind, shape, bytes, sparsity, bits."""
+    from .format.container import container_overhead
+    from .format.mpz import describe_file, read
+
+    rows = describe_file(path)
+    manifest, streams = read(path)
+    table = Table(title=str(path))
+    for col in ("tensor", "encoding", "shape", "bytes", "sparsity", "bits", "bits/param"):
+        table.add_column(col, justify="left" if col in ("tensor", "encoding") else "right")
+    for r in rows:
+        table.add_row(r["name"], r["kind"], "x".join(map(str, r["shape"])), f"{r['bytes']:,}",
+                      f"{100 * r['sparsity']:.1f}%", str(r["bits"]), f"{r['bits_per_param']:.3f}")
+    header = container_overhead(manifest, streams)
+    table.add_row("(header: manifest, architecture, checksums)", "", "", f"{header:,}", "", "", "")
+    console.print(table)
+    total = path.stat().st_size
+    params = sum(_numel(r["shape"]) for r in rows)
+    console.print(f"{total:,} bytes in all; {params:,} values; {8 * total / max(1, params):.3f} bits per value")
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def main() -> None:
+    try:
+        app()
+    except ModelpressError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

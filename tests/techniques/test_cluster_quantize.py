@@ -1,0 +1,62 @@
+import torch
+from torch import nn
+
+from modelpress.state import CompressionState
+from modelpress.techniques.cluster import cluster, kmeans_1d
+from modelpress.techniques.finetune import TrainContext, train
+from modelpress.techniques.prune import prune
+from modelpress.techniques.quantize import quantize
+
+
+def test_kmeans_finds_well_separated_clusters():
+    v = torch.cat([torch.full((50,), -1.0), torch.full((30,), 0.5), torch.full((20,), 2.0)])
+    v = v + 0.01 * torch.randn(100)
+    c, codes = kmeans_1d(v, 3)
+    assert torch.allclose(c, torch.tensor([-1.0, 0.5, 2.0]), atol=0.01)
+    assert torch.bincount(codes).tolist() == [50, 30, 20]
+
+
+def test_cluster_keeps_zeros_and_uses_at_most_2_pow_bits_values(mlp, toy_data):
+    state = CompressionState()
+    prune(mlp, state, sparsity=0.7, scope="layer", ctx=TrainContext(toy_data))
+    cluster(mlp, state, bits=3)
+    w = mlp[0].weight
+    assert int((w == 0).sum()) == round(0.7 * w.numel())
+    assert len(torch.unique(w[w != 0])) <= 8
+    # centroids are float16-exact, so the file stores them losslessly
+    cb = state.params["0.weight"].codebook
+    assert torch.equal(cb.half().float(), cb)
+
+
+def test_centroid_finetuning_moves_shared_values_together(mlp, toy_data):
+    state = CompressionState()
+    prune(mlp, state, sparsity=0.5, ctx=TrainContext(toy_data))
+    cluster(mlp, state, bits=2)
+    codes = state.params["0.weight"].codes.clone()
+    before = state.params["0.weight"].codebook.clone()
+    train(mlp, state, TrainContext(toy_data), epochs=2, lr=1e-2)
+    st = state.params["0.weight"]
+    assert not torch.equal(st.codebook, before)
+    assert torch.equal(st.codes, codes)
+    w = mlp[0].weight.detach()
+    assert torch.equal(w, st.codebook[codes] * st.mask)  # every weight is still its centroid
+    assert len(torch.unique(w[w != 0])) <= 4
+
+
+def test_quantize_per_channel_error_bound(mlp):
+    w0 = mlp[0].weight.detach().clone()
+    state = CompressionState()
+    quantize(mlp, state, bits=4)
+    st = state.params["0.weight"]
+    err = (mlp[0].weight.detach() - w0).abs()
+    assert (err <= st.scale[:, None] / 2 + 1e-7).all()  # at most half a step per channel
+    assert st.codes.abs().max() <= 7
+
+
+def test_quantization_aware_finetuning_stays_on_grid(mlp, toy_data):
+    state = CompressionState()
+    quantize(mlp, state, bits=4)
+    train(mlp, state, TrainContext(toy_data), epochs=1, lr=1e-2)
+    st = state.params["0.weight"]
+    w = mlp[0].weight.detach()
+    assert torch.equal(w, st.codes.float() * st.scale[:, None])
