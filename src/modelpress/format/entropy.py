@@ -2,9 +2,9 @@
 
 Symbol streams (cluster / quantisation codes) are coded with the cheapest of: a constant,
 fixed-width bit packing, or rANS (constriction, 24-bit precision) with the stream's own
-frequency table stored as square-root-quantised counts in split Elias-gamma codes.
-Sparsity masks are coded row by row with an adaptive Bernoulli model (column KT counts x
-row factor, no side information except a one-byte parameter choice), see `encode_mask`.
+frequency table stored as square-root-quantised counts in split exp-Golomb codes.
+Sparsity masks are coded row by row with an adaptive Bernoulli model (column counts x row
+factor, learned while decoding; only a one-byte parameter choice is sent), see `_probs`.
 Decoders raise `CorruptStream` on any malformed input; their work is bounded by the
 caller-supplied count/shape.
 """
@@ -24,7 +24,7 @@ __all__ = ["encode_symbols", "decode_symbols", "encode_mask", "decode_mask",
 _MAX_ALPHABET = 1 << 16
 _CONST, _PACK, _ANS = 0, 1, 2              # symbol methods (top 3 bits of byte 0); 3 = ANS with
                                            # a delta-coded table
-_ZEROS, _ONES, _ADAPTIVE = 0, 1, 2         # mask methods (first byte)
+_ZEROS, _ONES, _ADAPTIVE = 0, 1, 2         # mask methods (byte 0; _ADAPTIVE + model config)
 _MAX_Z = 28                                # longest exp-Golomb prefix the reader accepts
 # Mask model grid: column prior strength tau and row-factor prior strength beta (inf = off).
 _TAUS = (0.25, 1.0, 4.0, 16.0, 64.0, np.inf)
@@ -173,11 +173,12 @@ def encode_symbols(symbols: np.ndarray) -> bytes:
     x = np.asarray(symbols).ravel().astype(np.int64)
     if len(x) and (x.min() < 0 or x.max() >= _MAX_ALPHABET):
         raise ValueError("symbols must lie in [0, 2**16)")
-    if len(x) == 0 or x.min() == x.max():
-        return bytes([_CONST << 5]) + int(x[0] if len(x) else 0).to_bytes(2, "little")
+    if len(x) == 0 or x.min() == x.max():                # symbol < 31 fits in the method byte
+        sym = int(x[0]) if len(x) else 0
+        return bytes([_CONST << 5 | min(sym, 31)]) + (sym.to_bytes(2, "little") if sym >= 31 else b"")
     w = int(x.max()).bit_length()
-    packed = bytes([_PACK << 5 | w]) + np.packbits(
-        ((x[:, None] >> np.arange(w - 1, -1, -1)) & 1).astype(np.uint8)).tobytes()
+    bits = np.unpackbits(x.astype(">u2").view(np.uint8)).reshape(-1, 16)[:, 16 - w:]
+    packed = bytes([_PACK << 5 | w]) + np.packbits(bits).tobytes()
     coded = _encode_ans(x)
     return coded if len(coded) < len(packed) else packed
 
@@ -190,18 +191,21 @@ def decode_symbols(data: bytes, count: int) -> np.ndarray:
         raise CorruptStream("empty symbol stream")
     method, param, body = data[0] >> 5, data[0] & 31, bytes(data[1:])
     if method == _CONST:
-        if len(body) != 2:
+        if len(body) != (2 if param == 31 else 0) or param == 31 and body[1] == 0 and body[0] < 31:
             raise CorruptStream("bad constant stream")
-        return np.full(count, int.from_bytes(body, "little"), dtype=np.int64)
+        return np.full(count, int.from_bytes(body, "little") if param == 31 else param, np.int64)
     if method == _PACK:
         if not 1 <= param <= 16 or len(body) != -(-count * param // 8):
             raise CorruptStream("bad bit-packed stream")
-        bits = np.unpackbits(np.frombuffer(body, dtype=np.uint8))[:count * param]
-        return bits.reshape(count, param).astype(np.int64) @ (1 << np.arange(param - 1, -1, -1))
+        bits = np.zeros((count, 16), dtype=np.uint8)
+        bits[:, 16 - param:] = np.unpackbits(np.frombuffer(body, np.uint8))[:count * param].reshape(
+            count, param)
+        return np.packbits(bits, axis=1).view(">u2").ravel().astype(np.int64)
     if method not in (_ANS, _ANS + 1) or count < 2:
         raise CorruptStream("unknown symbol coding method")
     kg, kv = param >> 3, param & 7
-    bits = np.unpackbits(np.frombuffer(body, dtype=np.uint8))
+    table_cap = 8 * (1 + 2 * min(count, _MAX_ALPHABET))   # an exp-Golomb code is <= 64 bits
+    bits = np.unpackbits(np.frombuffer(body[:table_cap], dtype=np.uint8))
     m, pos = _eg_read(bits, 0, 1, 0)
     m = int(m[0]) + 2
     if m > min(count, _MAX_ALPHABET):
@@ -212,7 +216,9 @@ def decode_symbols(data: bytes, count: int) -> np.ndarray:
         gaps, pos = _eg_read(bits, pos, m, kg)
         present = np.cumsum(gaps + 1) - 1
     vals, pos = _eg_read(bits, pos, m, kv)
-    v = np.cumsum(np.where(vals & 1, -(vals + 1) // 2, vals // 2)) + 1 if method > _ANS else vals + 1
+    if method > _ANS:                                    # undo `_zigzag`
+        vals = np.cumsum(np.where(vals & 1, -(vals + 1) // 2, vals // 2))
+    v = vals + 1
     if present[-1] >= _MAX_ALPHABET or v.min() < 1 or v.max() > 1 << 30:
         raise CorruptStream("bad frequency table")
     p = v.astype(np.float64) ** 2
@@ -220,7 +226,8 @@ def decode_symbols(data: bytes, count: int) -> np.ndarray:
     if 8 * len(payload) + 64 < count * np.log2(p.sum() / p.max()):
         raise CorruptStream("symbol stream too short for its count")
     coder = _guard(_ans_coder, payload)
-    idx = _guard(lambda: coder.decode(constriction.stream.model.Categorical(p, perfect=False), count))
+    model = _guard(lambda: constriction.stream.model.Categorical(p, perfect=False))
+    idx = _guard(coder.decode, model, count)
     if not coder.is_empty():
         raise CorruptStream("symbol stream has trailing or inconsistent data")
     return present[idx.astype(np.int64)]
@@ -252,7 +259,8 @@ def _probs(i: Any, above: Any, ones: Any, seen: Any, prefix: Any, row_ones: Any,
     return np.clip(q * ((row_ones * inv_beta + 1.0) / (expected * inv_beta + 1.0)), _P_LO, _P_HI)
 
 
-def _mask_probs(m: np.ndarray, configs: list[tuple[float, float]], every: int = 1) -> Iterator[tuple]:
+def _mask_probs(m: np.ndarray, configs: list[tuple[float, float]],
+                every: int = 1) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     """For every `every`-th row block of ~2**15 bits: (block, [P(bit = 1) per config]), from the
     counts the decoder has before each bit (vectorised form of the loop in `decode_mask`)."""
     rows, cols = m.shape
@@ -268,7 +276,7 @@ def _mask_probs(m: np.ndarray, configs: list[tuple[float, float]], every: int = 
             ones = (ones0 + np.cumsum(left[:, -1]) - left[:, -1])[:, None] + left[:, starts]
             i = np.arange(i0, i0 + len(mi))[:, None]
             prefix = np.concatenate([zero, np.cumsum(above, axis=1)], axis=1)[:, starts]
-            yield mi, [_probs(i, above, ones, i * cols + starts, prefix, left[:, starts], starts,
+            yield m[i0:i0 + step], [_probs(i, above, ones, i * cols + starts, prefix, left[:, starts], starts,
                               tau, 1.0 / beta) for tau, beta in configs]
         above0 = above0 + mi.sum(axis=0)
         ones0 += int(mi.sum())
@@ -277,7 +285,7 @@ def _mask_probs(m: np.ndarray, configs: list[tuple[float, float]], every: int = 
 def encode_mask(mask: np.ndarray) -> bytes:
     """Code a 2-D bool mask with the adaptive model of `_probs` and rANS; masks taller than
     wide are transposed so the decoder makes few, long calls. The encoder picks (tau, beta)
-    from a small grid (on ~2**17 bits) and stores its index in one byte; nothing else is sent."""
+    from a small grid (on ~2**17 bits) and stores it in the method byte; nothing else is sent."""
     m = np.asarray(mask, dtype=bool)
     if m.ndim != 2:
         raise ValueError("mask must be 2-D")
@@ -298,7 +306,7 @@ def _encode_adaptive(m: np.ndarray, config: int) -> bytes:
     coder = constriction.stream.stack.AnsCoder()
     for blk, (p,) in reversed(blocks):                    # ANS is a stack: last block first
         coder.encode_reverse(blk.ravel().astype(np.int32), _BERNOULLI, p.ravel())
-    return bytes([_ADAPTIVE, config]) + _ans_bytes(coder)
+    return bytes([_ADAPTIVE + config]) + _ans_bytes(coder)
 
 
 def decode_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
@@ -309,12 +317,12 @@ def decode_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
         raise ValueError("negative mask shape")
     if len(data) == 1 and data[0] in (_ZEROS, _ONES):
         return np.full((rows, cols), data[0] == _ONES, dtype=bool)
-    if len(data) < 3 or data[0] != _ADAPTIVE or data[1] >= len(_CONFIGS) or rows * cols == 0:
+    if len(data) < 2 or not 0 <= data[0] - _ADAPTIVE < len(_CONFIGS) or rows * cols == 0:
         raise CorruptStream("bad mask stream header")
     transpose = rows > cols
     rows, cols = (cols, rows) if transpose else (rows, cols)
-    tau, beta = _CONFIGS[data[1]]
-    coder = _guard(_ans_coder, bytes(data[2:]))
+    tau, beta = _CONFIGS[data[0] - _ADAPTIVE]
+    coder = _guard(_ans_coder, bytes(data[1:]))
     bounds = np.r_[np.unique(_chunk_starts(cols)), cols]
     out = np.zeros((rows, cols), dtype=bool)
     above = np.zeros(cols, dtype=np.int64)
