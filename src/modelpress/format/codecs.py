@@ -42,29 +42,36 @@ def encode_tensor(name: str, t: torch.Tensor, st: ParamState | None) -> tuple[di
         entry["kind"], values = "sp", t[st.mask].contiguous().numpy().tobytes()
         return entry, {f"{name}/mask": encode_mask(st.mask.reshape(mask_2d(t.shape)).numpy()),
                        f"{name}/values": values}
+    mask = st.mask if st.mask is not None and not bool(st.mask.all()) else None
     if kind == "codebook":
-        entry.update(kind="cb", k=int(st.codebook.numel()))
-        side = {f"{name}/table": st.codebook.half().numpy().tobytes()}
-        codes = st.codes
+        # without a mask, pruned positions take an extra code whose table value is 0
+        table, codes = st.codebook.half(), st.codes.to(torch.int64)
+        whole_table = torch.cat([table, table.new_zeros(1)]) if mask is not None else table
+        whole_codes = codes.masked_fill(~mask, len(table)) if mask is not None else codes
+        split = {"table": table, "codes": codes[mask] if mask is not None else None}
+        whole = {"table": whole_table, "codes": whole_codes}
+        entry["kind"], side_key = "cb", "table"
     else:
         qmax = 2 ** (st.bits - 1) - 1
+        codes = st.codes.to(torch.int64) + qmax  # non-negative symbols; qmax means 0
         entry.update(kind="q", bits=int(st.bits), nscale=int(st.scale.numel()))
-        side = {f"{name}/scale": st.scale.half().numpy().tobytes()}
-        codes = st.codes.to(torch.int64) + qmax  # non-negative symbols
-    entry, streams = _codes_with_best_mask(name, entry, codes, st.mask, t.shape)
-    return entry, {**streams, **side}
-
-
-def _codes_with_best_mask(name, entry, codes, mask, shape):
-    """Codes of all positions, or a mask plus the codes of kept positions: whichever is smaller."""
-    whole = {f"{name}/codes": encode_symbols(codes.flatten().numpy())}
-    if mask is None or bool(mask.all()):
-        return {**entry, "masked": False}, whole
-    split = {f"{name}/mask": encode_mask(mask.reshape(mask_2d(shape)).numpy()),
-             f"{name}/codes": encode_symbols(codes[mask].numpy())}
-    if sum(map(len, split.values())) < sum(map(len, whole.values())):
-        return {**entry, "masked": True}, split
-    return {**entry, "masked": False}, whole
+        split = {"scale": st.scale.half(), "codes": codes[mask] if mask is not None else None}
+        whole = {"scale": st.scale.half(), "codes": codes}
+        side_key = "scale"
+    candidates = [(False, whole)] + ([(True, split)] if mask is not None else [])
+    best = None
+    for masked, parts in candidates:
+        streams = {f"{name}/codes": encode_symbols(parts["codes"].flatten().numpy()),
+                   f"{name}/{side_key}": parts[side_key].numpy().tobytes()}
+        if masked:
+            streams[f"{name}/mask"] = encode_mask(mask.reshape(mask_2d(t.shape)).numpy())
+        if best is None or sum(map(len, streams.values())) < sum(map(len, best[1].values())):
+            best = (masked, streams, len(parts[side_key]))
+    masked, streams, n_side = best
+    entry["masked"] = masked
+    if entry["kind"] == "cb":
+        entry["k"] = n_side
+    return entry, streams
 
 
 def _stream(streams: dict[str, bytes], key: str) -> bytes:
@@ -106,6 +113,8 @@ def decode_tensor(name: str, entry: dict, streams: dict[str, bytes]) -> torch.Te
     """Rebuild one tensor exactly; raises CorruptStream on any inconsistency."""
     shape, dtype, numel = _check_entry(name, entry)
     kind = entry.get("kind")
+    if kind not in ("raw", "sp", "cb", "q"):
+        raise CorruptStream(f"tensor {name!r}: unknown kind {kind!r}")
     if kind == "raw":
         return _from_bytes(name, _stream(streams, f"{name}/data"), dtype, numel).reshape(shape)
     if dtype != torch.float32:
@@ -133,19 +142,17 @@ def decode_tensor(name: str, entry: dict, streams: dict[str, bytes]) -> torch.Te
             raise CorruptStream(f"tensor {name!r}: a code is outside its codebook of {k}")
         full = _scatter(codes, mask, shape)
         return table[full] * _ones_or(mask, shape)
-    if kind == "q":
-        bits = _int_field(name, entry, "bits", 1, 16)
-        nscale = _int_field(name, entry, "nscale", 1, max(1, shape[0] if shape else 1))
-        if nscale not in (1, shape[0] if shape else 1):
-            raise CorruptStream(f"tensor {name!r}: {nscale} scales for shape {list(shape)}")
-        scale = _from_bytes(name, _stream(streams, f"{name}/scale"), torch.float16, nscale).float()
-        qmax = 2 ** (bits - 1) - 1
-        if codes.numel() and int(codes.max()) > 2 * qmax:
-            raise CorruptStream(f"tensor {name!r}: a code is outside the {bits}-bit range")
-        q = (_scatter(codes, mask, shape, fill=qmax) - qmax).to(torch.int32)
-        w = q.float() * broadcast_scale(scale, q)
-        return w if mask is None else w * mask
-    raise CorruptStream(f"tensor {name!r}: unknown kind {kind!r}")
+    bits = _int_field(name, entry, "bits", 1, 16)
+    nscale = _int_field(name, entry, "nscale", 1, max(1, shape[0] if shape else 1))
+    if nscale not in (1, shape[0] if shape else 1):
+        raise CorruptStream(f"tensor {name!r}: {nscale} scales for shape {list(shape)}")
+    scale = _from_bytes(name, _stream(streams, f"{name}/scale"), torch.float16, nscale).float()
+    qmax = 2 ** (bits - 1) - 1
+    if codes.numel() and int(codes.max()) > 2 * qmax:
+        raise CorruptStream(f"tensor {name!r}: a code is outside the {bits}-bit range")
+    q = (_scatter(codes, mask, shape, fill=qmax) - qmax).to(torch.int32)
+    w = q.float() * broadcast_scale(scale, q)
+    return w if mask is None else w * mask
 
 
 def _scatter(codes: torch.Tensor, mask: torch.Tensor | None, shape, fill: int = 0) -> torch.Tensor:

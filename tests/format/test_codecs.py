@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from modelpress.errors import CorruptStream
+from modelpress.format.codecs import decode_tensor, encode_tensor
+from modelpress.state import ParamState
+from modelpress.techniques.quantize import quantize_tensor, symmetric_scale
+
+
+def roundtrip(name, t, st):
+    entry, streams = encode_tensor(name, t, st)
+    return decode_tensor(name, entry, streams), entry, streams
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64, torch.bool, torch.uint8])
+def test_raw_roundtrip_is_exact(dtype):
+    t = (torch.randn(3, 5) * 10).to(dtype)
+    out, entry, _ = roundtrip("x", t, None)
+    assert entry["kind"] == "raw" and out.dtype == dtype and torch.equal(out, t)
+
+
+def test_codebook_with_mask_roundtrip_is_exact_and_small():
+    mask = torch.rand(300, 784) < 0.03
+    cb = torch.linspace(-1, 1, 16).half().float()
+    codes = torch.randint(0, 16, (300, 784))
+    w = cb[codes] * mask
+    st = ParamState(mask=mask, codebook=cb, codes=codes, bits=4)
+    out, entry, streams = roundtrip("fc.weight", w, st)
+    assert torch.equal(out, w) and entry["masked"]
+    n = int(mask.sum())
+    # mask at ~iid entropy + 4 bits per kept weight + the table
+    from modelpress.format.entropy import mask_entropy_bits
+    bound = (mask_entropy_bits(mask.numpy()) * 1.01 + 4 * n) / 8 + 32 + 16
+    assert sum(map(len, streams.values())) <= bound
+
+
+def test_quantized_roundtrip_is_exact_per_channel():
+    w0 = torch.randn(64, 32, 3, 3)
+    s = symmetric_scale(w0, 4)
+    q = quantize_tensor(w0, s, 4)
+    w = q.float() * s.reshape(-1, 1, 1, 1)
+    out, entry, _ = roundtrip("conv.weight", w, ParamState(codes=q, scale=s, bits=4))
+    assert entry["kind"] == "q" and not entry["masked"] and torch.equal(out, w)
+
+
+def test_sparse_float_roundtrip():
+    mask = torch.rand(50, 40) < 0.1
+    w = torch.randn(50, 40) * mask
+    out, entry, _ = roundtrip("w", w, ParamState(mask=mask))
+    assert entry["kind"] == "sp" and torch.equal(out, w)
+
+
+def test_bad_entries_are_refused():
+    entry, streams = encode_tensor("w", torch.randn(4, 4), None)
+    with pytest.raises(CorruptStream, match="elements"):
+        decode_tensor("w", {**entry, "shape": [2 ** 20, 2 ** 20]}, streams)
+    with pytest.raises(CorruptStream, match="bytes where"):
+        decode_tensor("w", {**entry, "shape": [4, 5]}, streams)
+    with pytest.raises(CorruptStream, match="dtype"):
+        decode_tensor("w", {**entry, "dtype": "object"}, streams)
+    with pytest.raises(CorruptStream, match="missing"):
+        decode_tensor("w", entry, {})
+    with pytest.raises(CorruptStream, match="kind"):
+        decode_tensor("w", {**entry, "kind": "pickle"}, streams)
+
+
+def test_codebook_code_out_of_range_is_refused():
+    cb = torch.tensor([0.5, 1.0])
+    codes = torch.tensor([0, 1, 1, 0])
+    entry, streams = encode_tensor("w", cb[codes], ParamState(codebook=cb, codes=codes, bits=1))
+    with pytest.raises(CorruptStream, match="codebook"):
+        decode_tensor("w", {**entry, "k": 1}, {**streams, "w/table": streams["w/table"][:2]})
+
+
+@pytest.mark.parametrize("density", [0.02, 0.5, 0.9])
+def test_codebook_roundtrip_keeps_pruned_zeros_whichever_layout_wins(density):
+    mask = torch.rand(8, 12) < density
+    cb = torch.tensor([-0.75, 0.25, 0.5, 1.5])
+    codes = torch.randint(0, 4, (8, 12))
+    w = cb[codes] * mask
+    out, entry, _ = roundtrip("w", w, ParamState(mask=mask, codebook=cb, codes=codes, bits=2))
+    assert torch.equal(out == 0, ~mask) and torch.equal(out, w)
+
+
+@pytest.mark.parametrize("density", [0.02, 0.5, 0.9])
+def test_quantized_roundtrip_with_mask(density):
+    mask = torch.rand(16, 10) < density
+    w0 = torch.randn(16, 10) * mask
+    s = symmetric_scale(w0, 3)
+    q = quantize_tensor(w0, s, 3)
+    w = q.float() * s[:, None] * mask
+    out, _, _ = roundtrip("w", w, ParamState(mask=mask, codes=q, scale=s, bits=3))
+    assert torch.equal(out, w)
