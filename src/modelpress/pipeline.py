@@ -52,7 +52,7 @@ class Run:
 def _prune(model: nn.Module, state: CompressionState, cfg: PruneConfig, run: Run) -> None:
     prune(model, state, sparsity=cfg.sparsity, criterion=cfg.criterion, scope=cfg.scope,
           schedule=cfg.schedule, steps=cfg.steps, epochs=cfg.epochs, lr=cfg.lr,
-          exclude=run.exclude(cfg), ctx=run.ctx)
+          max_sparsity=cfg.max_sparsity, tolerance=cfg.tolerance, exclude=run.exclude(cfg), ctx=run.ctx)
 
 
 @handles(ClusterConfig)

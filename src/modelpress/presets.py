@@ -2,9 +2,10 @@
 
 DEEP_COMPRESSION = """\
 # Deep Compression (Han et al. 2016), pushed further: gradual pruning with Taylor importance and
-# recovery training, 4-bit weight sharing with centroid fine-tuning, then context-adaptive coding.
+# recovery training until the model stops agreeing with the original (sparsity: auto), 4-bit weight sharing with centroid fine-tuning, then context-adaptive coding.
 stages:
-  - prune: {sparsity: 0.96, criterion: taylor, scope: global, schedule: agp, steps: 8, epochs: 8, lr: 1.0e-3}
+  - prune: {sparsity: auto, max_sparsity: 0.99, tolerance: 1.5, criterion: taylor, scope: global,
+            steps: 12, epochs: 12, lr: 1.0e-3}
   - finetune: {epochs: 4, lr: 3.0e-4}
   - cluster: {bits: 4}
   - finetune: {epochs: 4, lr: 3.0e-4}

@@ -7,10 +7,10 @@ at once, naming the stage, the field and the bad value.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import RecipeError
 
@@ -34,7 +34,9 @@ class PruneConfig(StageConfig):
     """Unstructured pruning to `sparsity` with recovery training spread over the schedule."""
 
     key: ClassVar[str] = "prune"
-    sparsity: float = Field(ge=0.0, lt=1.0)
+    sparsity: Union[float, Literal["auto"]]
+    max_sparsity: float = Field(default=0.99, gt=0.0, lt=1.0)  # for sparsity: auto
+    tolerance: float = Field(default=1.5, gt=0.0, le=100.0)    # points of top-1 agreement, for auto
     granularity: Literal["element"] = "element"
     criterion: Literal["magnitude", "taylor"] = "magnitude"
     scope: Literal["global", "layer"] = "global"
@@ -42,6 +44,13 @@ class PruneConfig(StageConfig):
     steps: int = Field(default=10, ge=1, le=1000)
     epochs: float = Field(default=0.0, ge=0.0)
     lr: float = Field(default=1e-3, gt=0.0, lt=1.0)
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
+            return v
+        raise ValueError("must be a float in [0, 1) or 'auto'")
 
 
 @register_stage
@@ -173,4 +182,6 @@ def _phrase(err: dict) -> str:
     bounds = {"greater_than": f"must be > {ctx.get('gt')}", "greater_than_equal": f"must be >= {ctx.get('ge')}",
               "less_than": f"must be < {ctx.get('lt')}", "less_than_equal": f"must be <= {ctx.get('le')}",
               "literal_error": f"must be one of {ctx.get('expected')}"}
+    if err["type"] == "value_error":
+        return str(ctx.get("error", err["msg"]))
     return bounds.get(err["type"], "is invalid: " + err["msg"][0].lower() + err["msg"][1:])

@@ -137,3 +137,21 @@ def _count(data: Iterable) -> int:
     if n == 0:
         raise ModelpressError("train_data is empty: it must yield at least one batch")
     return n
+
+
+@torch.no_grad()
+def agreement(model: nn.Module, teacher: nn.Module, data: Iterable, max_batches: int = 50) -> float:
+    """Percent of samples whose top-1 class is the teacher's: a label-free fidelity measure."""
+    model.eval()
+    same = total = 0
+    for i, batch in enumerate(data):
+        if i >= max_batches:
+            break
+        inputs, _ = split_batch(batch)
+        s, t = logits_of(call_model(model, inputs)), logits_of(call_model(teacher, inputs))
+        if s.shape[-1] < 2:
+            raise ModelpressError("top-1 agreement needs class scores (a last dimension of 2 or more); "
+                                  f"the model outputs shape {list(s.shape)}: give a numeric sparsity instead")
+        same += int((s.argmax(-1) == t.argmax(-1)).sum())
+        total += s.argmax(-1).numel()
+    return 100.0 * same / max(1, total)

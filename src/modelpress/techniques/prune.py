@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import ModelpressError
 from ..state import CompressionState
 from .common import target_params
-from .finetune import TrainContext, batch_loss, require_data, train
+from .finetune import TrainContext, agreement, batch_loss, require_data, train
 
 log = logging.getLogger(__name__)
 
@@ -99,24 +99,55 @@ def agp_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
     return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
 
 
-def prune(model: nn.Module, state: CompressionState, *, sparsity: float, criterion: str = "magnitude",
+def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, criterion: str = "magnitude",
           scope: str = "global", schedule: str = "oneshot", steps: int = 10, epochs: float = 0.0,
-          lr: float = 1e-3, exclude: tuple[str, ...] = (), ctx: TrainContext | None = None) -> None:
-    """Prune Linear/Conv weights to `sparsity`, training `epochs` in all (spread over the AGP steps)."""
+          lr: float = 1e-3, max_sparsity: float = 0.99, tolerance: float = 1.5,
+          exclude: tuple[str, ...] = (), ctx: TrainContext | None = None) -> float:
+    """Prune Linear/Conv weights to `sparsity`, training `epochs` in all (spread over the AGP steps).
+
+    `sparsity="auto"` follows the AGP schedule towards `max_sparsity` and stops at the last step whose
+    fine-tuned model still agrees with the original's top-1 class on at least 100 - `tolerance` percent
+    of the training samples (no labels or test data needed). Returns the sparsity reached.
+    """
     params = target_params(model, exclude)
     if not params:
         raise ModelpressError("prune: the model has no Linear or Conv layer left after 'exclude'")
     ctx = ctx or TrainContext(None)
-    if epochs > 0:
-        require_data(ctx, "pruning with fine-tuning (epochs > 0)")
-    targets = agp_schedule(sparsity, steps) if schedule == "agp" else [sparsity]
+    auto = sparsity == "auto"
+    if epochs > 0 or auto:
+        require_data(ctx, "pruning with fine-tuning or sparsity 'auto'")
+    final = max_sparsity if auto else float(sparsity)
+    targets = agp_schedule(final, steps) if schedule == "agp" or auto else [final]
+    reached = 0.0
     for i, s in enumerate(targets):
+        saved = _snapshot(model, state, params) if auto else None
         scores = taylor_scores(model, params, ctx) if criterion == "taylor" else magnitude_scores(params)
         with torch.no_grad():
             masks = masks_from_scores(scores, s, scope, {n: state.get(n).mask for n in params})
             for n, p in params.items():
                 state.get(n).mask = masks[n]
                 p.mul_(masks[n])
-        log.info("prune step %d/%d: sparsity %.4f", i + 1, len(targets), s)
         if epochs > 0:
             train(model, state, ctx, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}")
+        if auto:
+            fidelity = agreement(model, ctx.teacher, ctx.train_data)
+            log.info("prune step %d: sparsity %.4f, top-1 agreement %.2f%%", i + 1, s, fidelity)
+            if fidelity < 100.0 - tolerance:
+                _restore(model, state, params, saved)
+                break
+        reached = s
+    return reached
+
+
+def _snapshot(model: nn.Module, state: CompressionState, params: dict) -> tuple:
+    masks = {n: state.get(n).mask for n in params}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, masks
+
+
+def _restore(model: nn.Module, state: CompressionState, params: dict, saved: tuple) -> None:
+    weights, masks = saved
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(weights[k])
+    for n in params:
+        state.get(n).mask = masks[n]
