@@ -1,0 +1,78 @@
+"""Deep Compression on MNIST-5k: fp32 baseline, every stage and the final artifact for LeNet-300-100
+and LeNet-5, beside the paper's ratios. Run: python benchmarks/deep_compression.py [--recipe R]"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+import modelpress as mp
+from modelpress import data
+
+PAPER = {"lenet-300-100": (40, "1.64% -> 1.58% error"), "lenet5": (39, "0.80% -> 0.74% error")}
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run(name: str, recipe: str, seed: int) -> dict:
+    torch.manual_seed(seed)
+    image = name == "lenet5"
+    split = data.mnist5k(image=image)
+    model = data.lenet5() if image else data.lenet_300_100()
+    t = time.perf_counter()
+    data.train_classifier(model, split, epochs=20 if image else 30, seed=seed)
+    train_s = time.perf_counter() - t
+    evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
+    t = time.perf_counter()
+    result = mp.compress(model, recipe, train_data=split.loader(64, seed=seed), eval_fn=evaluate)
+    compress_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, f"{name}.mpz")
+        size = result.save(path)
+        loaded = mp.load(path)
+        same = torch.equal(loaded(split.x_test), result.model(split.x_test))
+        acc_loaded = data.accuracy(loaded, split.x_test, split.y_test)
+    fp32 = result.report.rows[0]
+    print(f"\n## {name} ({fp32.params:,} parameters, fp32 {fp32.bytes:,} bytes); "
+          f"fp32 training {train_s:.1f} s, compression {compress_s:.1f} s")
+    print(result.report)
+    paper_ratio, paper_acc = PAPER[name]
+    print(f"artifact: {size:,} bytes = {fp32.bytes / size:.1f}x smaller than fp32 parameters (whole file); "
+          f"loaded accuracy {acc_loaded:.2f}% (fp32 {fp32.metrics['acc']:.2f}%, "
+          f"drop {fp32.metrics['acc'] - acc_loaded:+.2f} points); outputs bitwise equal after load: {same}")
+    print(f"Deep Compression paper: {paper_ratio}x ({paper_acc}, full MNIST)")
+    return {"name": name, "bytes": size, "ratio": fp32.bytes / size, "fp32_acc": fp32.metrics["acc"],
+            "acc": acc_loaded, "paper": paper_ratio, "seconds": compress_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--recipe", default="deep-compression")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", nargs="+", default=["lenet-300-100", "lenet5"])
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    print(f"modelpress {mp.__version__}, torch {torch.__version__}, {cpu_name()}, "
+          f"{torch.get_num_threads()} threads; recipe {args.recipe}; MNIST-5k (4,000 train / 1,000 test)")
+    rows = [run(name, args.recipe, args.seed) for name in args.models]
+    print("\n## summary")
+    print(f"{'model':<14} {'file bytes':>10} {'ratio':>7} {'paper':>6} {'fp32 acc':>9} {'acc':>7} {'drop':>6} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['name']:<14} {r['bytes']:>10,} {r['ratio']:>6.1f}x {r['paper']:>5}x {r['fp32_acc']:>8.2f}% "
+              f"{r['acc']:>6.2f}% {r['fp32_acc'] - r['acc']:>+6.2f} {r['seconds']:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()

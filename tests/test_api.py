@@ -1,0 +1,141 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.errors import FormatError, ModelMismatch, ModelpressError
+
+RECIPE = """
+stages:
+  - prune: {sparsity: 0.8, schedule: agp, steps: 3, epochs: 3}
+  - cluster: {bits: 4}
+  - finetune: {epochs: 1}
+"""
+
+
+@pytest.fixture
+def result(mlp, toy_data):
+    return mp.compress(mlp, RECIPE, train_data=toy_data, eval_fn=lambda m: 1.0)
+
+
+def test_save_load_is_bitwise_and_report_bytes_are_the_file(result, toy_data, tmp_path):
+    path = tmp_path / "m.mpz"
+    size = result.save(path)
+    assert size == path.stat().st_size == result.report.final.bytes
+    loaded = mp.load(path)
+    x = next(iter(toy_data))[0]
+    assert torch.equal(loaded(x), result.model(x))
+    for (k, a), b in zip(result.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    w = result.model[0].weight
+    assert int((w == 0).sum()) >= 0.7 * w.numel()  # sparsity kept through the final fine-tuning
+
+
+def test_original_model_is_untouched(mlp, toy_data):
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    mp.compress(mlp, RECIPE, train_data=toy_data)
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+
+
+def test_label_free_recovery_distills_from_the_original(mlp, toy_data):
+    inputs_only = [x for x, _ in toy_data]
+    x = torch.cat(inputs_only)
+    prune_only = {"stages": [{"prune": {"sparsity": 0.7}}]}
+    recovered = {"stages": [{"prune": {"sparsity": 0.7}}, {"finetune": {"epochs": 15, "lr": 1e-3}}]}
+    agree = {}
+    for name, recipe in [("pruned", prune_only), ("recovered", recovered)]:
+        res = mp.compress(mlp, recipe, train_data=inputs_only)
+        agree[name] = float((res.model(x).argmax(1) == mlp(x).argmax(1)).float().mean())
+    assert agree["recovered"] > agree["pruned"] + 0.05, agree
+
+
+def test_custom_module_needs_a_skeleton(toy_data, tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(20, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    res = mp.compress(Net(), RECIPE, train_data=toy_data)
+    path = tmp_path / "net.mpz"
+    res.save(path)
+    with pytest.raises(ModelMismatch, match="skeleton"):
+        mp.load(path)
+    x = next(iter(toy_data))[0]
+    assert torch.equal(mp.load(path, model=Net())(x), res.model(x))
+    with pytest.raises(ModelMismatch, match="does not match"):
+        mp.load(path, model=nn.Sequential(nn.Linear(20, 4)))
+
+
+def test_every_single_bit_flip_is_refused_fast(result, tmp_path):
+    path = tmp_path / "m.mpz"
+    result.save(path)
+    raw = path.read_bytes()
+    assert len(raw) < 6000
+    t = time.perf_counter()
+    for i in range(len(raw)):
+        for bit in range(8):
+            bad = bytearray(raw)
+            bad[i] ^= 1 << bit
+            with pytest.raises(FormatError):
+                mp.load(bytes(bad))
+    assert (time.perf_counter() - t) / (8 * len(raw)) < 0.01  # per damaged file
+
+
+def test_truncated_and_foreign_files_are_refused(result, tmp_path):
+    path = tmp_path / "m.mpz"
+    result.save(path)
+    raw = path.read_bytes()
+    for n in range(0, len(raw), 7):
+        with pytest.raises(FormatError):
+            mp.load(raw[:n])
+    (tmp_path / "x.pt").write_bytes(b"PK\x03\x04" + os.urandom(100))
+    with pytest.raises(FormatError, match="not a modelpress"):
+        mp.load(tmp_path / "x.pt")
+
+
+def test_sigkill_during_save_leaves_the_previous_file_loadable(tmp_path):
+    target = tmp_path / "big.mpz"
+    script = f"""
+import torch, modelpress as mp
+from modelpress.state import CompressionState
+from modelpress.format import mpz
+m = torch.nn.Sequential(torch.nn.Linear(1500, 1500))
+mpz.save({str(target)!r}, m, CompressionState())
+print("ready", flush=True)
+while True:
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    mpz.save({str(target)!r}, m, CompressionState())
+"""
+    for i in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(0.05 + 0.07 * i)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        model = mp.load(target)
+        w = model[0].weight
+        assert torch.equal(w - w[0, 0], w - w[0, 0])  # loads, and is one consistent save
+        assert model[0].weight.shape == (1500, 1500)
+
+
+def test_bad_arguments_give_clear_errors(mlp, toy_data):
+    with pytest.raises(mp.RecipeError, match="Unknown preset"):
+        mp.Recipe.preset("nope")
+    with pytest.raises(ModelpressError, match="needs train_data"):
+        mp.compress(mlp, RECIPE)
+    with pytest.raises(ModelpressError, match="nn.Module"):
+        mp.compress("model", RECIPE, train_data=toy_data)
+    with pytest.raises(ModelpressError, match="empty"):
+        mp.compress(mlp, RECIPE, train_data=[])
+    with pytest.raises(mp.RecipeError, match="does not exist"):
+        mp.compress(mlp, "missing.yaml", train_data=toy_data)

@@ -1,0 +1,63 @@
+import pytest
+
+from modelpress.presets import PRESETS
+from modelpress.recipe import STAGES, Recipe
+from modelpress.errors import RecipeError
+
+EXAMPLES = {
+    "prune": {"sparsity": 0.92, "criterion": "taylor", "schedule": "agp", "steps": 5, "epochs": 2.0,
+              "exclude": ["0"]},
+    "cluster": {"bits": 5, "include_bias": False},
+    "quantize": {"bits": 4, "per_channel": False},
+    "finetune": {"epochs": 3.0, "lr": 0.0005},
+}
+
+
+def test_every_registered_stage_round_trips_through_yaml():
+    assert set(EXAMPLES) == set(STAGES)
+    recipe = Recipe.from_dict({"stages": [{k: v} for k, v in EXAMPLES.items()], "exclude": ["4"]})
+    again = Recipe.from_yaml(recipe.to_yaml())
+    assert again == recipe
+    assert again.stages[0].sparsity == 0.92 and again.stages[0].exclude == ("0",)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid_and_round_trip(name):
+    r = Recipe.preset(name)
+    assert Recipe.from_yaml(r.to_yaml()) == r
+
+
+def test_all_problems_are_listed_at_once_naming_field_and_value():
+    text = """
+stages:
+  - prune: {sparsity: 1.5, criterion: foo, bogus: 1}
+  - cluster: {bits: 0}
+  - frobnicate: {}
+  - finetune: {}
+extra: 1
+"""
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_yaml(text)
+    msg = str(e.value)
+    assert "The 'sparsity' of stage 1 (prune) must be a float in [0, 1) or 'auto'. Got 1.5 instead." in msg
+    assert "'criterion' of stage 1 (prune) must be one of" in msg and "'foo'" in msg
+    assert "unknown field 'bogus'" in msg
+    assert "The 'bits' of stage 2 (cluster) must be >= 1. Got 0 instead." in msg
+    assert "unknown technique 'frobnicate'" in msg
+    assert "The 'epochs' of stage 4 (finetune) is required." in msg
+    assert "Unknown top-level key(s) ['extra']" in msg
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("stages: []", "non-empty list"),
+    ("- a\n- b", "must be a mapping"),
+    ("stages: [prune]", "one technique key"),
+    ("stages: [{prune: 3}]", "must be a mapping"),
+    ("stages: [{quantize: {bits: 0}}]", "'bits' of stage 1 (quantize) must be >= 2. Got 0"),
+    ("stages: [{finetune: {epochs: 1}}]\nexclude: 3", "'exclude' must be a list"),
+    ("stages: [{", "not valid YAML"),
+])
+def test_bad_recipes(text, fragment):
+    with pytest.raises(RecipeError, match=None) as e:
+        Recipe.from_yaml(text)
+    assert fragment in str(e.value)
