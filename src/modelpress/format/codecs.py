@@ -32,8 +32,10 @@ def mask_2d(shape: tuple[int, ...]) -> tuple[int, int]:
     return (shape[0], int(math.prod(shape[1:])))
 
 
-def encode_tensor(name: str, t: torch.Tensor, st: ParamState | None) -> tuple[dict, dict[str, bytes]]:
-    """(entry, streams) for one tensor; stream keys are prefixed with `name/`."""
+def encode_tensor(name: str, t: torch.Tensor, st: ParamState | None, key: str | None = None
+                  ) -> tuple[dict, dict[str, bytes]]:
+    """(entry, streams) for one tensor; stream keys are prefixed with `key/` (default: the name)."""
+    name = key if key is not None else name
     entry: dict = {"shape": list(t.shape), "dtype": DTYPE_NAMES[t.dtype]}
     kind = st.kind if st is not None else "dense"
     if kind == "dense":
@@ -109,21 +111,22 @@ def _int_field(name: str, entry: dict, key: str, lo: int, hi: int) -> int:
     return v
 
 
-def decode_tensor(name: str, entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
-    """Rebuild one tensor exactly; raises CorruptStream on any inconsistency."""
+def decode_tensor(name: str, entry: dict, streams: dict[str, bytes], key: str | None = None) -> torch.Tensor:
+    """Rebuild one tensor exactly from the streams under `key/` (default: the name); raises CorruptStream."""
+    key = key if key is not None else name
     shape, dtype, numel = _check_entry(name, entry)
     kind = entry.get("kind")
     if kind not in ("raw", "sp", "cb", "q"):
         raise CorruptStream(f"tensor {name!r}: unknown kind {kind!r}")
     if kind == "raw":
-        return _from_bytes(name, _stream(streams, f"{name}/data"), dtype, numel).reshape(shape)
+        return _from_bytes(name, _stream(streams, f"{key}/data"), dtype, numel).reshape(shape)
     if dtype != torch.float32:
         raise CorruptStream(f"tensor {name!r}: kind {kind!r} needs dtype f32")
     masked = entry.get("masked", kind == "sp")
     mask = None
     if masked:
         try:
-            mask = torch.from_numpy(decode_mask(_stream(streams, f"{name}/mask"), mask_2d(shape)).copy())
+            mask = torch.from_numpy(decode_mask(_stream(streams, f"{key}/mask"), mask_2d(shape)).copy())
         except CorruptStream:
             raise
         except Exception as e:
@@ -132,12 +135,12 @@ def decode_tensor(name: str, entry: dict, streams: dict[str, bytes]) -> torch.Te
     n = int(mask.sum()) if mask is not None else numel
     if kind == "sp":
         w = torch.zeros(shape, dtype=torch.float32)
-        w[mask] = _from_bytes(name, _stream(streams, f"{name}/values"), torch.float32, n)
+        w[mask] = _from_bytes(name, _stream(streams, f"{key}/values"), torch.float32, n)
         return w
-    codes = torch.from_numpy(decode_symbols(_stream(streams, f"{name}/codes"), n).astype(np.int64))
+    codes = torch.from_numpy(decode_symbols(_stream(streams, f"{key}/codes"), n).astype(np.int64))
     if kind == "cb":
         k = _int_field(name, entry, "k", 1, 2 ** 16)
-        table = _from_bytes(name, _stream(streams, f"{name}/table"), torch.float16, k).float()
+        table = _from_bytes(name, _stream(streams, f"{key}/table"), torch.float16, k).float()
         if codes.numel() and int(codes.max()) >= k:
             raise CorruptStream(f"tensor {name!r}: a code is outside its codebook of {k}")
         full = _scatter(codes, mask, shape)
@@ -146,7 +149,7 @@ def decode_tensor(name: str, entry: dict, streams: dict[str, bytes]) -> torch.Te
     nscale = _int_field(name, entry, "nscale", 1, max(1, shape[0] if shape else 1))
     if nscale not in (1, shape[0] if shape else 1):
         raise CorruptStream(f"tensor {name!r}: {nscale} scales for shape {list(shape)}")
-    scale = _from_bytes(name, _stream(streams, f"{name}/scale"), torch.float16, nscale).float()
+    scale = _from_bytes(name, _stream(streams, f"{key}/scale"), torch.float16, nscale).float()
     qmax = 2 ** (bits - 1) - 1
     if codes.numel() and int(codes.max()) > 2 * qmax:
         raise CorruptStream(f"tensor {name!r}: a code is outside the {bits}-bit range")

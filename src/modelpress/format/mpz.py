@@ -20,8 +20,10 @@ def encode_model(model: nn.Module, state: CompressionState, meta: dict | None = 
                  ) -> tuple[dict, dict[str, bytes]]:
     """The manifest and streams for every parameter and buffer of `model`."""
     tensors, streams = {}, {}
-    for name, t in model.state_dict().items():
-        entry, s = encode_tensor(name, t.detach().cpu(), state.params.get(name))
+    sd = model.state_dict()
+    for i, name in enumerate(sorted(sd)):  # streams are keyed by the index in sorted name order: short
+        t = sd[name]
+        entry, s = encode_tensor(name, t.detach().cpu(), state.params.get(name), key=str(i))
         tensors[name] = entry
         streams.update(s)
     manifest = {"format": FORMAT_NAME, "arch": arch.describe(model), "tensors": tensors, "meta": meta or {}}
@@ -34,10 +36,11 @@ def decode_state_dict(manifest: dict, streams: dict[str, bytes]) -> dict[str, to
     if not isinstance(tensors, dict):
         raise CorruptStream("the manifest has no 'tensors' table")
     out = {}
-    for name, entry in tensors.items():
+    for i, name in enumerate(sorted(tensors)):
+        entry = tensors[name]
         if not isinstance(entry, dict):
             raise CorruptStream(f"tensor {name!r}: entry is not a mapping")
-        out[name] = decode_tensor(name, entry, streams)
+        out[name] = decode_tensor(name, entry, streams, key=str(i))
     return out
 
 
@@ -88,8 +91,9 @@ def describe_file(source: Any) -> list[dict]:
     manifest, streams = read(source)
     state = decode_state_dict(manifest, streams)
     rows = []
-    for name, entry in manifest["tensors"].items():
-        nbytes = sum(len(v) for k, v in streams.items() if k.rpartition("/")[0] == name)
+    for i, name in enumerate(sorted(manifest["tensors"])):
+        entry = manifest["tensors"][name]
+        nbytes = sum(len(v) for k, v in streams.items() if k.rpartition("/")[0] == str(i))
         t = state[name]
         numel = max(1, t.numel())
         rows.append({"name": name, "kind": entry["kind"], "shape": list(t.shape),
