@@ -29,9 +29,7 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (tuple, list)):
         items = [_jsonable(x) for x in v]
         return None if any(x is _NO for x in items) else {"tuple": items}
-    if isinstance(v, (torch.Tensor, nn.Parameter)):  # e.g. bias=True given as a tensor attribute
-        return _NO
-    return _NO
+    return _NO  # tensors and other objects cannot be constructor arguments in a file
 
 
 _NO = object()
