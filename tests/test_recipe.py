@@ -61,3 +61,14 @@ def test_bad_recipes(text, fragment):
     with pytest.raises(RecipeError, match=None) as e:
         Recipe.from_yaml(text)
     assert fragment in str(e.value)
+
+
+def test_recipe_from_a_file_and_from_long_one_line_text(tmp_path):
+    text = "stages: [{prune: {sparsity: 0.5, exclude: [" + ", ".join(f"layer{i}" for i in range(60)) + "]}}]"
+    assert len(text) > 300
+    assert Recipe.from_yaml(text).stages[0].sparsity == 0.5
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert Recipe.from_yaml(path) == Recipe.from_yaml(str(path)) == Recipe.from_yaml(text)
+    with pytest.raises(RecipeError, match="does not exist"):
+        Recipe.from_yaml(tmp_path / "missing.yaml")

@@ -120,11 +120,10 @@ class Recipe(BaseModel):
     def from_yaml(cls, text_or_path: str | Path) -> "Recipe":
         """Parse YAML text or a path to a YAML file."""
         text = str(text_or_path)
-        path = Path(text) if isinstance(text_or_path, Path) or "\n" not in text else None
-        if path is not None and path.suffix in (".yaml", ".yml", ".json") or (path is not None and path.is_file()):
-            if not path.is_file():
-                raise RecipeError(f"Recipe file {str(path)!r} does not exist.")
-            text = path.read_text()
+        if isinstance(text_or_path, Path) or text.endswith((".yaml", ".yml", ".json")) or _is_file(text):
+            if not _is_file(text):
+                raise RecipeError(f"Recipe file {text!r} does not exist.")
+            text = Path(text).read_text()
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -148,6 +147,16 @@ class Recipe(BaseModel):
         if name not in PRESETS:
             raise RecipeError(f"Unknown preset {name!r}. Available presets: {sorted(PRESETS)}.")
         return cls.from_yaml(PRESETS[name])
+
+
+def _is_file(text: str) -> bool:
+    """True if `text` names an existing file (a long one-line YAML text is no file name)."""
+    if "\n" in text:
+        return False
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _parse_stage(i: int, item: Any) -> tuple[StageConfig | None, list[str]]:
