@@ -48,6 +48,10 @@ def as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
 
         if isinstance(recipe, str) and recipe in PRESETS:
             return Recipe.preset(recipe)
+        if isinstance(recipe, str) and recipe.strip() and not any(c in recipe for c in ":\n{[") \
+                and not recipe.endswith((".yaml", ".yml", ".json")) and not Path(recipe).exists():
+            raise RecipeError(f"Unknown preset {recipe!r}. Available presets: {sorted(PRESETS)}; "
+                              "or give a YAML file or YAML text.")
         return Recipe.from_yaml(recipe)
     raise RecipeError(f"recipe must be a Recipe, a preset name, a YAML path or text. Got {type(recipe).__name__}.")
 
@@ -71,7 +75,8 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     teacher = copy.deepcopy(model).float().cpu().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    ctx = TrainContext(train_data=train_data, teacher=teacher, loss_fn=loss_fn, progress=progress)
+    ctx = TrainContext(train_data=train_data, teacher=teacher, loss_fn=loss_fn, progress=progress,
+                       calib_data=calib_data)
     compressed, state, report = run_pipeline(model, recipe, ctx, eval_fn=eval_fn, on_stage=on_stage,
                                                   meta=file_meta(recipe))
     return CompressionResult(model=compressed, report=report, state=state, recipe=recipe)

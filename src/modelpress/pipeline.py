@@ -62,8 +62,10 @@ def _cluster(model: nn.Module, state: CompressionState, cfg: ClusterConfig, run:
 
 @handles(QuantizeConfig)
 def _quantize(model: nn.Module, state: CompressionState, cfg: QuantizeConfig, run: Run) -> None:
-    quantize(model, state, bits=cfg.bits, per_channel=cfg.per_channel, include_bias=cfg.include_bias,
-             exclude=run.exclude(cfg))
+    quantize(model, state, bits=cfg.bits, per_channel=cfg.per_channel, group_size=cfg.group_size,
+             method=cfg.method, activations=cfg.activations, embeddings=cfg.embeddings,
+             include_bias=cfg.include_bias, exclude=run.exclude(cfg), calib_data=run.ctx.calib_data,
+             progress=run.ctx.progress)
 
 
 @handles(FinetuneConfig)
@@ -88,12 +90,17 @@ def canonicalize(model: nn.Module, state: CompressionState, meta: dict | None = 
 def measure(model: nn.Module, stage: str, manifest: dict, streams: dict[str, bytes], fp32_bytes: int,
             seconds: float, eval_fn: Callable | None) -> StageRow:
     nbytes = sum(map(len, streams.values())) + container_overhead(manifest, streams)
-    params = list(model.parameters())
-    n = sum(p.numel() for p in params)
-    zeros = sum(int((p == 0).sum()) for p in params)
+    weights = _weights(model)
+    n = sum(p.numel() for p in weights)
+    zeros = sum(int((p == 0).sum()) for p in weights)
     return StageRow(stage=stage, bytes=nbytes, ratio=fp32_bytes / nbytes, params=n,
                     sparsity=zeros / max(1, n), bits_per_param=8 * nbytes / max(1, n), seconds=seconds,
                     metrics=evaluate(model, eval_fn))
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters, and the integer weights runtime layers hold as buffers."""
+    return list(model.parameters()) + [b for b in model.buffers() if b.dtype == torch.int8]
 
 
 def evaluate(model: nn.Module, eval_fn: Callable | None) -> dict[str, float]:
@@ -145,5 +152,5 @@ def run_pipeline(model: nn.Module, recipe: Recipe, ctx: TrainContext, eval_fn: C
 
 
 def _sparsity(model: nn.Module) -> float:
-    n = sum(p.numel() for p in model.parameters())
-    return sum(int((p == 0).sum()) for p in model.parameters()) / max(1, n)
+    weights = _weights(model)
+    return sum(int((p == 0).sum()) for p in weights) / max(1, sum(p.numel() for p in weights))

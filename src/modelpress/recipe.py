@@ -7,10 +7,10 @@ at once, naming the stage, the field and the bad value.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -64,12 +64,24 @@ class ClusterConfig(StageConfig):
 
 @register_stage
 class QuantizeConfig(StageConfig):
-    """Uniform symmetric weight quantization, per output channel by default."""
+    """Uniform symmetric weight quantization (per output channel, or per group of `group_size` inputs),
+    round-to-nearest or GPTQ; `activations: int8` runs 8-bit Linear layers as int8 x int8 products."""
 
     key: ClassVar[str] = "quantize"
     bits: int = Field(ge=2, le=8)
+    group_size: Optional[int] = Field(default=None, ge=8, le=65536)
+    method: Literal["rtn", "gptq"] = "rtn"
+    activations: Literal["none", "int8"] = "none"
+    embeddings: bool = True
     per_channel: bool = True
     include_bias: bool = False
+
+    @model_validator(mode="after")
+    def _int8_activations(self) -> "QuantizeConfig":
+        if self.activations == "int8" and (self.bits != 8 or self.group_size is not None or not self.per_channel):
+            raise ValueError("activations: int8 needs bits: 8, per_channel: true and no group_size "
+                             f"(got bits={self.bits}, group_size={self.group_size}, per_channel={self.per_channel})")
+        return self
 
 
 @register_stage

@@ -26,8 +26,9 @@ class ParamState:
     mask: torch.Tensor | None = None
     codebook: torch.Tensor | None = None
     codes: torch.Tensor | None = None
-    scale: torch.Tensor | None = None  # per output channel (quantized) or per tensor (quantized codebook)
+    scale: torch.Tensor | None = None  # per tensor (1,), per output channel (out,) or per group (out, groups)
     bits: int | None = None
+    group: int | None = None  # inputs per scale along the flattened input dims, when scale is per group
 
     @property
     def kind(self) -> str:
@@ -104,8 +105,12 @@ class _Quant(nn.Module):
         return w if self.mask is None else w * self.mask
 
 
-def broadcast_scale(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-channel (dim 0) scale so it broadcasts against `weight`."""
+def broadcast_scale(scale: torch.Tensor, weight: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """A per-tensor, per-channel (dim 0) or per-group (out, groups) scale shaped to broadcast against
+    `weight`; groups run along the flattened input dims, `group` inputs each (the last may be short)."""
+    if group is not None and scale.dim() == 2:
+        cols = weight[0].numel() if weight.shape[0] else 0
+        return scale.repeat_interleave(group, dim=1)[:, :cols].reshape(weight.shape)
     return scale.reshape(-1, *([1] * (weight.dim() - 1))) if scale.numel() > 1 else scale.reshape(())
 
 
@@ -113,7 +118,7 @@ def _parametrization(st: ParamState, weight: torch.Tensor) -> nn.Module | None:
     if st.kind == "codebook":
         return _Codebook(st.codes, st.mask, st.codebook)
     if st.kind == "quant":
-        return _Quant(broadcast_scale(st.scale, weight), st.bits, st.mask)
+        return _Quant(broadcast_scale(st.scale, weight, st.group), st.bits, st.mask)
     if st.kind == "masked":
         return _Masked(st.mask)
     return None
@@ -145,4 +150,4 @@ def constrained(model: nn.Module, state: CompressionState) -> Iterator[nn.Module
             module._parameters[attr] = original
             if st.kind == "quant":
                 w = original.detach()
-                st.codes = torch.round(w / broadcast_scale(st.scale, w)).to(torch.int32)
+                st.codes = torch.round(w / broadcast_scale(st.scale, w, st.group)).to(torch.int32)

@@ -1,16 +1,23 @@
-"""A JSON description of a model built only from standard `torch.nn` layers, so a file can rebuild
-the model without the user's code. Only classes on an allow-list are ever instantiated, with
-JSON-typed constructor arguments, on the meta device (no memory is allocated before the weights
-are checked). Any other model is described as None, and load() then needs a skeleton."""
+"""A JSON description of a model, so a file can rebuild it without the user's code.
+
+Two kinds are understood: a tree of standard `torch.nn` layers (and modelpress runtime layers),
+and a Hugging Face `transformers` model (its class name and config, plus the layers modelpress
+swapped in). Only classes on an allow-list are ever instantiated, with JSON-typed arguments:
+torch.nn trees on the meta device (no memory is allocated before the weights are checked),
+transformers classes that subclass `PreTrainedModel`, never remote code. Any other model is
+described as None, and load() then needs a skeleton."""
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import CorruptStream
+from ..runtime import RUNTIME_MODULES
 
 _ALLOWED = {cls.__name__: cls for cls in (
     nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d,
@@ -18,7 +25,7 @@ _ALLOWED = {cls.__name__: cls for cls in (
     nn.Hardswish, nn.ELU, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
     nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Dropout,
     nn.Dropout2d, nn.Identity, nn.Embedding,
-)}
+)} | RUNTIME_MODULES
 _SKIP_ARGS = {"self", "device", "dtype", "args", "kwargs", "_weight", "_freeze"}
 _MAX_DEPTH = 64
 
@@ -57,7 +64,43 @@ def _ctor_args(m: nn.Module) -> dict | None:
 
 
 def describe(model: nn.Module) -> dict | None:
-    """The model as a JSON tree, or None if it is not built only from allow-listed torch.nn layers."""
+    """The model as JSON, or None if it is neither a transformers model nor built only from
+    allow-listed layers."""
+    spec = _describe_hf(model) if _is_hf(model) else _describe_tree(model)
+    if spec is None:
+        return None
+    try:  # trust the description only if it rebuilds the same parameter and buffer shapes
+        rebuilt = build(spec, device="meta")
+    except Exception:
+        return None
+    return spec if _shapes(rebuilt) == _shapes(model) else None
+
+
+def _is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _describe_hf(model: nn.Module) -> dict | None:
+    import transformers
+
+    cls = type(model).__name__
+    if getattr(transformers, cls, None) is not type(model):
+        return None  # a subclass or remote code: not rebuildable from the library alone
+    swaps = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ in RUNTIME_MODULES and RUNTIME_MODULES[type(m).__name__] is type(m):
+            args = _ctor_args(m)
+            if args is None:
+                return None
+            swaps[name] = {"t": type(m).__name__, "a": args}
+    return {"hf": {"class": cls, "config": json.loads(model.config.to_json_string())}, "swaps": swaps}
+
+
+def _describe_tree(model: nn.Module) -> dict | None:
     def node(m: nn.Module) -> dict | None:
         cls = type(m).__name__
         if _ALLOWED.get(cls) is not type(m):
@@ -70,14 +113,7 @@ def describe(model: nn.Module) -> dict | None:
         args = _ctor_args(m)
         return None if args is None else {"t": cls, "a": args}
 
-    spec = node(model)
-    if spec is None:
-        return None
-    try:  # trust the description only if it rebuilds the same parameter and buffer shapes
-        rebuilt = build(spec)
-    except Exception:
-        return None
-    return spec if _shapes(rebuilt) == _shapes(model) else None
+    return node(model)
 
 
 def _shapes(m: nn.Module) -> dict:
@@ -94,8 +130,49 @@ def _from_json(v: Any) -> Any:
     return v
 
 
-def build(spec: Any, depth: int = 0) -> nn.Module:
-    """Instantiate a description on the meta device; raises CorruptStream on anything unexpected."""
+def build(spec: Any, device: str = "meta") -> nn.Module:
+    """Instantiate a description; raises CorruptStream on anything unexpected. torch.nn trees are
+    always built on the meta device; a transformers model on `device` ("cpu" when it will run:
+    its non-persistent buffers are not in the file)."""
+    if isinstance(spec, dict) and "hf" in spec:
+        return _build_hf(spec, device)
+    return _build_tree(spec)
+
+
+def _build_hf(spec: dict, device: str) -> nn.Module:
+    try:
+        import transformers
+        from transformers import PreTrainedModel
+    except ImportError:
+        raise CorruptStream("this file holds a Hugging Face model; install transformers to load it") from None
+    hf, swaps = spec.get("hf"), spec.get("swaps", {})
+    if not isinstance(hf, dict) or not isinstance(hf.get("class"), str) or not isinstance(hf.get("config"), dict) \
+            or not isinstance(swaps, dict):
+        raise CorruptStream("architecture: malformed transformers description")
+    cls = getattr(transformers, hf["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise CorruptStream(f"architecture: {hf['class']!r} is not a transformers model class")
+    no_init = getattr(getattr(transformers.modeling_utils, "init", None), "no_init_weights", contextlib.nullcontext)
+    try:
+        config = cls.config_class.from_dict(hf["config"])
+        with torch.device(device), no_init():
+            model = cls(config)
+    except Exception as e:
+        raise CorruptStream(f"architecture: cannot build {hf['class']} from its config: {e}") from None
+    for name, sub in swaps.items():
+        try:
+            parent, _, child = str(name).rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            getattr(owner, child)
+        except AttributeError:
+            raise CorruptStream(f"architecture: {hf['class']} has no layer {name!r} to replace") from None
+        if not isinstance(sub, dict) or sub.get("t") not in RUNTIME_MODULES:
+            raise CorruptStream(f"architecture: layer {name!r} has a replacement that is not allowed")
+        setattr(owner, child, _build_tree(sub))  # on meta: the file supplies all its tensors
+    return model
+
+
+def _build_tree(spec: Any, depth: int = 0) -> nn.Module:
     if depth > _MAX_DEPTH or not isinstance(spec, dict) or not isinstance(spec.get("t"), str):
         raise CorruptStream("architecture: malformed layer description")
     cls = _ALLOWED.get(spec["t"])
@@ -105,7 +182,7 @@ def build(spec: Any, depth: int = 0) -> nn.Module:
         kids = spec.get("c")
         if not isinstance(kids, list):
             raise CorruptStream("architecture: Sequential without a list of children")
-        return nn.Sequential(*[build(k, depth + 1) for k in kids])
+        return nn.Sequential(*[_build_tree(k, depth + 1) for k in kids])
     args = spec.get("a")
     if not isinstance(args, dict):
         raise CorruptStream(f"architecture: {spec['t']} without arguments")

@@ -4,6 +4,7 @@ kinds:  raw  - the tensor's bytes as they are (any dtype)
         cb   - codebook: float16 centroids + entropy-coded indices (+ a sparsity mask)
         q    - uniform grid: float16 per-channel scales + entropy-coded integer codes (+ mask)
         sp   - sparse float32: mask + the kept values
+        ent  - an integer tensor (int8 weights of a runtime layer) as entropy-coded symbols
 A mask is stored only where it makes the tensor smaller. Decoding checks every declared size
 against the manifest before allocating, and recomputes weights with the same float32 operations
 the pipeline used, so a loaded model is bitwise identical to the one compressed.
@@ -39,7 +40,13 @@ def encode_tensor(name: str, t: torch.Tensor, st: ParamState | None, key: str | 
     entry: dict = {"shape": list(t.shape), "dtype": DTYPE_NAMES[t.dtype]}
     kind = st.kind if st is not None else "dense"
     if kind == "dense":
-        return {**entry, "kind": "raw"}, {f"{name}/data": t.contiguous().numpy().tobytes()}
+        raw = t.contiguous().numpy().tobytes()
+        if t.dtype in _ENT_DTYPES and t.numel() >= 64:
+            lo = int(t.min())
+            coded = encode_symbols((t.to(torch.int64) - lo).flatten().numpy())
+            if len(coded) < len(raw):
+                return {**entry, "kind": "ent", "min": lo}, {f"{name}/codes": coded}
+        return {**entry, "kind": "raw"}, {f"{name}/data": raw}
     if kind == "masked":
         entry["kind"], values = "sp", t[st.mask].contiguous().numpy().tobytes()
         return entry, {f"{name}/mask": encode_mask(st.mask.reshape(mask_2d(t.shape)).numpy()),
@@ -57,8 +64,10 @@ def encode_tensor(name: str, t: torch.Tensor, st: ParamState | None, key: str | 
         qmax = 2 ** (st.bits - 1) - 1
         codes = st.codes.to(torch.int64) + qmax  # non-negative symbols; qmax means 0
         entry.update(kind="q", bits=int(st.bits), nscale=int(st.scale.numel()))
-        split = {"scale": st.scale.half(), "codes": codes[mask] if mask is not None else None}
-        whole = {"scale": st.scale.half(), "codes": codes}
+        if st.group is not None and st.scale.dim() == 2:
+            entry["group"] = int(st.group)
+        split = {"scale": st.scale.half().flatten(), "codes": codes[mask] if mask is not None else None}
+        whole = {"scale": st.scale.half().flatten(), "codes": codes}
         side_key = "scale"
     candidates = [(False, whole)] + ([(True, split)] if mask is not None else [])
     best = None
@@ -116,10 +125,12 @@ def decode_tensor(name: str, entry: dict, streams: dict[str, bytes], key: str | 
     key = key if key is not None else name
     shape, dtype, numel = _check_entry(name, entry)
     kind = entry.get("kind")
-    if kind not in ("raw", "sp", "cb", "q"):
+    if kind not in ("raw", "sp", "cb", "q", "ent"):
         raise CorruptStream(f"tensor {name!r}: unknown kind {kind!r}")
     if kind == "raw":
         return _from_bytes(name, _stream(streams, f"{key}/data"), dtype, numel).reshape(shape)
+    if kind == "ent":
+        return _decode_ent(name, entry, streams, key, shape, dtype, numel)
     if dtype != torch.float32:
         raise CorruptStream(f"tensor {name!r}: kind {kind!r} needs dtype f32")
     masked = entry.get("masked", kind == "sp")
@@ -146,16 +157,45 @@ def decode_tensor(name: str, entry: dict, streams: dict[str, bytes], key: str | 
         full = _scatter(codes, mask, shape)
         return table[full] * _ones_or(mask, shape)
     bits = _int_field(name, entry, "bits", 1, 16)
-    nscale = _int_field(name, entry, "nscale", 1, max(1, shape[0] if shape else 1))
-    if nscale not in (1, shape[0] if shape else 1):
+    rows = shape[0] if shape else 1
+    group = None
+    allowed = {1, rows}
+    if "group" in entry:
+        group = _int_field(name, entry, "group", 1, 2 ** 31)
+        cols = numel // rows if rows else 0
+        allowed = {rows * -(-cols // group)}
+    nscale = _int_field(name, entry, "nscale", 1, max(1, numel))
+    if nscale not in allowed:
         raise CorruptStream(f"tensor {name!r}: {nscale} scales for shape {list(shape)}")
     scale = _from_bytes(name, _stream(streams, f"{key}/scale"), torch.float16, nscale).float()
+    if group is not None:
+        scale = scale.reshape(rows, -1)
     qmax = 2 ** (bits - 1) - 1
     if codes.numel() and int(codes.max()) > 2 * qmax:
         raise CorruptStream(f"tensor {name!r}: a code is outside the {bits}-bit range")
     q = (_scatter(codes, mask, shape, fill=qmax) - qmax).to(torch.int32)
-    w = q.float() * broadcast_scale(scale, q)
+    w = q.float() * broadcast_scale(scale, q, group)
     return w if mask is None else w * mask
+
+
+_ENT_DTYPES = (torch.int8, torch.uint8, torch.int16)
+
+
+def _decode_ent(name: str, entry: dict, streams: dict[str, bytes], key: str, shape, dtype, numel: int) -> torch.Tensor:
+    info = torch.iinfo(dtype) if dtype in _ENT_DTYPES else None
+    if info is None:
+        raise CorruptStream(f"tensor {name!r}: kind 'ent' needs an integer dtype of at most 16 bits")
+    lo = _int_field(name, entry, "min", info.min, info.max)
+    try:
+        symbols = decode_symbols(_stream(streams, f"{key}/codes"), numel).astype(np.int64)
+    except CorruptStream:
+        raise
+    except Exception as e:
+        raise CorruptStream(f"tensor {name!r}: codes do not decode: {e}") from None
+    values = torch.from_numpy(symbols) + lo
+    if numel and int(values.max()) > info.max:
+        raise CorruptStream(f"tensor {name!r}: a value is outside the range of {entry.get('dtype')}")
+    return values.to(dtype).reshape(shape)
 
 
 def _scatter(codes: torch.Tensor, mask: torch.Tensor | None, shape, fill: int = 0) -> torch.Tensor:

@@ -68,7 +68,7 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None) -> n
             raise ModelMismatch(
                 "this file does not hold an architecture modelpress can rebuild (the model is not made only "
                 "of standard torch.nn layers); pass a skeleton: modelpress.load(path, model=MyModel())")
-        model = arch.build(spec)
+        model = arch.build(spec, device="cpu")
     _check_against(model, state)
     model.load_state_dict(state, assign=True)
     return model.eval()

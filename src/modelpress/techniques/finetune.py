@@ -30,6 +30,7 @@ class TrainContext:
     loss_fn: Callable | None = None
     progress: Callable[[str, float], None] | None = None
     temperature: float = 2.0
+    calib_data: Iterable | None = None
 
 
 def split_batch(batch: Any) -> tuple[Any, Any | None]:

@@ -1,47 +1,148 @@
-"""Uniform symmetric weight quantization: per output channel, `bits` bits, zero exactly representable
-(so pruned weights stay zero). Scales are rounded to float16 for storage. On a clustered tensor it
-quantizes the codebook to a per-tensor grid instead, so codes stay shared."""
+"""Uniform symmetric weight quantization: per tensor, per output channel or per group of inputs,
+`bits` bits, zero exactly representable (so pruned weights stay zero). Scales are float16-exact
+so the file stores them losslessly. Below 8 bits each scale is the one, among shrunken copies of
+max|w|, that minimises the squared error of its group (clipping the rare largest weights is worth
+the finer grid). `method="gptq"` compensates each column's rounding error in the columns not yet
+quantized, weighted by the layer's input Hessian from calibration data. On a clustered tensor the
+codebook itself is snapped to a per-tensor grid, so codes stay shared. With `activations="int8"`,
+8-bit Linear layers become `runtime.Int8Linear` (int8 x int8 products, activations per token)."""
 from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..errors import ModelpressError
+from ..runtime.int8 import Int8Linear
 from ..state import CompressionState, broadcast_scale
-from .common import target_params
+from .calibrate import collect_hessians
+from .common import excluded, target_params
+from .gptq import gptq
+
+log = logging.getLogger(__name__)
+_SHRINK = torch.linspace(1.0, 0.5, 11)  # candidate clip ratios of max|w| below 8 bits
 
 
 def symmetric_scale(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
     """max|w| / qmax per output channel (or per tensor), float16-representable and never zero."""
     qmax = 2 ** (bits - 1) - 1
     amax = w.abs().flatten(1).amax(1) if per_channel and w.dim() > 1 else w.abs().max().reshape(1)
-    scale = (amax / qmax).half().float()
+    return _f16_scale(amax / qmax)
+
+
+def _f16_scale(scale: torch.Tensor) -> torch.Tensor:
+    scale = scale.half().float()
     tiny = torch.finfo(torch.float16).tiny
     return torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min(tiny)
 
 
-def quantize_tensor(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def row_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """One scale per row of a 2-D tensor; below 8 bits the clip ratio with the least squared error."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = w.abs().amax(1)
+    if bits >= 8:
+        return _f16_scale(amax / qmax)
+    cands = _f16_scale((amax.unsqueeze(0) * _SHRINK.unsqueeze(1)) / qmax)  # (ratios, rows)
+    best = torch.empty_like(amax)
+    step = max(1, 2 ** 22 // (len(_SHRINK) * max(1, w.shape[1])))  # bounded memory on big tables
+    for r in range(0, w.shape[0], step):
+        c, x = cands[:, r:r + step].unsqueeze(2), w[r:r + step].unsqueeze(0)
+        err = ((torch.round(x / c).clamp(-qmax, qmax) * c - x) ** 2).sum(2)
+        best[r:r + step] = c.squeeze(2).gather(0, err.argmin(0, keepdim=True)).squeeze(0)
+    return best
+
+
+def group_scale(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
+    """Scales of a weight per output channel (`group` None) or (out, groups) per `group` flattened inputs."""
+    w2 = w.detach().flatten(1).float()
+    if group is None:
+        return row_scale(w2, bits)
+    out, cols = w2.shape
+    n = -(-cols // group)
+    padded = torch.nn.functional.pad(w2, (0, n * group - cols))  # zero padding never raises a max
+    return row_scale(padded.reshape(out * n, group), bits).reshape(out, n)
+
+
+def quantize_tensor(w: torch.Tensor, scale: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
     """Integer codes of w on the grid `scale`, clamped to the signed `bits` range."""
     qmax = 2 ** (bits - 1) - 1
-    return torch.round(w / broadcast_scale(scale, w)).clamp(-qmax, qmax).to(torch.int32)
+    return torch.round(w / broadcast_scale(scale, w, group)).clamp(-qmax, qmax).to(torch.int32)
+
+
+def quant_targets(model: nn.Module, exclude: Iterable[str], *, bias: bool, embeddings: bool) -> dict[str, nn.Parameter]:
+    """Weights of Linear/Conv layers (and of Embeddings if asked), each shared Parameter once."""
+    params = dict(target_params(model, exclude, bias=bias))
+    if embeddings:
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Embedding) and not excluded(name, exclude):
+                params[f"{name}.weight"] = m.weight
+    seen, out = set(), {}
+    for name, p in params.items():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out
 
 
 def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channel: bool = True,
-             include_bias: bool = False, exclude: tuple[str, ...] = ()) -> None:
+             group_size: int | None = None, method: str = "rtn", activations: str = "none",
+             embeddings: bool = True, include_bias: bool = False, exclude: tuple[str, ...] = (),
+             calib_data: Iterable | None = None, progress: Callable[[str, float], None] | None = None) -> None:
     """Snap target weights (or their codebooks) to a uniform `bits`-bit grid."""
-    params = target_params(model, exclude, bias=include_bias)
+    params = quant_targets(model, exclude, bias=include_bias, embeddings=embeddings)
     if not params:
-        raise ModelpressError("quantize: the model has no Linear or Conv layer left after 'exclude'")
+        raise ModelpressError("quantize: the model has no Linear, Conv or Embedding layer left after 'exclude'; "
+                              "nothing to quantize")
+    hessians = {}
+    if method == "gptq":
+        linears = {n: model.get_submodule(n.rpartition(".")[0]) for n in params
+                   if n.endswith(".weight") and isinstance(model.get_submodule(n.rpartition(".")[0]), nn.Linear)}
+        hessians = collect_hessians(model, linears, calib_data, progress=progress)
     with torch.no_grad():
-        for name, p in params.items():
+        for i, (name, p) in enumerate(params.items()):
             st = state.get(name)
             if st.kind == "codebook":
                 s = symmetric_scale(st.codebook, bits, per_channel=False)
                 st.codebook = quantize_tensor(st.codebook, s, bits).float() * s
                 p.copy_(st.codebook[st.codes] * (st.mask if st.mask is not None else 1))
                 continue
-            s = symmetric_scale(p, bits, per_channel and p.dim() > 1)
-            st.scale, st.bits = s, bits
-            st.codes = quantize_tensor(p, s, bits)
-            w = st.codes.float() * broadcast_scale(s, p)
+            group = group_size if p.dim() > 1 and group_size is not None and group_size < p[0].numel() else None
+            if name in hessians:
+                st.codes, st.scale = gptq(p.detach(), hessians.pop(name), bits, group, mask=st.mask)
+            elif p.dim() > 1 and per_channel:
+                st.scale = group_scale(p, bits, group)
+                st.codes = quantize_tensor(p, st.scale, bits, group)
+            else:
+                group = None
+                st.scale = symmetric_scale(p, bits, per_channel=False)
+                st.codes = quantize_tensor(p, st.scale, bits)
+            st.bits, st.group = bits, group
+            w = st.codes.float() * broadcast_scale(st.scale, p, group)
             p.copy_(w if st.mask is None else w * st.mask)
+            if progress is not None:
+                progress(f"quantize {bits}-bit", (i + 1) / len(params))
+    if activations == "int8":
+        to_int8_linear(model, state)
+
+
+def to_int8_linear(model: nn.Module, state: CompressionState) -> int:
+    """Swap every Linear whose weight is on an 8-bit per-channel grid for an Int8Linear; returns how many."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        st = state.params.get(f"{name}.weight")
+        if not isinstance(module, nn.Linear) or st is None or st.kind != "quant" or st.bits != 8 \
+                or st.group is not None or st.scale.numel() != module.out_features:
+            continue
+        codes = st.codes if st.mask is None else st.codes * st.mask
+        new = Int8Linear.from_codes(codes, st.scale, module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        del state.params[f"{name}.weight"]
+        state.params.pop(f"{name}.bias", None)
+        swapped += 1
+    if swapped == 0:
+        raise ModelpressError("activations: int8 found no Linear layer quantized to 8 bits per channel")
+    return swapped
+

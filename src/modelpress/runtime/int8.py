@@ -1,0 +1,149 @@
+"""int8 x int8 linear layers: weights quantized per output channel, activations per token at run time.
+
+The integer matrix multiply has several CPU implementations and none is fastest everywhere
+(`torch._int_mm` is 7x faster than fp32 on a CPU with VNNI and 60x slower on one with only AVX2;
+oneDNN's u8 x s8 kernel is fast on both). Each layer shape picks its kernel the first time it runs,
+by timing the candidates on this CPU, so it is never slower than the fp32 layer it replaces
+(the dequantized fp32 weight is one candidate). All integer kernels accumulate exactly, so the
+choice changes speed, not results beyond float rounding. `MODELPRESS_INT8_KERNEL` forces one.
+"""
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNELS = ("int_mm", "onednn", "dequant")
+_CHOICE: dict[tuple[int, int, int], str] = {}  # (in, out, rows bucket) -> kernel, per process
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of each row of a 2-D float tensor (+ `offset`, as float) and the row scales."""
+    amax = torch.maximum(x.amax(1), x.amin(1).neg_()).clamp_min_(1e-12)
+    q = torch.mul(x, (127.0 / amax).unsqueeze(1)).round_()
+    if offset:
+        q.add_(offset)
+    return q, amax / 127.0
+
+
+def available_kernels() -> list[str]:
+    """The kernels this torch build and CPU can run (fastest first by expectation, fp32 last)."""
+    out = []
+    if hasattr(torch, "_int_mm") and (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()):
+        out.append("int_mm")  # on CPUs without VNNI it is tens of times slower than fp32: never a candidate
+    if hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available():
+        out.append("onednn")
+    return out + ["dequant"]
+
+
+class Int8Linear(nn.Module):
+    """A drop-in `nn.Linear` holding int8 weights and per-output-channel float scales."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
+        """From integer codes in [-127, 127] (out, in) and per-output-channel scales."""
+        m = cls(codes.shape[1], codes.shape[0], bias is not None)
+        m.weight = codes.to(torch.int8).contiguous()
+        m.weight_scale = scale.detach().float().reshape(-1).clone()
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().float().clone())
+        return m
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale.unsqueeze(1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        if torch.is_grad_enabled() and (x2.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            kernel = "dequant"  # training through the layer: a differentiable float path
+        else:
+            kernel = os.environ.get("MODELPRESS_INT8_KERNEL") or _choose(self, x2)
+        y = _run(self, kernel, x2)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def _packed(m: Int8Linear, kernel: str):
+    """The weight in the layout `kernel` wants, built once and rebuilt if the weight changes."""
+    key = (kernel, m.weight.data_ptr(), m.weight._version, m.weight_scale.data_ptr())
+    cached = _PACKED.get(m)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if kernel == "int_mm":
+        packed = m.weight.t().contiguous()
+    elif kernel == "onednn":
+        packed = torch.ops.onednn.qlinear_prepack(m.weight, None)
+    else:
+        packed = m.dequantized()
+    _PACKED[m] = (key, packed)
+    return packed
+
+
+def _run(m: Int8Linear, kernel: str, x: torch.Tensor) -> torch.Tensor:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown int8 kernel {kernel!r}; choose from {KERNELS}")
+    packed = _packed(m, kernel)
+    if kernel == "dequant":
+        return F.linear(x, packed, m.bias)
+    if kernel == "int_mm":
+        q, sx = quantize_rows(x)
+        y = torch._int_mm(q.to(torch.int8), packed) * m.weight_scale
+    else:
+        q, sx = quantize_rows(x, offset=128)
+        zero = torch.zeros(m.out_features, dtype=torch.long)
+        y = torch.ops.onednn.qlinear_pointwise(q.to(torch.uint8), 1.0, 128, packed, m.weight_scale, zero, None,
+                                               1.0, 0, torch.float32, "none", [None], "")
+    y.mul_(sx.unsqueeze(1))
+    return y.add_(m.bias) if m.bias is not None else y
+
+
+def _choose(m: Int8Linear, x: torch.Tensor) -> str:
+    rows = x.shape[0]
+    bucket = 1 << max(0, (rows - 1).bit_length())
+    key = (m.in_features, m.out_features, min(bucket, 4096))
+    if key not in _CHOICE:
+        _CHOICE[key] = _time_kernels(m, x)
+    return _CHOICE[key]
+
+
+def _time_kernels(m: Int8Linear, x: torch.Tensor) -> str:
+    """The fastest available kernel on this input shape (best of three timed runs each)."""
+    sample = x[: 4096] if x.shape[0] > 4096 else x
+    best, best_t = "dequant", float("inf")
+    with torch.no_grad():
+        for kernel in available_kernels():
+            try:
+                t = _best_time(lambda: _run(m, kernel, sample))
+            except Exception:  # a kernel this build cannot run on this input
+                continue
+            if t < best_t:
+                best, best_t = kernel, t
+    return best
+
+
+def _best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
