@@ -35,3 +35,33 @@ def test_demo_writes_a_loadable_artifact(tmp_path):
     assert "outputs bitwise identical: True" in " ".join(out.output.split())
     model = mp.load(path)
     assert model(torch.zeros(1, 784)).shape == (1, 10)
+
+
+def test_hugging_face_folder_compresses_loads_and_exports(tmp_path):
+    transformers = __import__("pytest").importorskip("transformers")
+    from test_transformers import bert
+
+    folder = tmp_path / "tiny-bert"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz") + \
+        ["the", "a", "is", "of", "to", "and", "in", "for", "on", "with"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    model = bert()
+    model.save_pretrained(folder)
+    out_path = tmp_path / "out.mpz"
+    out = runner.invoke(app, ["compress", str(folder), "--recipe", "int8", "-o", str(out_path)], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert "min_cos" in out.output and f"wrote {out_path}" in " ".join(out.output.split())
+    loaded = mp.load(out_path)
+    assert type(loaded).__name__ == "BertModel"
+    onnx_path = tmp_path / "out.onnx"
+    out = runner.invoke(app, ["export", str(out_path), "--onnx", str(onnx_path)])
+    assert out.exit_code == 0, out.output
+    assert onnx_path.stat().st_size > 0
+
+
+def test_unknown_preset_is_named(mlp, tmp_path):
+    out = runner.invoke(app, ["compress", "modelpress.data:lenet_300_100", "--recipe", "int9", "-o",
+                              str(tmp_path / "x.mpz")])
+    assert out.exit_code != 0  # main() turns this error into "error: ..." and exit status 2
+    assert "Unknown preset 'int9'" in str(out.exception) and "w4" in str(out.exception)

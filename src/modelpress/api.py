@@ -64,7 +64,8 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
 
     train_data: iterable of `(inputs, targets)` batches (cross-entropy, or `loss_fn(outputs, targets)`)
         or of input-only batches (label-free self-distillation from the uncompressed model).
-    calib_data: model-input batches for calibration-based techniques.
+    calib_data: model-input batches for calibration-based techniques (GPTQ, per-layer bits); when
+        not given, the inputs of train_data are used.
     eval_fn: `eval_fn(model) -> float | dict`, measured before and after every stage.
     progress: called as `progress(label, fraction_done)` during long steps.
     on_stage: called with each report row as soon as it is measured.
@@ -76,7 +77,7 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     for p in teacher.parameters():
         p.requires_grad_(False)
     ctx = TrainContext(train_data=train_data, teacher=teacher, loss_fn=loss_fn, progress=progress,
-                       calib_data=calib_data)
+                       calib_data=calib_data if calib_data is not None else train_data)
     compressed, state, report = run_pipeline(model, recipe, ctx, eval_fn=eval_fn, on_stage=on_stage,
                                                   meta=file_meta(recipe))
     return CompressionResult(model=compressed, report=report, state=state, recipe=recipe)

@@ -38,7 +38,9 @@ class Live:
         self.bar.update(self.task, description=label, completed=fraction)
 
     def stage(self, row) -> None:
-        metrics = "  ".join(f"{k} {v:.2f}" for k, v in row.metrics.items())
+        from .report import fmt_metric
+
+        metrics = "  ".join(f"{k} {fmt_metric(v)}" for k, v in row.metrics.items())
         self.bar.console.print(f"[green]done[/] {row.stage:<12} {row.bytes:>10,} B  {row.ratio:7.1f}x  {metrics}")
 
 
@@ -79,15 +81,24 @@ def demo(model: str = typer.Option("lenet-300-100", help="lenet-300-100 or lenet
 
 
 def _load_model(spec: str):
-    """A model from an .mpz file or from 'package.module:attr' (a Module or a callable returning one)."""
+    """A model from an .mpz file, a Hugging Face model folder, or 'package.module:attr' (a Module or
+    a callable returning one)."""
     from torch import nn
 
     from . import api
 
+    if Path(spec).is_dir():
+        if not (Path(spec) / "config.json").is_file():
+            raise typer.BadParameter(f"{spec} is a folder without config.json, not a Hugging Face model folder",
+                                     param_hint="MODEL")
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(spec, local_files_only=True).eval()
     if spec.endswith(".mpz") or Path(spec).is_file():
         return api.load(spec)
     if ":" not in spec:
-        raise typer.BadParameter("MODEL must be an .mpz file or 'package.module:attr'", param_hint="MODEL")
+        raise typer.BadParameter("MODEL must be an .mpz file, a Hugging Face model folder or 'package.module:attr'",
+                                 param_hint="MODEL")
     mod_name, attr = spec.split(":", 1)
     obj = getattr(importlib.import_module(mod_name), attr)
     obj = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
@@ -96,8 +107,33 @@ def _load_model(spec: str):
     return obj
 
 
+def _text_data(folder: str, model):
+    """Calibration batches and an embedding-fidelity eval_fn from built-in English text, for a model
+    folder with a tokenizer (128 paragraphs to calibrate, 64 others to measure)."""
+    from transformers import AutoTokenizer
+
+    from . import data
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # no tokenizer files: calibration must come another way
+        console.print(f"[yellow]no tokenizer in {folder} ({type(e).__name__}); no built-in calibration text[/]")
+        return None, None
+    texts = data.text_paragraphs()
+    length = min(128, int(getattr(model.config, "max_position_embeddings", 128) or 128),
+                 int(getattr(tokenizer, "model_max_length", 128) or 128))
+    calib = data.text_batches(tokenizer, texts[:128], max_length=length)
+    held_out = data.text_batches(tokenizer, texts[-64:], batch_size=32, max_length=length)
+    try:
+        model(**held_out[0]).last_hidden_state
+    except Exception:
+        return calib, None
+    return calib, data.embedding_fidelity(model, held_out)
+
+
 @app.command()
-def compress(model: str = typer.Argument(..., help="an .mpz file or 'package.module:attr'"),
+def compress(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face model folder, or "
+                                                   "'package.module:attr'"),
              recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
              out: Path = typer.Option(..., "-o", "--out"),
              data_name: Optional[str] = typer.Option(None, "--data", help="built-in training data: mnist, mnist-image, digits, digits-image")) -> None:
@@ -105,7 +141,10 @@ def compress(model: str = typer.Argument(..., help="an .mpz file or 'package.mod
     from . import api, data
 
     net = _load_model(model)
-    split, train, evaluate = None, None, None
+    split, train, evaluate, calib = None, None, None, None
+    if Path(model).is_dir() and not data_name:
+        with console.status("tokenizing built-in calibration text (pydoc topics)"):
+            calib, evaluate = _text_data(model, net)
     if data_name:
         loaders = {"mnist": lambda: data.mnist5k(False), "mnist-image": lambda: data.mnist5k(True),
                    "digits": lambda: data.digits(False), "digits-image": lambda: data.digits(True)}
@@ -115,7 +154,8 @@ def compress(model: str = typer.Argument(..., help="an .mpz file or 'package.mod
         train = split.loader(64)
         evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
     with Live() as live:
-        result = api.compress(net, recipe, train_data=train, eval_fn=evaluate, progress=live, on_stage=live.stage)
+        result = api.compress(net, recipe, train_data=train, calib_data=calib, eval_fn=evaluate, progress=live,
+                              on_stage=live.stage)
     console.print(result.report.to_rich())
     console.print(f"wrote {out} ({result.save(out):,} bytes)")
 
@@ -140,6 +180,20 @@ def inspect(path: Path = typer.Argument(..., help="an .mpz file")) -> None:
     total = path.stat().st_size
     params = sum(_numel(r["shape"]) for r in rows)
     console.print(f"{total:,} bytes in all; {params:,} values; {8 * total / max(1, params):.3f} bits per value")
+
+
+@app.command()
+def export(path: Path = typer.Argument(..., help="an .mpz file"),
+           onnx: Path = typer.Option(..., "--onnx", help="where to write the ONNX graph"),
+           input_shape: Optional[str] = typer.Option(None, help="e.g. 1,1,28,28 (not needed for transformers)")) -> None:
+    """Write an artifact as an ONNX graph that onnxruntime runs, int8 layers kept int8."""
+    from . import api
+    from .export import to_onnx
+
+    model = api.load(path)
+    shape = tuple(int(d) for d in input_shape.split(",")) if input_shape else None
+    to_onnx(model, onnx, input_shape=shape)
+    console.print(f"wrote {onnx} ({onnx.stat().st_size:,} bytes)")
 
 
 def _numel(shape: list[int]) -> int:

@@ -105,3 +105,34 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
                   for i in range(0, len(x), batch_size))
     return 100.0 * correct / len(x)
+
+
+def text_paragraphs(min_chars: int = 80) -> list[str]:
+    """English paragraphs from the standard library's pydoc topics (about 1,500), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return [p.strip() for v in topics.values() for p in v.split("\n\n") if len(p.strip()) > min_chars]
+
+
+def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 128) -> list[dict]:
+    """Tokenizer outputs (dicts of tensors) for `texts`, `batch_size` at a time."""
+    return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+
+
+@torch.no_grad()
+def mean_pooled(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Sentence embeddings: last_hidden_state averaged over the attention mask, L2-normalised."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+def embedding_fidelity(reference: nn.Module, batches: list[dict]):
+    """An eval_fn: mean and min cosine of a model's sentence embeddings to `reference`'s."""
+    refs = [mean_pooled(reference, b) for b in batches]
+
+    def fn(model: nn.Module) -> dict[str, float]:
+        cos = torch.cat([(mean_pooled(model, b) * r).sum(-1) for b, r in zip(batches, refs)])
+        return {"cos": float(cos.mean()), "min_cos": float(cos.min())}
+    return fn

@@ -64,6 +64,7 @@ def _cluster(model: nn.Module, state: CompressionState, cfg: ClusterConfig, run:
 def _quantize(model: nn.Module, state: CompressionState, cfg: QuantizeConfig, run: Run) -> None:
     quantize(model, state, bits=cfg.bits, per_channel=cfg.per_channel, group_size=cfg.group_size,
              method=cfg.method, activations=cfg.activations, embeddings=cfg.embeddings,
+             avg_bits=cfg.avg_bits, budget_mb=cfg.budget_mb,
              include_bias=cfg.include_bias, exclude=run.exclude(cfg), calib_data=run.ctx.calib_data,
              progress=run.ctx.progress)
 

@@ -13,6 +13,30 @@ stages:
   - finetune: {epochs: 4, lr: 3.0e-4}
 """
 
+INT8 = """\
+# int8 weights (per output channel, GPTQ from calibration data) and int8 activations (per token,
+# quantized at run time): Linear layers run as int8 x int8 products on the CPU's fastest integer
+# kernel; embedding tables are stored as int8 too. No training.
+stages:
+  - quantize: {bits: 8, activations: int8, method: gptq}
+"""
+
+W4 = """\
+# 4-bit weight-only, groups of 64 inputs, GPTQ error compensation from calibration data; the most
+# sensitive layers (measured) get more bits, 4.25 bits per weight on average. Embedding tables too.
+stages:
+  - quantize: {bits: 4, group_size: 64, method: gptq, avg_bits: 4.25}
+"""
+
+W3 = """\
+# 3-bit weight-only, groups of 64, GPTQ; measured-sensitive layers get more bits (3.3 on average).
+stages:
+  - quantize: {bits: 3, group_size: 64, method: gptq, avg_bits: 3.3}
+"""
+
 PRESETS: dict[str, str] = {
     "deep-compression": DEEP_COMPRESSION,
+    "int8": INT8,
+    "w4": W4,
+    "w3": W3,
 }

@@ -75,12 +75,20 @@ class QuantizeConfig(StageConfig):
     embeddings: bool = True
     per_channel: bool = True
     include_bias: bool = False
+    avg_bits: Optional[float] = Field(default=None, gt=0.0, le=8.0)    # per-layer bits: mean code bits per weight
+    budget_mb: Optional[float] = Field(default=None, gt=0.0)           # per-layer bits: file size budget
 
     @model_validator(mode="after")
-    def _int8_activations(self) -> "QuantizeConfig":
+    def _consistent(self) -> "QuantizeConfig":
         if self.activations == "int8" and (self.bits != 8 or self.group_size is not None or not self.per_channel):
             raise ValueError("activations: int8 needs bits: 8, per_channel: true and no group_size "
                              f"(got bits={self.bits}, group_size={self.group_size}, per_channel={self.per_channel})")
+        if self.avg_bits is not None and self.avg_bits < self.bits:
+            raise ValueError(f"avg_bits ({self.avg_bits}) must be at least bits ({self.bits}): "
+                             "'bits' is the lowest width any layer gets")
+        if (self.avg_bits is not None or self.budget_mb is not None) and self.activations == "int8":
+            raise ValueError("per-layer bits (avg_bits / budget_mb) are for weight-only quantization; "
+                             "drop them or use activations: none")
         return self
 
 

@@ -34,7 +34,7 @@ class Report:
         for r in self.rows:
             out.append([r.stage, f"{r.bytes:,}", f"{r.ratio:.1f}x", f"{100 * r.sparsity:.1f}%",
                         f"{r.bits_per_param:.2f}",
-                        *[_fmt(r.metrics.get(m)) for m in metric_names], f"{r.seconds:.1f}"])
+                        *[fmt_metric(r.metrics.get(m)) for m in metric_names], f"{r.seconds:.1f}"])
         return out
 
     def __str__(self) -> str:
@@ -62,5 +62,7 @@ class Report:
         return self.rows[-1]
 
 
-def _fmt(v: float | None) -> str:
-    return "" if v is None else f"{v:.2f}"
+def fmt_metric(v: float | None) -> str:
+    if v is None:
+        return ""
+    return f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}"  # cosines need the digits that accuracies don't

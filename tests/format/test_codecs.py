@@ -91,3 +91,35 @@ def test_quantized_roundtrip_with_mask(density):
     w = q.float() * s[:, None] * mask
     out, _, _ = roundtrip("w", w, ParamState(mask=mask, codes=q, scale=s, bits=3))
     assert torch.equal(out, w)
+
+
+def test_int8_tensor_is_entropy_coded_exactly_below_its_raw_size():
+    t = torch.round(torch.randn(256, 128) * 20).clamp(-127, 127).to(torch.int8)
+    out, entry, streams = roundtrip("w", t, None)
+    assert entry["kind"] == "ent" and out.dtype == torch.int8 and torch.equal(out, t)
+    assert sum(map(len, streams.values())) < 0.9 * t.numel()  # ~6.3 bits of entropy per value
+
+
+def test_group_quantized_roundtrip_is_exact_with_a_short_last_group():
+    from modelpress.techniques.quantize import group_scale
+
+    w0 = torch.randn(16, 100)
+    s = group_scale(w0, 4, 32)
+    assert s.shape == (16, 4)  # 100 inputs: groups of 32, 32, 32, 4
+    q = quantize_tensor(w0, s, 4, 32)
+    from modelpress.state import broadcast_scale
+    w = q.float() * broadcast_scale(s, w0, 32)
+    out, entry, _ = roundtrip("w", w, ParamState(codes=q, scale=s, bits=4, group=32))
+    assert entry["group"] == 32 and entry["nscale"] == 64 and torch.equal(out, w)
+    entry["nscale"] = 16  # a per-channel count under a group layout is refused
+    with pytest.raises(CorruptStream, match="scales"):
+        decode_tensor("w", entry, roundtrip("w", w, ParamState(codes=q, scale=s, bits=4, group=32))[2])
+
+
+def test_damaged_integer_entry_is_refused():
+    t = torch.round(torch.randn(64, 64) * 20).to(torch.int8)
+    entry, streams = encode_tensor("w", t, None)
+    with pytest.raises(CorruptStream, match="min"):
+        decode_tensor("w", {**entry, "min": -1000}, streams)
+    with pytest.raises(CorruptStream, match="outside"):
+        decode_tensor("w", {**entry, "min": 100}, streams)

@@ -69,6 +69,8 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return _OnnxInt8Linear.apply(x, self.weight, self.weight_scale, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.float32:
@@ -79,6 +81,29 @@ class Int8Linear(nn.Module):
             kernel = os.environ.get("MODELPRESS_INT8_KERNEL") or _choose(self, x2)
         y = _run(self, kernel, x2)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class _OnnxInt8Linear(torch.autograd.Function):
+    """Exported as the same per-token int8 x int8 product in standard ONNX ops (MatMulInteger)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, bias):  # noqa: D102 - traced only for shapes
+        y = F.linear(x, weight.float() * weight_scale.unsqueeze(1))
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def symbolic(g, x, weight, weight_scale, bias):  # noqa: D102
+        amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+        scale = g.op("Max", g.op("Div", amax, _const(g, 127.0)), _const(g, 1e-12 / 127.0))
+        q = g.op("Cast", g.op("Round", g.op("Div", x, scale)), to_i=3)  # 3: INT8
+        wt = g.op("Transpose", weight, perm_i=[1, 0])
+        acc = g.op("Cast", g.op("MatMulInteger", q, wt), to_i=1)  # 1: FLOAT
+        y = g.op("Mul", g.op("Mul", acc, scale), weight_scale)
+        return y if bias is None or bias.node().mustBeNone() else g.op("Add", y, bias)
+
+
+def _const(g, value: float):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32))
 
 
 def _packed(m: Int8Linear, kernel: str):

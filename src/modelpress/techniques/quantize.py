@@ -17,9 +17,10 @@ from torch import nn
 from ..errors import ModelpressError
 from ..runtime.int8 import Int8Linear
 from ..state import CompressionState, broadcast_scale
-from .calibrate import collect_hessians
+from .calibrate import calibration_batches, collect_hessians
 from .common import excluded, target_params
 from .gptq import gptq
+from .mixed import allocate, sensitivities
 
 log = logging.getLogger(__name__)
 _SHRINK = torch.linspace(1.0, 0.5, 11)  # candidate clip ratios of max|w| below 8 bits
@@ -89,12 +90,17 @@ def quant_targets(model: nn.Module, exclude: Iterable[str], *, bias: bool, embed
 def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channel: bool = True,
              group_size: int | None = None, method: str = "rtn", activations: str = "none",
              embeddings: bool = True, include_bias: bool = False, exclude: tuple[str, ...] = (),
+             avg_bits: float | None = None, budget_mb: float | None = None,
              calib_data: Iterable | None = None, progress: Callable[[str, float], None] | None = None) -> None:
-    """Snap target weights (or their codebooks) to a uniform `bits`-bit grid."""
+    """Snap target weights (or their codebooks) to a uniform grid of `bits` bits, or of per-tensor
+    bits chosen by measured sensitivity when `avg_bits` or `budget_mb` is given."""
     params = quant_targets(model, exclude, bias=include_bias, embeddings=embeddings)
     if not params:
         raise ModelpressError("quantize: the model has no Linear, Conv or Embedding layer left after 'exclude'; "
                               "nothing to quantize")
+    widths = dict.fromkeys(params, bits)
+    if avg_bits is not None or budget_mb is not None:
+        widths = mixed_bits(model, params, bits, group_size, avg_bits, budget_mb, calib_data, progress)
     hessians = {}
     if method == "gptq":
         linears = {n: model.get_submodule(n.rpartition(".")[0]) for n in params
@@ -109,22 +115,62 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
                 p.copy_(st.codebook[st.codes] * (st.mask if st.mask is not None else 1))
                 continue
             group = group_size if p.dim() > 1 and group_size is not None and group_size < p[0].numel() else None
+            b = widths[name]
             if name in hessians:
-                st.codes, st.scale = gptq(p.detach(), hessians.pop(name), bits, group, mask=st.mask)
+                st.codes, st.scale = gptq(p.detach(), hessians.pop(name), b, group, mask=st.mask)
             elif p.dim() > 1 and per_channel:
-                st.scale = group_scale(p, bits, group)
-                st.codes = quantize_tensor(p, st.scale, bits, group)
+                st.scale = group_scale(p, b, group)
+                st.codes = quantize_tensor(p, st.scale, b, group)
             else:
                 group = None
-                st.scale = symmetric_scale(p, bits, per_channel=False)
-                st.codes = quantize_tensor(p, st.scale, bits)
-            st.bits, st.group = bits, group
+                st.scale = symmetric_scale(p, b, per_channel=False)
+                st.codes = quantize_tensor(p, st.scale, b)
+            st.bits, st.group = b, group
             w = st.codes.float() * broadcast_scale(st.scale, p, group)
             p.copy_(w if st.mask is None else w * st.mask)
             if progress is not None:
                 progress(f"quantize {bits}-bit", (i + 1) / len(params))
     if activations == "int8":
         to_int8_linear(model, state)
+
+
+def mixed_bits(model: nn.Module, params: dict[str, nn.Parameter], bits: int, group_size: int | None,
+               avg_bits: float | None, budget_mb: float | None, calib_data: Iterable | None,
+               progress: Callable[[str, float], None] | None) -> dict[str, int]:
+    """Bits per tensor under the tighter of the two budgets (code bits only; scales and the
+    tensors left in float are subtracted from `budget_mb` first)."""
+    batches = calibration_batches(calib_data, "per-layer bits (avg_bits / budget_mb)")[:2]
+    sizes = {k: p.numel() for k, p in params.items()}
+    budget = float("inf")
+    if avg_bits is not None:
+        budget = avg_bits * sum(sizes.values())
+    if budget_mb is not None:
+        scales = sum(_n_scales(p, group_size) for p in params.values())
+        rest = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in params)
+        budget = min(budget, budget_mb * 8e6 - 16 * scales - 8 * rest)
+    if budget < bits * sum(sizes.values()):
+        raise ModelpressError(f"quantize: the size budget ({budget_mb} MB / avg_bits {avg_bits}) is smaller than "
+                              f"{bits} bits for every weight; lower 'bits' or raise the budget")
+    g = {k: (group_size if p.dim() > 1 and group_size is not None and group_size < p[0].numel() else None)
+         for k, p in params.items()}
+    names = iter(params)
+
+    def rtn(w: torch.Tensor) -> torch.Tensor:
+        group = g[next(names)]
+        scale = group_scale(w, bits, group)
+        return quantize_tensor(w, scale, bits, group).float() * broadcast_scale(scale, w, group)
+
+    sens = sensitivities(model, params, rtn, batches, progress)
+    widths = allocate(sizes, sens, bits, budget)
+    log.info("per-layer bits: %s", widths)
+    return widths
+
+
+def _n_scales(p: torch.Tensor, group: int | None) -> int:
+    if p.dim() < 2:
+        return 1
+    cols = p[0].numel()
+    return p.shape[0] * (-(-cols // group) if group is not None and group < cols else 1)
 
 
 def to_int8_linear(model: nn.Module, state: CompressionState) -> int:

@@ -1,0 +1,55 @@
+"""Per-layer bit-widths under a size budget, from measured sensitivity.
+
+Each target tensor is quantized alone to the base bit-width (round to nearest) and the model's
+output error on a few calibration batches is measured. One more bit roughly quarters a tensor's
+quantization error, so the expected gain of raising a tensor from b to b+1 bits is taken as
+0.75 x sensitivity x 4^-(b - base); bits are handed out greedily by gain per stored bit until
+the budget is spent."""
+from __future__ import annotations
+
+import heapq
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .finetune import call_model, logits_of, split_batch
+
+MAX_BITS = 8
+
+
+@torch.no_grad()
+def sensitivities(model: nn.Module, params: dict[str, nn.Parameter], quantize_fn: Callable[[torch.Tensor], torch.Tensor],
+                  batches: list, progress: Callable[[str, float], None] | None = None) -> dict[str, float]:
+    """Relative output error (MSE / mean square of the output) when only that tensor is quantized."""
+    model.eval()
+    inputs = [split_batch(b)[0] for b in batches]
+    refs = [logits_of(call_model(model, x)).float() for x in inputs]
+    power = sum(float((r ** 2).mean()) for r in refs) / len(refs) or 1.0
+    out = {}
+    for i, (name, p) in enumerate(params.items()):
+        saved = p.detach().clone()
+        p.copy_(quantize_fn(saved))
+        err = sum(float(((logits_of(call_model(model, x)).float() - r) ** 2).mean()) for x, r in zip(inputs, refs))
+        p.copy_(saved)
+        out[name] = err / len(refs) / power
+        if progress is not None:
+            progress("sensitivity", (i + 1) / len(params))
+    return out
+
+
+def allocate(sizes: dict[str, int], sens: dict[str, float], base: int, budget_bits: float) -> dict[str, int]:
+    """Bits per tensor: `base` everywhere, raised where it buys the most error per bit, within budget."""
+    bits = dict.fromkeys(sizes, base)
+    spent = sum(n * base for n in sizes.values())
+    heap = [(-sens[k] * 0.75 / max(1, n), k) for k, n in sizes.items() if base < MAX_BITS]
+    heapq.heapify(heap)
+    while heap:
+        gain, k = heapq.heappop(heap)
+        if spent + sizes[k] > budget_bits:
+            continue  # too big for what is left; a smaller tensor may still fit
+        bits[k] += 1
+        spent += sizes[k]
+        if bits[k] < MAX_BITS:
+            heapq.heappush(heap, (gain / 4, k))
+    return bits

@@ -1,0 +1,76 @@
+import pytest
+import torch
+from torch import nn
+
+from modelpress.errors import ModelpressError
+from modelpress.state import CompressionState, broadcast_scale
+from modelpress.techniques.calibrate import collect_hessians
+from modelpress.techniques.gptq import gptq
+from modelpress.techniques.mixed import allocate
+from modelpress.techniques.quantize import group_scale, quantize, quantize_tensor
+
+
+def correlated_inputs(n=2048, d=64):
+    base = torch.randn(n, 8)
+    return base @ torch.randn(8, d) + 0.1 * torch.randn(n, d)
+
+
+@pytest.mark.parametrize("group", [None, 16])
+def test_gptq_keeps_outputs_closer_than_rounding(group):
+    x = correlated_inputs()
+    w = torch.randn(32, 64)
+    H = 2 * x.t() @ x / len(x)
+    codes, scale = gptq(w, H, 3, group)
+    assert codes.abs().max() <= 3 and scale.shape == ((32, 4) if group else (32,))
+    wq = codes.float() * broadcast_scale(scale, w, group)
+    rs = group_scale(w, 3, group)
+    wr = quantize_tensor(w, rs, 3, group).float() * broadcast_scale(rs, w, group)
+    err_gptq = ((x @ (w - wq).t()) ** 2).mean()
+    err_rtn = ((x @ (w - wr).t()) ** 2).mean()
+    assert err_gptq < 0.5 * err_rtn
+
+
+def test_hessians_are_collected_from_dict_batches():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, input_ids, scale=1.0):
+            return self.fc(input_ids * scale)
+
+    net = Net()
+    batches = [{"input_ids": torch.randn(3, 5, 4)}, {"input_ids": torch.randn(2, 4), "scale": 2.0}]
+    H = collect_hessians(net, {"fc": net.fc}, batches)["fc"]
+    x = torch.cat([batches[0]["input_ids"].reshape(-1, 4), 2 * batches[1]["input_ids"]]).double()
+    assert torch.allclose(H, 2 * x.t() @ x / 17)
+
+
+def test_calibration_errors_name_what_is_expected(mlp):
+    with pytest.raises(ModelpressError, match="calib_data"):
+        quantize(mlp, CompressionState(), bits=4, method="gptq")
+    with pytest.raises(ModelpressError, match="empty"):
+        quantize(mlp, CompressionState(), bits=4, method="gptq", calib_data=[])
+    with pytest.raises(ModelpressError, match="batch 1 could not be passed"):
+        quantize(mlp, CompressionState(), bits=4, method="gptq", calib_data=[torch.randn(2, 7)])
+    with pytest.raises(ModelpressError, match="nothing to quantize"):
+        quantize(nn.Sequential(nn.LayerNorm(4)), CompressionState(), bits=4)
+
+
+def test_allocation_spends_the_budget_where_error_is_largest():
+    sizes = {"a": 100, "b": 100, "c": 1000}
+    sens = {"a": 1.0, "b": 0.01, "c": 1.0}
+    bits = allocate(sizes, sens, 4, budget_bits=4 * 1200 + 300)
+    # per stored bit, a's error is 10x c's and 100x b's: a gets raised first, repeatedly
+    assert bits == {"a": 7, "b": 4, "c": 4}
+    assert sum(sizes[k] * b for k, b in bits.items()) <= 4 * 1200 + 300
+    assert allocate(sizes, sens, 4, budget_bits=4 * 1200) == dict.fromkeys(sizes, 4)
+
+
+def test_average_bits_are_met_and_vary_by_layer(mlp, toy_data):
+    state = CompressionState()
+    quantize(mlp, state, bits=3, avg_bits=4.0, calib_data=toy_data)
+    widths = {k: st.bits for k, st in state.params.items()}
+    n = {k: mlp.get_parameter(k).numel() for k in widths}
+    assert sum(widths[k] * n[k] for k in n) <= 4.0 * sum(n.values())
+    assert max(widths.values()) > 3

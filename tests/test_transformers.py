@@ -1,0 +1,73 @@
+"""Hugging Face models end to end: compress, save, load without the user's code, same outputs."""
+import pytest
+import torch
+
+import modelpress as mp
+from modelpress.errors import CorruptStream
+from modelpress.format import arch
+from modelpress.runtime import Int8Linear
+
+transformers = pytest.importorskip("transformers")
+
+
+def bert():
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    return transformers.BertModel(cfg).eval()
+
+
+def llama():
+    cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
+    return transformers.LlamaModel(cfg).eval()
+
+
+def batches(n=4, seq=12):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 200, (4, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, seq // 2:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min().item()
+
+
+@pytest.mark.parametrize("make", [bert, llama])
+@pytest.mark.parametrize("preset", ["int8", "w4"])
+def test_preset_round_trips_through_a_file_without_user_code(make, preset, tmp_path):
+    model = make()
+    result = mp.compress(model, preset, calib_data=batches())
+    path = tmp_path / "m.mpz"
+    size = result.save(path)
+    assert size == path.stat().st_size == result.report.rows[-1].bytes
+    loaded = mp.load(path)
+    assert type(loaded) is type(model)
+    x = batches(1)[0]
+    with torch.no_grad():
+        ref, ours, back = model(**x), result.model(**x), loaded(**x)
+    assert type(back) is type(ref)  # same output class
+    assert torch.equal(back.last_hidden_state, ours.last_hidden_state)
+    assert cosine(back.last_hidden_state, ref.last_hidden_state) > (0.99 if preset == "int8" else 0.9)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    if preset == "int8":
+        assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == linears
+        assert size < 0.3 * result.report.fp32_bytes
+    else:
+        assert size < 0.2 * result.report.fp32_bytes
+
+
+def test_hf_architecture_allows_only_transformers_model_classes():
+    spec = arch.describe(bert())
+    assert spec["hf"]["class"] == "BertModel" and spec["swaps"] == {}
+    for bad in ("os", "AutoTokenizer", "BertConfig", "__builtins__"):
+        with pytest.raises(CorruptStream, match="not a transformers model class"):
+            arch.build({**spec, "hf": {**spec["hf"], "class": bad}})
+    with pytest.raises(CorruptStream, match="not allowed"):
+        arch.build({**spec, "swaps": {"pooler.dense": {"t": "Sequential", "c": []}}})
+    with pytest.raises(CorruptStream, match="no layer"):
+        arch.build({**spec, "swaps": {"nope.dense": {"t": "Int8Linear", "a": {"in_features": 1, "out_features": 1}}}})
