@@ -32,23 +32,14 @@ from torch import nn  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 import modelpress as mp  # noqa: E402
-import modelpress.data  # noqa: E402
+from modelpress.data import text_batches, text_paragraphs  # noqa: E402
+from modelpress.export import to_onnx  # noqa: E402
 
 THREADS = 2
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # preset -> (max MB, min mean cosine, min min-cosine, must be no slower than onnxruntime)
 TARGETS = {"int8": (23.0, 0.995, 0.99, True), "w4": (12.0, 0.985, None, False), "w3": (9.0, 0.97, None, False)}
 Batch = dict[str, torch.Tensor]
-
-
-def _text_paragraphs() -> list[str]:
-    """Paragraphs (> 80 characters) of the standard library's pydoc topics, in a fixed order."""
-    from pydoc_data.topics import topics
-
-    return [p.strip() for v in topics.values() for p in v.split("\n\n") if len(p.strip()) > 80]
-
-
-text_paragraphs: Callable[[], list[str]] = getattr(modelpress.data, "text_paragraphs", _text_paragraphs)
 
 
 def cpu_name() -> str:
@@ -59,11 +50,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def batches(tokenizer, texts: list[str], size: int) -> list[Batch]:
-    return [dict(tokenizer(texts[i:i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-            for i in range(0, len(texts), size)]
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,29 +103,34 @@ def embed(run: Callable[[Batch], torch.Tensor], data: list[Batch]) -> torch.Tens
     return torch.cat([pool(run(b).float(), b["attention_mask"]) for b in data])
 
 
-def latency_ms(run: Callable[[Batch], torch.Tensor], batch: Batch, repeats: int) -> list[float]:
-    for _ in range(2):
-        run(batch)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run(batch)
-        times.append((time.perf_counter() - t) * 1e3)
-    return times
-
-
 def neighbours(emb: torch.Tensor, k: int = 10) -> torch.Tensor:
     sim = emb @ emb.T
     sim.fill_diagonal_(-float("inf"))
     return sim.topk(k, dim=1).indices
 
 
+def interleaved_latency(rows: list[dict], batch: Batch, repeats: int) -> None:
+    """Batch latency of every method, timed round by round (one run of each per round), so that a
+    slow phase of the machine hits all methods alike; median and spread go into each row."""
+    live = [r for r in rows if "run" in r]
+    for r in live:
+        for _ in range(2):
+            r["run"](batch)
+        r["times"] = []
+    for _ in range(repeats):
+        for r in live:
+            t = time.perf_counter()
+            r["run"](batch)
+            r["times"].append((time.perf_counter() - t) * 1e3)
+    for r in live:
+        r.update(ms=statistics.median(r["times"]), spread=(min(r["times"]), max(r["times"])))
+
+
 def measure(name: str, run: Callable[[Batch], torch.Tensor], nbytes: int, compress_s: float | None,
-            data: list[Batch], ref: dict | None, repeats: int) -> dict:
+            data: list[Batch], ref: dict | None) -> dict:
+    """Fidelity of one method's embeddings to the reference's; latency is timed later, interleaved."""
     emb = embed(run, data)
-    times = latency_ms(run, data[0], repeats)
-    row = {"name": name, "bytes": nbytes, "emb": emb, "nn": neighbours(emb), "ms": statistics.median(times),
-           "spread": (min(times), max(times)), "compress_s": compress_s}
+    row = {"name": name, "run": run, "bytes": nbytes, "emb": emb, "nn": neighbours(emb), "compress_s": compress_s}
     ref = ref or row
     cos = (emb * ref["emb"]).sum(1)
     overlap = [len(set(a.tolist()) & set(b.tolist())) / a.numel() for a, b in zip(row["nn"], ref["nn"])]
@@ -187,22 +178,22 @@ def main() -> None:
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     texts = text_paragraphs()
     random.Random(0).shuffle(texts)
-    calib = batches(tokenizer, texts[:args.calib], 16)
-    data = batches(tokenizer, texts[args.calib:args.calib + args.eval], 64)
+    calib = text_batches(tokenizer, texts[:args.calib], 16)
+    data = text_batches(tokenizer, texts[args.calib:args.calib + args.eval], 64)
     print(f"CPU: {cpu_name()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; {THREADS} threads")
     print(f"{len(texts)} paragraphs: {args.calib} calibration, {args.eval} evaluation")
 
     n_params = sum(p.numel() for p in model.parameters())
     st_bytes = os.path.getsize(os.path.join(path, "model.safetensors"))
     print(f"fp32: {n_params:,} parameters = {4 * n_params:,} bytes; model.safetensors {st_bytes:,} bytes")
-    ref = measure("fp32 PyTorch", torch_runner(model), 4 * n_params, None, data, None, args.repeats)
+    ref = measure("fp32 PyTorch", torch_runner(model), 4 * n_params, None, data, None)
     rows = [ref]
 
     with tempfile.TemporaryDirectory() as folder:
         t = time.perf_counter()
         onnx_path = export_onnx_int8(model, data[0], folder)
         rows.append(measure("onnxruntime dynamic int8", ort_runner(onnx_path), os.path.getsize(onnx_path),
-                            time.perf_counter() - t, data, ref, args.repeats))
+                            time.perf_counter() - t, data, ref))
         for preset in args.presets:
             step = "compress"
             try:
@@ -214,10 +205,16 @@ def main() -> None:
                 step, nbytes = "save", result.save(mpz)
                 step, loaded = "load", mp.load(mpz)
                 step = "measure"
-                rows.append(measure(preset, torch_runner(loaded), nbytes, seconds, data, ref, args.repeats))
+                rows.append(measure(preset, torch_runner(loaded), nbytes, seconds, data, ref))
+                if preset == "int8":  # the same artifact exported to ONNX, run by onnxruntime
+                    step = "export"
+                    exported = str(to_onnx(loaded, os.path.join(folder, "int8.onnx"), inputs=data[0]))
+                    rows.append(measure("int8 exported, onnxruntime", ort_runner(exported),
+                                        os.path.getsize(exported), None, data, ref))
             except Exception as e:  # noqa: BLE001 - a failing preset is reported in its row
                 error = f"{step} failed: {type(e).__name__}: {e}".replace("\n", " ")
                 rows.append({"name": preset, "error": error[:240]})
+        interleaved_latency(rows, data[0], args.repeats)
 
     print("\n| method | bytes | MB | mean cos | min cos | top-10 overlap | batch-64 ms (median) | spread "
           "| x fp32 speed | compress s |")

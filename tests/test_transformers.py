@@ -22,6 +22,11 @@ def llama():
     return transformers.LlamaModel(cfg).eval()
 
 
+def gpt2():
+    cfg = transformers.GPT2Config(vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2Model(cfg).eval()
+
+
 def batches(n=4, seq=12):
     g = torch.Generator().manual_seed(1)
     out = []
@@ -37,7 +42,7 @@ def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min().item()
 
 
-@pytest.mark.parametrize("make", [bert, llama])
+@pytest.mark.parametrize("make", [bert, llama, gpt2])
 @pytest.mark.parametrize("preset", ["int8", "w4"])
 def test_preset_round_trips_through_a_file_without_user_code(make, preset, tmp_path):
     model = make()
@@ -53,7 +58,7 @@ def test_preset_round_trips_through_a_file_without_user_code(make, preset, tmp_p
     assert type(back) is type(ref)  # same output class
     assert torch.equal(back.last_hidden_state, ours.last_hidden_state)
     assert cosine(back.last_hidden_state, ref.last_hidden_state) > (0.99 if preset == "int8" else 0.9)
-    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D" for m in model.modules())
     if preset == "int8":
         assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == linears
         assert size < 0.3 * result.report.fp32_bytes

@@ -21,6 +21,7 @@ from .recipe import ClusterConfig, FinetuneConfig, PruneConfig, QuantizeConfig, 
 from .report import Report, StageRow
 from .state import CompressionState
 from .techniques.cluster import cluster
+from .techniques.common import linearize
 from .techniques.finetune import TrainContext, train
 from .techniques.prune import prune
 from .techniques.quantize import quantize
@@ -121,6 +122,7 @@ def run_pipeline(model: nn.Module, recipe: Recipe, ctx: TrainContext, eval_fn: C
     """Apply every stage to a copy of `model`; the original is left untouched. `meta` goes into the
     file, so each row's bytes are the exact size of the file saved at that point."""
     student = copy.deepcopy(model).float().cpu().eval()
+    converted = linearize(student)
     for p in student.parameters():
         p.requires_grad_(True)
     state = CompressionState()
@@ -148,6 +150,8 @@ def run_pipeline(model: nn.Module, recipe: Recipe, ctx: TrainContext, eval_fn: C
         report.rows.append(row)
         if on_stage:
             on_stage(row)
+    if converted:
+        report.notes.append(f"{converted} transformers Conv1D layers became equivalent nn.Linear layers")
     report.notes.append(f"total {time.perf_counter() - t0:.1f} s")
     return student, state, report
 

@@ -123,3 +123,19 @@ def test_damaged_integer_entry_is_refused():
         decode_tensor("w", {**entry, "min": -1000}, streams)
     with pytest.raises(CorruptStream, match="outside"):
         decode_tensor("w", {**entry, "min": 100}, streams)
+
+
+def test_many_scales_are_coded_in_byte_planes_exactly():
+    from modelpress.state import broadcast_scale
+    from modelpress.techniques.quantize import group_scale
+
+    w0 = torch.randn(64, 512)
+    s = group_scale(w0, 4, 32)  # 1,024 scales of 8 significant bits
+    q = quantize_tensor(w0, s, 4, 32)
+    w = q.float() * broadcast_scale(s, w0, 32)
+    out, entry, streams = roundtrip("w", w, ParamState(codes=q, scale=s, bits=4, group=32))
+    assert entry["scale_planes"] and "w/scale" not in streams and torch.equal(out, w)
+    assert len(streams["w/scale_hi"]) + len(streams["w/scale_lo"]) < 0.75 * 2 * s.numel()
+    del streams["w/scale_lo"]  # damaged bytes are caught by the container's per-stream CRC
+    with pytest.raises(CorruptStream, match="missing"):
+        decode_tensor("w", entry, streams)

@@ -26,6 +26,7 @@ _ALLOWED = {cls.__name__: cls for cls in (
     nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Dropout,
     nn.Dropout2d, nn.Identity, nn.Embedding,
 )} | RUNTIME_MODULES
+_SWAPPABLE = {"Linear": nn.Linear} | RUNTIME_MODULES  # layers that may stand in for a transformers layer
 _SKIP_ARGS = {"self", "device", "dtype", "args", "kwargs", "_weight", "_freeze"}
 _MAX_DEPTH = 64
 
@@ -85,19 +86,28 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def _describe_hf(model: nn.Module) -> dict | None:
+    """Class and config, plus every layer whose type differs from what the class builds (modelpress
+    runtime layers, or nn.Linear in place of transformers' Conv1D)."""
     import transformers
 
     cls = type(model).__name__
     if getattr(transformers, cls, None) is not type(model):
         return None  # a subclass or remote code: not rebuildable from the library alone
-    swaps = {}
+    spec = {"hf": {"class": cls, "config": json.loads(model.config.to_json_string())}, "swaps": {}}
+    try:
+        reference = dict(_build_hf(spec, "meta").named_modules())
+    except CorruptStream:
+        return None
     for name, m in model.named_modules():
-        if type(m).__name__ in RUNTIME_MODULES and RUNTIME_MODULES[type(m).__name__] is type(m):
-            args = _ctor_args(m)
-            if args is None:
-                return None
-            swaps[name] = {"t": type(m).__name__, "a": args}
-    return {"hf": {"class": cls, "config": json.loads(model.config.to_json_string())}, "swaps": swaps}
+        if name in reference and type(reference[name]) is type(m):
+            continue
+        if _SWAPPABLE.get(type(m).__name__) is not type(m) or len(list(m.children())):
+            return None
+        args = _ctor_args(m)
+        if args is None:
+            return None
+        spec["swaps"][name] = {"t": type(m).__name__, "a": args}
+    return spec
 
 
 def _describe_tree(model: nn.Module) -> dict | None:
@@ -159,14 +169,14 @@ def _build_hf(spec: dict, device: str) -> nn.Module:
             model = cls(config)
     except Exception as e:
         raise CorruptStream(f"architecture: cannot build {hf['class']} from its config: {e}") from None
-    for name, sub in swaps.items():
+    for name, sub in sorted(swaps.items()):
         try:
             parent, _, child = str(name).rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             getattr(owner, child)
         except AttributeError:
             raise CorruptStream(f"architecture: {hf['class']} has no layer {name!r} to replace") from None
-        if not isinstance(sub, dict) or sub.get("t") not in RUNTIME_MODULES:
+        if not isinstance(sub, dict) or sub.get("t") not in _SWAPPABLE:
             raise CorruptStream(f"architecture: layer {name!r} has a replacement that is not allowed")
         setattr(owner, child, _build_tree(sub))  # on meta: the file supplies all its tensors
     return model

@@ -80,6 +80,13 @@ def encode_tensor(name: str, t: torch.Tensor, st: ParamState | None, key: str | 
             best = (masked, streams, len(parts[side_key]))
     masked, streams, n_side = best
     entry["masked"] = masked
+    if entry["kind"] == "q" and n_side >= _PLANE_MIN:  # many scales: code their two byte planes
+        raw = streams[f"{name}/scale"]
+        planes = _encode_planes(st.scale.half().flatten())
+        if sum(map(len, planes)) < len(raw):
+            del streams[f"{name}/scale"]
+            streams[f"{name}/scale_hi"], streams[f"{name}/scale_lo"] = planes
+            entry["scale_planes"] = True
     if entry["kind"] == "cb":
         entry["k"] = n_side
     return entry, streams
@@ -167,7 +174,10 @@ def decode_tensor(name: str, entry: dict, streams: dict[str, bytes], key: str | 
     nscale = _int_field(name, entry, "nscale", 1, max(1, numel))
     if nscale not in allowed:
         raise CorruptStream(f"tensor {name!r}: {nscale} scales for shape {list(shape)}")
-    scale = _from_bytes(name, _stream(streams, f"{key}/scale"), torch.float16, nscale).float()
+    if entry.get("scale_planes"):
+        scale = _decode_planes(name, streams, key, nscale).float()
+    else:
+        scale = _from_bytes(name, _stream(streams, f"{key}/scale"), torch.float16, nscale).float()
     if group is not None:
         scale = scale.reshape(rows, -1)
     qmax = 2 ** (bits - 1) - 1
@@ -179,6 +189,26 @@ def decode_tensor(name: str, entry: dict, streams: dict[str, bytes], key: str | 
 
 
 _ENT_DTYPES = (torch.int8, torch.uint8, torch.int16)
+_PLANE_MIN = 256  # fewer float16 scales than this are stored raw: two more streams would cost more
+
+
+def _encode_planes(half: torch.Tensor) -> tuple[bytes, bytes]:
+    """float16 values as entropy-coded high bytes (sign, exponent) and low bytes (mantissa)."""
+    bits = half.view(torch.int16).numpy().view(np.uint16).astype(np.int64)
+    return encode_symbols(bits >> 8), encode_symbols(bits & 0xFF)
+
+
+def _decode_planes(name: str, streams: dict[str, bytes], key: str, count: int) -> torch.Tensor:
+    try:
+        hi = decode_symbols(_stream(streams, f"{key}/scale_hi"), count)
+        lo = decode_symbols(_stream(streams, f"{key}/scale_lo"), count)
+    except CorruptStream:
+        raise
+    except Exception as e:
+        raise CorruptStream(f"tensor {name!r}: scales do not decode: {e}") from None
+    if (hi > 255).any() or (lo > 255).any():
+        raise CorruptStream(f"tensor {name!r}: a scale byte is out of range")
+    return torch.from_numpy(((hi << 8) | lo).astype(np.uint16).view(np.int16).copy()).view(torch.float16)
 
 
 def _decode_ent(name: str, entry: dict, streams: dict[str, bytes], key: str, shape, dtype, numel: int) -> torch.Tensor:

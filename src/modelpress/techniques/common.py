@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Iterable
 
+import torch
 from torch import nn
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -25,3 +26,22 @@ def target_params(model: nn.Module, exclude: Iterable[str] = (), *, bias: bool =
         if bias and module.bias is not None:
             out[f"{mod_name}.bias"] = module.bias
     return out
+
+
+def linearize(model: nn.Module) -> int:
+    """Replace transformers' `Conv1D` (GPT-2's Linear with a transposed weight) by an equivalent
+    `nn.Linear`, so every technique sees one layer type. Returns how many were replaced."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return 0
+    swaps = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv1D)]
+    for name, m in swaps:
+        lin = nn.Linear(m.weight.shape[0], m.weight.shape[1], bias=m.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(m.weight.t())
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    return len(swaps)
