@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
@@ -12,18 +11,9 @@ import torch
 
 import modelpress as mp
 from modelpress import data
+from modelpress.measure import cpu_name
 
 PAPER = {"lenet-300-100": (40, "1.64% -> 1.58% error"), "lenet5": (39, "0.80% -> 0.74% error")}
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run(name: str, recipe: str, seed: int) -> dict:

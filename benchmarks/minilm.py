@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import random
 import statistics
 import sys
@@ -34,22 +33,13 @@ from transformers import AutoModel, AutoTokenizer  # noqa: E402
 import modelpress as mp  # noqa: E402
 from modelpress.data import text_batches, text_paragraphs  # noqa: E402
 from modelpress.export import to_onnx  # noqa: E402
+from modelpress.measure import machine_line  # noqa: E402
 
 THREADS = 2
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # preset -> (max MB, min mean cosine, min min-cosine, must be no slower than onnxruntime)
 TARGETS = {"int8": (23.0, 0.995, 0.99, True), "w4": (12.0, 0.985, None, False), "w3": (9.0, 0.97, None, False)}
 Batch = dict[str, torch.Tensor]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -180,7 +170,7 @@ def main() -> None:
     random.Random(0).shuffle(texts)
     calib = text_batches(tokenizer, texts[:args.calib], 16)
     data = text_batches(tokenizer, texts[args.calib:args.calib + args.eval], 64)
-    print(f"CPU: {cpu_name()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; {THREADS} threads")
+    print(machine_line())
     print(f"{len(texts)} paragraphs: {args.calib} calibration, {args.eval} evaluation")
 
     n_params = sum(p.numel() for p in model.parameters())
