@@ -76,3 +76,19 @@ def test_hf_architecture_allows_only_transformers_model_classes():
         arch.build({**spec, "swaps": {"pooler.dense": {"t": "Sequential", "c": []}}})
     with pytest.raises(CorruptStream, match="no layer"):
         arch.build({**spec, "swaps": {"nope.dense": {"t": "Int8Linear", "a": {"in_features": 1, "out_features": 1}}}})
+
+
+@pytest.mark.parametrize("preset", ["int8", "w4"])
+def test_tied_embeddings_are_stored_once(preset, tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=2000, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    result = mp.compress(model, preset, calib_data=batches())
+    size = result.save(tmp_path / "m.mpz")
+    table = 2000 * 64  # the tied table's values: stored once, at most 8 bits each plus scales
+    assert size < 1.3 * table + 0.25 * result.report.fp32_bytes
+    loaded = mp.load(tmp_path / "m.mpz")
+    x = batches(1)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, result.model(**x).logits)

@@ -21,8 +21,12 @@ def encode_model(model: nn.Module, state: CompressionState, meta: dict | None = 
     """The manifest and streams for every parameter and buffer of `model`."""
     tensors, streams = {}, {}
     sd = model.state_dict()
+    owner = _owners(sd, state)
     for i, name in enumerate(sorted(sd)):  # streams are keyed by the index in sorted name order: short
         t = sd[name]
+        if owner[name] != name:  # a tied weight: stored once, under the name that carries its state
+            tensors[name] = {"kind": "alias", "of": owner[name], "shape": list(t.shape)}
+            continue
         entry, s = encode_tensor(name, t.detach().cpu(), state.params.get(name), key=str(i))
         tensors[name] = entry
         streams.update(s)
@@ -35,13 +39,38 @@ def decode_state_dict(manifest: dict, streams: dict[str, bytes]) -> dict[str, to
     tensors = manifest.get("tensors")
     if not isinstance(tensors, dict):
         raise CorruptStream("the manifest has no 'tensors' table")
-    out = {}
+    out, aliases = {}, {}
     for i, name in enumerate(sorted(tensors)):
         entry = tensors[name]
         if not isinstance(entry, dict):
             raise CorruptStream(f"tensor {name!r}: entry is not a mapping")
+        if entry.get("kind") == "alias":
+            aliases[name] = entry
+            continue
         out[name] = decode_tensor(name, entry, streams, key=str(i))
+    for name, entry in aliases.items():
+        target = out.get(entry.get("of")) if isinstance(entry.get("of"), str) else None
+        if target is None or entry.get("shape") != list(target.shape):
+            raise CorruptStream(f"tensor {name!r}: alias of {entry.get('of')!r}, which is not a stored tensor "
+                                "of the same shape")
+        out[name] = target
     return out
+
+
+def _owners(sd: dict[str, torch.Tensor], state: CompressionState) -> dict[str, str]:
+    """name -> the name that stores its data: itself, or the first of the names sharing its memory
+    (preferring one with a compression state)."""
+    groups: dict[tuple, list[str]] = {}
+    for name in sorted(sd):
+        t = sd[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+            if t.numel() else (name,)
+        groups.setdefault(key, []).append(name)
+    owner = {}
+    for names in groups.values():
+        head = next((n for n in names if n in state.params), names[0])
+        owner.update(dict.fromkeys(names, head))
+    return owner
 
 
 def save(path: str | os.PathLike, model: nn.Module, state: CompressionState, meta: dict | None = None) -> int:

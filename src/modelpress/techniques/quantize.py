@@ -186,9 +186,13 @@ def to_int8_linear(model: nn.Module, state: CompressionState) -> int:
             continue
         codes = st.codes if st.mask is None else st.codes * st.mask
         new = Int8Linear.from_codes(codes, st.scale, module.bias)
+        tied = [n for n, p in model.named_parameters(remove_duplicate=False)
+                if p is module.weight and n != f"{name}.weight"]  # e.g. an embedding tied to an LM head
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         del state.params[f"{name}.weight"]
+        if tied:  # the other user keeps the float weight, still on the same grid
+            state.params[tied[0]] = st
         state.params.pop(f"{name}.bias", None)
         swapped += 1
     if swapped == 0:
