@@ -30,3 +30,20 @@ def test_deep_compression_preset_on_digits(make, image, min_ratio, tmp_path):
     acc = data.accuracy(mp.load(tmp_path / "d.mpz"), split.x_test, split.y_test)
     assert fp32 / size >= min_ratio, f"only {fp32 / size:.1f}x"
     assert base - acc <= 1.0, f"accuracy {base:.2f} -> {acc:.2f}"
+
+
+@pytest.mark.parametrize("make,image", [(_mlp, False), (_cnn, True)], ids=["mlp", "cnn"])
+def test_factorization_with_fine_tuning_on_digits(make, image, tmp_path):
+    torch.manual_seed(0)
+    split = data.digits(image=image)
+    model = data.train_classifier(make(), split, epochs=40)
+    base = data.accuracy(model, split.x_test, split.y_test)
+    recipe = {"stages": [{"factorize": {"rank_ratio": 0.1}}, {"finetune": {"epochs": 30, "lr": 1e-3}}]}
+    result = mp.compress(model, recipe, train_data=split.loader(64))
+    result.save(tmp_path / "f.mpz")
+    loaded = mp.load(tmp_path / "f.mpz")
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in loaded.parameters())
+    acc = data.accuracy(loaded, split.x_test, split.y_test)
+    assert before / after >= 3.0, f"only {before / after:.2f}x fewer parameters"
+    assert base - acc <= 1.0, f"accuracy {base:.2f} -> {acc:.2f}"

@@ -8,7 +8,9 @@ EXAMPLES = {
     "prune": {"sparsity": 0.92, "criterion": "taylor", "schedule": "agp", "steps": 5, "epochs": 2.0,
               "exclude": ["0"]},
     "cluster": {"bits": 5, "include_bias": False},
-    "quantize": {"bits": 4, "per_channel": False},
+    "quantize": {"bits": 4, "per_channel": False, "group_size": 32, "method": "gptq", "avg_bits": 4.5,
+                 "embeddings": False},
+    "factorize": {"energy": 0.9},
     "finetune": {"epochs": 3.0, "lr": 0.0005},
 }
 
@@ -72,3 +74,15 @@ def test_recipe_from_a_file_and_from_long_one_line_text(tmp_path):
     assert Recipe.from_yaml(path) == Recipe.from_yaml(str(path)) == Recipe.from_yaml(text)
     with pytest.raises(RecipeError, match="does not exist"):
         Recipe.from_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("stage, phrase", [
+    ({"factorize": {"rank": 4, "energy": 0.9}}, "exactly one of rank, rank_ratio or energy"),
+    ({"factorize": {}}, "exactly one of rank, rank_ratio or energy"),
+    ({"quantize": {"bits": 4, "activations": "int8"}}, "activations: int8 needs bits: 8"),
+    ({"quantize": {"bits": 4, "avg_bits": 3.5}}, "avg_bits (3.5) must be at least bits (4)"),
+])
+def test_inconsistent_settings_are_explained(stage, phrase):
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_dict({"stages": [stage]})
+    assert phrase in str(e.value)

@@ -17,12 +17,14 @@ from torch import nn
 from .errors import ModelpressError
 from .format.container import container_overhead
 from .format.mpz import decode_state_dict, encode_model
-from .recipe import ClusterConfig, FinetuneConfig, PruneConfig, QuantizeConfig, Recipe, StageConfig
+from .recipe import (ClusterConfig, FactorizeConfig, FinetuneConfig, PruneConfig, QuantizeConfig, Recipe,
+                     StageConfig)
 from .report import Report, StageRow
 from .state import CompressionState
 from .techniques.cluster import cluster
 from .techniques.common import linearize
 from .techniques.finetune import TrainContext, train
+from .techniques.lowrank import factorize
 from .techniques.prune import prune
 from .techniques.quantize import quantize
 
@@ -68,6 +70,12 @@ def _quantize(model: nn.Module, state: CompressionState, cfg: QuantizeConfig, ru
              avg_bits=cfg.avg_bits, budget_mb=cfg.budget_mb,
              include_bias=cfg.include_bias, exclude=run.exclude(cfg), calib_data=run.ctx.calib_data,
              progress=run.ctx.progress)
+
+
+@handles(FactorizeConfig)
+def _factorize(model: nn.Module, state: CompressionState, cfg: FactorizeConfig, run: Run) -> None:
+    factorize(model, state, rank=cfg.rank, rank_ratio=cfg.rank_ratio, energy=cfg.energy, min_rank=cfg.min_rank,
+              exclude=run.exclude(cfg))
 
 
 @handles(FinetuneConfig)

@@ -93,6 +93,25 @@ class QuantizeConfig(StageConfig):
 
 
 @register_stage
+class FactorizeConfig(StageConfig):
+    """Low-rank factorization of Linear (SVD) and Conv2d (Tucker-2) layers; give exactly one of
+    `rank`, `rank_ratio` (of each layer's full rank) or `energy` (share of squared singular values)."""
+
+    key: ClassVar[str] = "factorize"
+    rank: Optional[int] = Field(default=None, ge=1)
+    rank_ratio: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    energy: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    min_rank: int = Field(default=8, ge=1)  # no layer goes below this rank
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "FactorizeConfig":
+        given = [k for k in ("rank", "rank_ratio", "energy") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of rank, rank_ratio or energy (got {given or 'none'})")
+        return self
+
+
+@register_stage
 class FinetuneConfig(StageConfig):
     """Recovery training under the current masks / codebooks / grids (distillation if data has no labels)."""
 

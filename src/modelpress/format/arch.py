@@ -99,9 +99,10 @@ def _describe_hf(model: nn.Module) -> dict | None:
     except CorruptStream:
         return None
     for name, m in model.named_modules():
-        if name in reference and type(reference[name]) is type(m):
-            continue
-        if _SWAPPABLE.get(type(m).__name__) is not type(m) or len(list(m.children())):
+        if name in reference and type(reference[name]) is type(m) or any(name.startswith(s + ".") for s in spec["swaps"]):
+            continue  # unchanged, or a part of a swapped-in layer (its constructor builds it)
+        if _SWAPPABLE.get(type(m).__name__) is not type(m) or (len(list(m.children())) and type(m).__name__
+                                                                  not in RUNTIME_MODULES):
             return None
         args = _ctor_args(m)
         if args is None:
@@ -118,7 +119,7 @@ def _describe_tree(model: nn.Module) -> dict | None:
         if isinstance(m, nn.Sequential):
             kids = [node(c) for c in m]
             return None if any(k is None for k in kids) else {"t": cls, "c": kids}
-        if len(list(m.children())):
+        if len(list(m.children())) and cls not in RUNTIME_MODULES:  # runtime layers build their own parts
             return None
         args = _ctor_args(m)
         return None if args is None else {"t": cls, "a": args}
