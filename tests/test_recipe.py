@@ -11,6 +11,7 @@ EXAMPLES = {
     "quantize": {"bits": 4, "per_channel": False, "group_size": 32, "method": "gptq", "avg_bits": 4.5,
                  "embeddings": False},
     "factorize": {"energy": 0.9},
+    "distill": {"epochs": 2.0, "temperature": 4.0, "hidden": True},
     "finetune": {"epochs": 3.0, "lr": 0.0005},
 }
 

@@ -92,3 +92,31 @@ def test_tied_embeddings_are_stored_once(preset, tmp_path):
     x = batches(1)[0]
     with torch.no_grad():
         assert torch.equal(loaded(**x).logits, result.model(**x).logits)
+
+
+def test_factorized_encoder_recovers_by_hidden_state_distillation(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    model = transformers.BertModel(cfg).eval()
+    with torch.no_grad():  # weights of low effective rank plus noise, as trained layers tend to have
+        for m in model.encoder.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.out_features, 4) @ torch.randn(4, m.in_features) * 0.3
+                               + 0.02 * torch.randn_like(m.weight))
+    x = batches(1)[0]
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+
+    def fidelity(m):
+        return {"cos": cosine(m(**x).last_hidden_state, ref)}
+
+    recipe = {"stages": [{"factorize": {"rank": 2, "min_rank": 1}},
+                         {"distill": {"epochs": 20, "lr": 1e-3, "hidden": True}}]}
+    result = mp.compress(model, recipe, train_data=batches(8), eval_fn=fidelity)
+    fact, dist = result.report.rows[1].metrics["cos"], result.report.rows[2].metrics["cos"]
+    assert fact < 0.98 and dist > fact + 0.01, (fact, dist)
+    result.save(tmp_path / "f.mpz")
+    with torch.no_grad():
+        assert torch.equal(mp.load(tmp_path / "f.mpz")(**x).last_hidden_state, result.model(**x).last_hidden_state)

@@ -7,6 +7,7 @@ row of the report describes what would be saved at that point, byte for byte.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from typing import Any, Callable
@@ -17,8 +18,8 @@ from torch import nn
 from .errors import ModelpressError
 from .format.container import container_overhead
 from .format.mpz import decode_state_dict, encode_model
-from .recipe import (ClusterConfig, FactorizeConfig, FinetuneConfig, PruneConfig, QuantizeConfig, Recipe,
-                     StageConfig)
+from .recipe import (ClusterConfig, DistillConfig, FactorizeConfig, FinetuneConfig, PruneConfig, QuantizeConfig,
+                     Recipe, StageConfig)
 from .report import Report, StageRow
 from .state import CompressionState
 from .techniques.cluster import cluster
@@ -76,6 +77,12 @@ def _quantize(model: nn.Module, state: CompressionState, cfg: QuantizeConfig, ru
 def _factorize(model: nn.Module, state: CompressionState, cfg: FactorizeConfig, run: Run) -> None:
     factorize(model, state, rank=cfg.rank, rank_ratio=cfg.rank_ratio, energy=cfg.energy, min_rank=cfg.min_rank,
               exclude=run.exclude(cfg))
+
+
+@handles(DistillConfig)
+def _distill(model: nn.Module, state: CompressionState, cfg: DistillConfig, run: Run) -> None:
+    ctx = dataclasses.replace(run.ctx, distill=True, hidden=cfg.hidden, temperature=cfg.temperature)
+    train(model, state, ctx, epochs=cfg.epochs, lr=cfg.lr, label="distill")
 
 
 @handles(FinetuneConfig)

@@ -112,6 +112,18 @@ class FactorizeConfig(StageConfig):
 
 
 @register_stage
+class DistillConfig(StageConfig):
+    """Recovery by distillation from the uncompressed model: label-free (targets are ignored), with
+    softened logits at `temperature`, and with `hidden` the outputs of shared blocks matched too."""
+
+    key: ClassVar[str] = "distill"
+    epochs: float = Field(gt=0.0)
+    lr: float = Field(default=1e-4, gt=0.0, lt=1.0)
+    temperature: float = Field(default=2.0, gt=0.0)
+    hidden: bool = False
+
+
+@register_stage
 class FinetuneConfig(StageConfig):
     """Recovery training under the current masks / codebooks / grids (distillation if data has no labels)."""
 

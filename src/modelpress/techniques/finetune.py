@@ -31,6 +31,8 @@ class TrainContext:
     progress: Callable[[str, float], None] | None = None
     temperature: float = 2.0
     calib_data: Iterable | None = None
+    distill: bool = False  # learn from the teacher even when batches carry targets
+    hidden: bool = False   # distillation also matches the outputs of shared blocks
 
 
 def split_batch(batch: Any) -> tuple[Any, Any | None]:
@@ -65,26 +67,18 @@ def logits_of(output: Any) -> torch.Tensor:
     raise ModelpressError(f"cannot find an output tensor in a model output of type {type(output).__name__}")
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's softened-logit KL, scaled by T^2 so its gradients match cross-entropy's."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
-                    log_target=True, reduction="batchmean") * t * t
-
-
 def batch_loss(model: nn.Module, batch: Any, ctx: TrainContext) -> torch.Tensor:
-    """The loss of one batch: supervised when the batch carries targets, distillation otherwise."""
+    """The loss of one batch: supervised when the batch carries targets (and the stage is not a
+    distillation), distillation from the teacher otherwise."""
     inputs, targets = split_batch(batch)
+    if targets is None or ctx.distill:
+        from .distill import distill_batch_loss  # distill builds on this module's helpers
+
+        return distill_batch_loss(model, inputs, ctx, hidden=ctx.hidden)
     out = call_model(model, inputs)
-    if targets is not None:
-        if ctx.loss_fn is not None:
-            return ctx.loss_fn(out, targets)
-        return F.cross_entropy(logits_of(out), targets)
-    if ctx.teacher is None:
-        raise ModelpressError("label-free recovery needs the teacher model; none was given")
-    with torch.no_grad():
-        t_out = logits_of(call_model(ctx.teacher, inputs))
-    return distill_loss(logits_of(out), t_out, ctx.temperature)
+    if ctx.loss_fn is not None:
+        return ctx.loss_fn(out, targets)
+    return F.cross_entropy(logits_of(out), targets)
 
 
 def require_data(ctx: TrainContext, what: str) -> Iterable:
