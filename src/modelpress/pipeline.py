@@ -27,6 +27,7 @@ from .techniques.common import linearize
 from .techniques.finetune import TrainContext, train
 from .techniques.lowrank import factorize
 from .techniques.prune import prune
+from .techniques.structured import prune_channels
 from .techniques.quantize import quantize
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class Run:
 
 @handles(PruneConfig)
 def _prune(model: nn.Module, state: CompressionState, cfg: PruneConfig, run: Run) -> None:
+    if cfg.granularity != "element":  # channel, filter and neuron are one operation: whole output channels
+        criterion = "l1" if cfg.criterion == "magnitude" else cfg.criterion
+        prune_channels(model, state, sparsity=cfg.sparsity, criterion=criterion, scope=cfg.scope,
+                       exclude=run.exclude(cfg), ctx=run.ctx)
+        return
     prune(model, state, sparsity=cfg.sparsity, criterion=cfg.criterion, scope=cfg.scope,
           schedule=cfg.schedule, steps=cfg.steps, epochs=cfg.epochs, lr=cfg.lr,
           max_sparsity=cfg.max_sparsity, tolerance=cfg.tolerance, exclude=run.exclude(cfg), ctx=run.ctx)

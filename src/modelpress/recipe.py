@@ -37,8 +37,8 @@ class PruneConfig(StageConfig):
     sparsity: Union[float, Literal["auto"]]
     max_sparsity: float = Field(default=0.99, gt=0.0, lt=1.0)  # for sparsity: auto
     tolerance: float = Field(default=1.5, gt=0.0, le=100.0)    # points of top-1 agreement, for auto
-    granularity: Literal["element"] = "element"
-    criterion: Literal["magnitude", "taylor"] = "magnitude"
+    granularity: Literal["element", "channel", "filter", "neuron"] = "element"
+    criterion: Literal["magnitude", "taylor", "l1", "l2", "bn_scale"] = "magnitude"
     scope: Literal["global", "layer"] = "global"
     schedule: Literal["oneshot", "agp"] = "oneshot"
     steps: int = Field(default=10, ge=1, le=1000)
@@ -51,6 +51,15 @@ class PruneConfig(StageConfig):
         if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
             return v
         raise ValueError("must be a float in [0, 1) or 'auto'")
+
+    @model_validator(mode="after")
+    def _structured(self) -> "PruneConfig":
+        if self.granularity == "element" and self.criterion in ("l1", "l2", "bn_scale"):
+            raise ValueError(f"criterion {self.criterion!r} ranks whole channels; with granularity: element use "
+                             "'magnitude' or 'taylor'")
+        if self.granularity != "element" and self.sparsity == "auto":
+            raise ValueError("sparsity: auto is for granularity: element; give structured pruning a number")
+        return self
 
 
 @register_stage

@@ -98,9 +98,40 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None) -> n
                 "this file does not hold an architecture modelpress can rebuild (the model is not made only "
                 "of standard torch.nn layers); pass a skeleton: modelpress.load(path, model=MyModel())")
         model = arch.build(spec, device="cpu")
+    else:
+        _resize_layers(model, state)
     _check_against(model, state)
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+def _resize_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give a skeleton's standard layers the channel counts stored in the file (a model whose channels
+    were pruned loads into a skeleton of its original class)."""
+    for name, m in model.named_modules():
+        w = state.get(f"{name}.weight" if name else "weight")
+        if w is None or getattr(m, "weight", None) is None or tuple(m.weight.shape) == tuple(w.shape):
+            continue
+        if isinstance(m, nn.Conv2d) and w.dim() == 4:
+            if m.groups > 1 and m.groups == m.in_channels == m.out_channels:  # depthwise stays depthwise
+                m.groups = m.in_channels = w.shape[0]
+            else:
+                m.in_channels = w.shape[1] * m.groups
+            m.out_channels = w.shape[0]
+        elif isinstance(m, nn.Linear) and w.dim() == 2:
+            m.out_features, m.in_features = w.shape
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and w.dim() == 1:
+            m.num_features = w.shape[0]
+        elif isinstance(m, nn.LayerNorm) and w.dim() == 1:
+            m.normalized_shape = (w.shape[0],)
+        else:
+            continue
+        prefix = f"{name}." if name else ""
+        for table in (m._parameters, m._buffers):  # placeholders of the file's shapes; load assigns the data
+            for k, t in table.items():
+                if t is not None and prefix + k in state:
+                    new = torch.empty(state[prefix + k].shape, dtype=t.dtype, device="meta")
+                    table[k] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
 def _check_against(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

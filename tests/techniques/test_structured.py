@@ -1,0 +1,100 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modelpress as mp
+from modelpress.errors import ModelpressError
+from modelpress.graph import trace
+from modelpress.state import CompressionState
+from modelpress.techniques.finetune import TrainContext
+from modelpress.techniques.structured import prune_channels
+
+
+class ResNetish(nn.Module):
+    """BatchNorm, a residual add, a depthwise conv, a concat, global pooling and a Flatten into Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU())
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.side = nn.Conv2d(16, 8, 1)
+        self.head = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(32 * 4 * 4, 40), nn.ReLU(), nn.Linear(40, 10))
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = F.relu(h + self.a(h))          # residual: stem and a share channels
+        d = self.dw(h)                     # depthwise: coupled to them as well
+        y = torch.cat([self.pw(d), self.side(h)], dim=1)
+        return self.head(y)
+
+
+def data(n=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    return [(x[i:i + 16], torch.randint(0, 10, (16,), generator=g)) for i in range(0, n, 16)]
+
+
+def test_trace_groups_coupled_layers():
+    g = trace(ResNetish(), torch.randn(2, 3, 8, 8))
+    by_producer = {tuple(sorted(v.producers)): v for v in g.groups.values()}
+    shared = by_producer[("a.0", "stem.0")]  # the residual add merged them
+    assert set(shared.coupled) == {"stem.1", "a.1", "dw.0", "dw.1"} and not shared.frozen
+    assert by_producer[("head.5",)].frozen  # the model's output keeps its 10 classes
+    assert [(s.length, s.inner) for s in g.consumers["head.3"]] == [(32, 16)]  # flatten: 16 positions each
+    assert [s.length for s in g.consumers["head.0"]] == [24, 8]  # the concat's two parts
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "taylor"])
+def test_half_the_channels_go_and_the_model_still_runs(criterion, tmp_path):
+    torch.manual_seed(0)
+    model = ResNetish().eval()
+    for m in model.modules():  # give BatchNorm non-trivial statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.1, 1)
+    before = sum(p.numel() for p in model.parameters())
+    result = mp.compress(model, {"stages": [{"prune": {"granularity": "channel", "sparsity": 0.5,
+                                                       "criterion": criterion}}]}, train_data=data())
+    small = result.model
+    after = sum(p.numel() for p in small.parameters())
+    x = torch.randn(5, 3, 8, 8)
+    assert small(x).shape == (5, 10)
+    assert after <= 0.7 * before, f"{after} of {before} parameters"
+    assert small.stem[0].out_channels == small.a[0].out_channels == small.dw[0].groups < 16
+    path = tmp_path / "s.mpz"
+    result.save(path)
+    loaded = mp.load(path, model=ResNetish())  # a custom class: loads into a skeleton of new shapes
+    assert torch.equal(loaded(x), small(x))
+
+
+def test_an_operation_the_tracer_cannot_follow_keeps_its_channels():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.b(torch.roll(self.a(x), 1, dims=-1))
+
+    model = Odd()
+    with pytest.raises(ModelpressError, match="no channels it can remove.*roll"):
+        prune_channels(model, CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(4, 8)]))
+    assert model.a.out_features == 8
+
+
+def test_untraceable_model_gets_a_clear_message():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else x
+
+    with pytest.raises(ModelpressError, match="could not trace"):
+        prune_channels(Branchy(), CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(2, 4)]))
