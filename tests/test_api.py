@@ -139,3 +139,17 @@ def test_bad_arguments_give_clear_errors(mlp, toy_data):
         mp.compress(mlp, RECIPE, train_data=[])
     with pytest.raises(mp.RecipeError, match="does not exist"):
         mp.compress(mlp, "missing.yaml", train_data=toy_data)
+
+
+def test_flops_count_linear_conv_and_int8_layers():
+    from modelpress.measure import flops
+    from modelpress.runtime import Int8Linear
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, groups=1), torch.nn.Conv2d(8, 8, 3, groups=8),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
+    x = torch.randn(2, 3, 6, 6)
+    expected = 2 * (8 * 36 * 27 + 8 * 16 * 9 + 10 * 128)
+    assert flops(net, x) == expected
+    w = torch.randint(-127, 128, (10, 128)).float()
+    net[3] = Int8Linear.from_codes(w, torch.ones(10), None)
+    assert flops(net, x) == expected

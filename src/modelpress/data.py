@@ -79,6 +79,28 @@ def lenet5(n_classes: int = 10) -> nn.Sequential:
     )
 
 
+class TinyResNet(nn.Module):
+    """A small residual CNN with the structures channel pruning must keep consistent: BatchNorm, a
+    residual add, a depthwise conv, a concat, a strided conv and a Flatten into Linear (8x8 inputs)."""
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 10, width: int = 16):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w))
+        self.dw = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, groups=w), nn.BatchNorm2d(w), nn.ReLU())
+        self.pw = nn.Conv2d(w, w + w // 2, 1)
+        self.side = nn.Conv2d(w, w // 2, 1)
+        self.head = nn.Sequential(nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(2 * w * 4 * 4, 40), nn.ReLU(), nn.Linear(40, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(h + self.a(h))
+        y = torch.cat([self.pw(self.dw(h)), self.side(h)], dim=1)
+        return self.head(y)
+
+
 def train_classifier(
     model: nn.Module, split: Split, *, epochs: int = 20, lr: float = 1e-3, weight_decay: float = 1e-4,
     batch_size: int = 64, seed: int = 0,

@@ -1,4 +1,4 @@
-"""Facts about the machine that every measurement should state beside its figures."""
+"""Measurements beside the file size: the machine, compute (multiply-accumulates) and latency."""
 from __future__ import annotations
 
 import platform
@@ -22,3 +22,51 @@ def machine_line() -> str:
     """CPU, torch's CPU capability and thread count in one line, for benchmark headers."""
     return (f"CPU: {cpu_name()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; "
             f"{torch.get_num_threads()} threads")
+
+
+@torch.no_grad()
+def flops(model: torch.nn.Module, *inputs, **kw_inputs) -> int:
+    """Multiply-accumulates of the Conv and Linear layers for one forward pass on these inputs
+    (the layers that dominate; elementwise work and attention products are not counted)."""
+    from .runtime import Int8Linear
+
+    linear = (torch.nn.Linear, Int8Linear)
+    convs = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    total = 0
+
+    def hook(m, args, out):
+        nonlocal total
+        o = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(m, linear):
+            total += o.numel() * m.in_features
+        elif isinstance(m, convs):
+            per_out = (m.in_channels // m.groups) * int(torch.tensor(m.kernel_size).prod())
+            total += o.numel() * per_out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, linear + convs)]
+    try:
+        model(*inputs, **kw_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+@torch.no_grad()
+def latencies(models: dict[str, torch.nn.Module], *inputs, repeats: int = 20, warmup: int = 3,
+              **kw_inputs) -> dict[str, list[float]]:
+    """Milliseconds per forward pass of each model, timed round by round (one run of each per round)
+    so that a slow phase of a shared machine hits every model alike."""
+    import time
+
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            m(*inputs, **kw_inputs)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            t = time.perf_counter()
+            m(*inputs, **kw_inputs)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return times

