@@ -1,7 +1,8 @@
 """Speed that is measured: parameters, multiply-accumulates and CPU latency before and after.
 
 LeNet-5 on MNIST-5k (batch 256) and a small residual CNN on scikit-learn's digits (batch 256) with the
-`fast` preset (structured channel pruning + distillation); all-MiniLM-L6-v2 (batch 64 pydoc paragraphs)
+`fast` preset (structured channel pruning + distillation); LeNet-300-100 on MNIST-5k factorized
+(`factorize: {rank_ratio: 0.1}` + 8 epochs of fine-tuning); all-MiniLM-L6-v2 (batch 64 pydoc paragraphs)
 with the `int8` preset, and `fast`, which does not handle transformers yet (its row says why).
 Latencies are medians of round-by-round timings in this one run (2 threads).
 
@@ -27,7 +28,7 @@ def row(name: str, model, *inputs, **kw) -> dict:
             "macs": flops(model.eval(), *inputs, **kw)}
 
 
-def classifier_case(title: str, make, split, recipe: str, epochs: int, repeats: int) -> list[dict]:
+def classifier_case(title: str, make, split, recipe: str, epochs: int, repeats: int, label: str = "") -> list[dict]:
     torch.manual_seed(0)
     model = data.train_classifier(make(), split, epochs=epochs)
     acc = lambda m: data.accuracy(m, split.x_test, split.y_test)  # noqa: E731
@@ -35,7 +36,7 @@ def classifier_case(title: str, make, split, recipe: str, epochs: int, repeats: 
     result = mp.compress(model, recipe, train_data=split.loader(64))
     seconds = time.perf_counter() - t
     x = split.x_test[:256]
-    rows = [row(f"{title} fp32", model, x), row(f"{title} {recipe}", result.model, x)]
+    rows = [row(f"{title} fp32", model, x), row(f"{title} {label or recipe}", result.model, x)]
     rows[0]["metric"], rows[1]["metric"] = f"acc {acc(model):.2f}", f"acc {acc(result.model):.2f}"
     rows[1]["seconds"] = seconds
     _time(rows, repeats, x)
@@ -97,6 +98,9 @@ def main() -> None:
     print(machine_line())
     show(classifier_case("LeNet-5", data.lenet5, data.mnist5k(image=True), "fast", 20, args.repeats))
     show(classifier_case("TinyResNet", data.TinyResNet, data.digits(image=True), "fast", 40, args.repeats))
+    factorize = "{stages: [{factorize: {rank_ratio: 0.1}}, {finetune: {epochs: 8, lr: 1.0e-3}}]}"
+    show(classifier_case("LeNet-300-100", data.lenet_300_100, data.mnist5k(image=False), factorize, 30,
+                         args.repeats, label="svd 0.1"))
     if not args.skip_minilm:
         show(minilm_case(max(5, args.repeats // 4)))
 
