@@ -110,6 +110,7 @@ def _load_model(spec: str):
 def _text_data(folder: str, model):
     """Calibration batches and an embedding-fidelity eval_fn from built-in English text, for a model
     folder with a tokenizer (128 paragraphs to calibrate, 64 others to measure)."""
+    import torch
     from transformers import AutoTokenizer
 
     from . import data
@@ -125,8 +126,9 @@ def _text_data(folder: str, model):
     calib = data.text_batches(tokenizer, texts[:128], max_length=length)
     held_out = data.text_batches(tokenizer, texts[-64:], batch_size=32, max_length=length)
     try:
-        model(**held_out[0]).last_hidden_state
-    except Exception:
+        with torch.no_grad():
+            model(**held_out[0]).last_hidden_state
+    except Exception:  # not an encoder with hidden states: calibrate, but no built-in metric
         return calib, None
     return calib, data.embedding_fidelity(model, held_out)
 

@@ -140,6 +140,10 @@ class _Tracer:
             return src
         if fn in _ELEMENTWISE or node.op == "call_method" and fn in ("add", "sub", "mul", "add_", "mul_"):
             layouts = [env.get(a) for a in node.all_input_nodes if env.get(a) is not None]
+            others = [a for a in node.all_input_nodes if env.get(a) is None and _numel(_shape(a)) > 1]
+            if layouts and others:  # e.g. x * self.scale: a tensor the pruning would not shrink
+                raise _Unknown(f"{node.name}: {getattr(fn, '__name__', fn)} with a tensor that has no traced "
+                               "channel axis")
             if len(layouts) == 2 and not self.union(*layouts):
                 raise _Unknown(f"{node.name}: {fn} of tensors with different channel layouts")
             return layouts[0] if layouts else None
@@ -161,8 +165,10 @@ class _Tracer:
         if isinstance(m, nn.Conv2d):
             depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
             if depthwise and src is not None:
-                self.groups[self.find(src[0].group)].coupled.append(name) if len(src) == 1 else self.freeze(src)
-                return src if len(src) == 1 else self.new_group(m.out_channels, name)
+                if len(src) != 1 or src[0].inner != 1:
+                    raise _Unknown(f"{name}: depthwise convolution over a mixed channel axis")
+                self.groups[self.find(src[0].group)].coupled.append(name)
+                return src
             if m.groups != 1:
                 raise _Unknown(f"{name}: grouped convolution (groups={m.groups}) is not pruned")
             if src is not None:
@@ -221,6 +227,13 @@ class _Tracer:
 
 class _Unknown(Exception):
     pass
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape or ():
+        n *= d
+    return n if shape else 0
 
 
 def _shape(node: Any):

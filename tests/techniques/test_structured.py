@@ -81,3 +81,20 @@ def test_untraceable_model_gets_a_clear_message():
 
     with pytest.raises(ModelpressError, match="could not trace"):
         prune_channels(Branchy(), CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(2, 4)]))
+
+
+def test_a_per_channel_parameter_keeps_its_channels():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+            self.gamma = nn.Parameter(torch.ones(8))
+            self.c = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x) * self.gamma))
+
+    model = Scaled()
+    prune_channels(model, CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(4, 8)]))
+    assert model.a.out_features == 8 and model.b.out_features == 2  # a's channels meet gamma: kept
+    assert model(torch.randn(3, 8)).shape == (3, 6)

@@ -35,7 +35,9 @@ def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch
 def available_kernels() -> list[str]:
     """The kernels this torch build and CPU can run (fastest first by expectation, fp32 last)."""
     out = []
-    if hasattr(torch, "_int_mm") and (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()):
+    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if hasattr(torch, "_int_mm") and vnni:
         out.append("int_mm")  # on CPUs without VNNI it is tens of times slower than fp32: never a candidate
     if hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available():
         out.append("onednn")

@@ -19,7 +19,8 @@ MAX_BITS = 8
 
 
 @torch.no_grad()
-def sensitivities(model: nn.Module, params: dict[str, nn.Parameter], quantize_fn: Callable[[torch.Tensor], torch.Tensor],
+def sensitivities(model: nn.Module, params: dict[str, nn.Parameter],
+                  quantize_fn: Callable[[str, torch.Tensor], torch.Tensor],
                   batches: list, progress: Callable[[str, float], None] | None = None) -> dict[str, float]:
     """Relative output error (MSE / mean square of the output) when only that tensor is quantized."""
     model.eval()
@@ -29,7 +30,7 @@ def sensitivities(model: nn.Module, params: dict[str, nn.Parameter], quantize_fn
     out = {}
     for i, (name, p) in enumerate(params.items()):
         saved = p.detach().clone()
-        p.copy_(quantize_fn(saved))
+        p.copy_(quantize_fn(name, saved))
         err = sum(float(((logits_of(call_model(model, x)).float() - r) ** 2).mean()) for x, r in zip(inputs, refs))
         p.copy_(saved)
         out[name] = err / len(refs) / power

@@ -119,7 +119,7 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
                 continue
             group = group_size if p.dim() > 1 and group_size is not None and group_size < p[0].numel() else None
             b = widths[name]
-            if name in hessians:
+            if name in hessians and per_channel:
                 st.codes, st.scale = gptq(p.detach(), hessians.pop(name), b, group, mask=st.mask)
             elif p.dim() > 1 and per_channel:
                 st.scale = group_scale(p, b, group)
@@ -156,10 +156,9 @@ def mixed_bits(model: nn.Module, params: dict[str, nn.Parameter], bits: int, gro
                               f"{bits} bits for every weight; lower 'bits' or raise the budget")
     g = {k: (group_size if p.dim() > 1 and group_size is not None and group_size < p[0].numel() else None)
          for k, p in params.items()}
-    names = iter(params)
 
-    def rtn(w: torch.Tensor) -> torch.Tensor:
-        group = g[next(names)]
+    def rtn(name: str, w: torch.Tensor) -> torch.Tensor:
+        group = g[name]
         scale = group_scale(w, bits, group)
         return quantize_tensor(w, scale, bits, group).float() * broadcast_scale(scale, w, group)
 

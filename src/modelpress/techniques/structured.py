@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def channel_importance(model: nn.Module, graph: ChannelGraph, criterion: str,
                        grads: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
-    """Per group, one score per channel: summed over the group's producers (and BatchNorm scales)."""
+    """Per group, one score per channel, summed over the group's producers: |w . grad| (taylor),
+    row norms (l1, l2; also taylor's fallback where a layer has no gradient), or BatchNorm |gamma|."""
     scores = {}
     for gid, g in graph.groups.items():
         s = torch.zeros(g.size)
@@ -37,7 +38,7 @@ def channel_importance(model: nn.Module, graph: ChannelGraph, criterion: str,
                 s += w.abs().sum(1)
         if criterion == "bn_scale":
             bns = [model.get_submodule(n) for n in g.coupled]
-            bns = [m for m in bns if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+            bns = [m for m in bns if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.weight is not None]
             if bns:
                 s = sum(m.weight.detach().abs() for m in bns)
         scores[gid] = s
@@ -54,6 +55,11 @@ def _taylor_grads(model: nn.Module, ctx: TrainContext, names: list[str], batches
         batch_loss(model, batch, ctx).backward()
     grads = {n: model.get_submodule(n).weight.grad.detach().clone() for n in names
              if model.get_submodule(n).weight.grad is not None}
+    # label-free data gives no gradient before anything changed (the student is the teacher): such
+    # layers fall back to l1 magnitude
+    grads = {n: g for n, g in grads.items() if bool(g.abs().sum() > 0)}
+    if not grads:
+        log.warning("criterion taylor: no gradient signal (label-free data?); ranking channels by l1 instead")
     model.zero_grad(set_to_none=True)
     return grads
 
