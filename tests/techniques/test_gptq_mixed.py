@@ -74,3 +74,15 @@ def test_average_bits_are_met_and_vary_by_layer(mlp, toy_data):
     n = {k: mlp.get_parameter(k).numel() for k in widths}
     assert sum(widths[k] * n[k] for k in n) <= 4.0 * sum(n.values())
     assert max(widths.values()) > 3
+
+
+def test_a_megabyte_budget_bounds_code_bits_scales_and_float_tensors(mlp, toy_data):
+    state = CompressionState()
+    rest_bits = 32 * (64 + 4)  # the biases stay float32
+    scale_bits = 16 * (64 + 4)  # one float16 scale per output channel
+    budget_mb = (3 * 1536 + 400 + rest_bits + scale_bits) / 8e6  # 3 bits everywhere plus 400 bits to spend
+    quantize(mlp, state, bits=3, budget_mb=budget_mb, calib_data=toy_data)
+    code_bits = sum(st.bits * mlp.get_parameter(k).numel() for k, st in state.params.items())
+    assert 3 * 1536 < code_bits <= 3 * 1536 + 400
+    with pytest.raises(ModelpressError, match="smaller than 3 bits for every weight"):
+        quantize(mlp, CompressionState(), bits=3, budget_mb=budget_mb / 2, calib_data=toy_data)
