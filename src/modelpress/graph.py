@@ -30,7 +30,13 @@ class Seg:
     inner: int = 1  # features per channel after a flatten
 
 
-Layout = tuple[Seg, ...]
+class Layout(tuple):
+    """The segments of a tensor's channel axis, and which axis that is (non-negative)."""
+
+    def __new__(cls, segs, axis: int):
+        obj = super().__new__(cls, segs)
+        obj.axis = axis
+        return obj
 
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
                  nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
@@ -73,11 +79,11 @@ class _Tracer:
     def __init__(self, gm: fx.GraphModule):
         self.gm, self.parent, self.groups, self.consumers, self.notes = gm, {}, {}, {}, []
 
-    def new_group(self, size: int, producer: str) -> Layout:
+    def new_group(self, size: int, producer: str, axis: int) -> Layout:
         gid = len(self.parent)
         self.parent[gid] = gid
         self.groups[gid] = Group(size, [producer])
-        return (Seg(gid, size),)
+        return Layout((Seg(gid, size),), axis)
 
     def find(self, g: int) -> int:
         while self.parent[g] != g:
@@ -86,7 +92,7 @@ class _Tracer:
         return g
 
     def union(self, a: Layout, b: Layout) -> bool:
-        if [(s.length, s.inner) for s in a] != [(s.length, s.inner) for s in b]:
+        if a.axis != b.axis or [(s.length, s.inner) for s in a] != [(s.length, s.inner) for s in b]:
             return False
         for x, y in zip(a, b):
             rx, ry = self.find(x.group), self.find(y.group)
@@ -162,6 +168,12 @@ class _Tracer:
 
     def module(self, node: fx.Node, m: nn.Module, src: Layout | None, shape) -> Layout | None:
         name = node.target
+        rank = len(shape) if shape is not None else 2
+        if src is not None:  # the traced axis must be the one this layer works on
+            axis = None if isinstance(m, _PASS_MODULES + (nn.Flatten,)) else \
+                (rank - 1 if isinstance(m, (nn.Linear, nn.LayerNorm)) else 1)
+            if axis is not None and src.axis != axis:
+                raise _Unknown(f"{name}: {type(m).__name__} does not act on the traced channel axis")
         if isinstance(m, nn.Conv2d):
             depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
             if depthwise and src is not None:
@@ -173,11 +185,11 @@ class _Tracer:
                 raise _Unknown(f"{name}: grouped convolution (groups={m.groups}) is not pruned")
             if src is not None:
                 self.consumers[name] = src
-            return self.new_group(m.out_channels, name)
+            return self.new_group(m.out_channels, name, 1)
         if isinstance(m, nn.Linear):
             if src is not None:
                 self.consumers[name] = src
-            return self.new_group(m.out_features, name)
+            return self.new_group(m.out_features, name, rank - 1)
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             if src is None or len(src) != 1 or src[0].inner != 1:
                 raise _Unknown(f"{name}: BatchNorm over a mixed channel axis")
@@ -198,8 +210,9 @@ class _Tracer:
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         layouts = [env.get(t) for t in tensors]
-        if shape is not None and dim in (1, 1 - len(shape)) and all(la is not None for la in layouts):
-            return tuple(s for la in layouts for s in la)
+        if shape is not None and all(la is not None for la in layouts) and \
+                len({la.axis for la in layouts}) == 1 and dim % len(shape) == layouts[0].axis:
+            return Layout([s for la in layouts for s in la], layouts[0].axis)
         raise _Unknown(f"{node.name}: concatenation along dim {dim}")
 
     def flatten(self, node: fx.Node, src: Layout | None, shape) -> Layout | None:
@@ -208,20 +221,22 @@ class _Tracer:
             return src
         if len(before) == 2 and tuple(shape) == tuple(before):
             return src
-        if len(shape) == 2 and len(before) >= 3 and shape[0] == before[0]:
+        if len(shape) == 2 and len(before) >= 3 and shape[0] == before[0] and src.axis == 1:
             inner = 1
             for d in before[2:]:
                 inner *= d
-            return tuple(Seg(s.group, s.length, s.inner * inner) for s in src)
+            return Layout([Seg(s.group, s.length, s.inner * inner) for s in src], 1)
         raise _Unknown(f"{node.name}: reshape from {list(before)} to {list(shape)}")
 
     def reduce(self, node: fx.Node, src: Layout | None, shape) -> Layout | None:
         before = _shape(node.args[0])
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-        if src is not None and before is not None and len(before) >= 3 and all(d >= 2 or d < -1 and
-                                                                                 len(before) + d >= 2 for d in dims):
-            return src
+        if src is not None and before is not None and dims:
+            dims = {d % len(before) for d in dims}
+            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            if src.axis not in dims and 0 not in dims:
+                return Layout(src, src.axis if keep else src.axis - sum(d < src.axis for d in dims))
         raise _Unknown(f"{node.name}: mean over dims {dims}")
 
 

@@ -98,3 +98,34 @@ def test_a_per_channel_parameter_keeps_its_channels():
     prune_channels(model, CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(4, 8)]))
     assert model.a.out_features == 8 and model.b.out_features == 2  # a's channels meet gamma: kept
     assert model(torch.randn(3, 8)).shape == (3, 6)
+
+
+def test_a_linear_over_the_width_of_a_conv_map_keeps_the_conv_channels():
+    class WidthMix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.mix = nn.Conv2d(1, 6, 3, padding=1), nn.Linear(6, 6)  # 6 channels, width 6
+            self.head = nn.Linear(6 * 6 * 6, 3)
+
+        def forward(self, x):
+            return self.head(torch.flatten(self.mix(self.conv(x)), 1))
+
+    model = WidthMix()
+    with pytest.raises(ModelpressError, match="no channels it can remove"):
+        prune_channels(model, CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(2, 1, 6, 6)]))
+    assert model.conv.out_channels == 6
+
+
+def test_global_average_pooling_by_mean_keeps_the_channel_axis():
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 12, 3), nn.Linear(12, 5)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    model = Pooled()
+    prune_channels(model, CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(2, 3, 8, 8)]))
+    assert model.conv.out_channels == model.fc.in_features == 6
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 5)
