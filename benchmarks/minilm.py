@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import random
 import statistics
@@ -31,21 +32,15 @@ from torch import nn  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 import modelpress as mp  # noqa: E402
-from modelpress.data import text_batches, text_paragraphs  # noqa: E402
+from modelpress.data import pool, text_batches, text_paragraphs  # noqa: E402
 from modelpress.export import to_onnx  # noqa: E402
-from modelpress.measure import machine_line  # noqa: E402
+from modelpress.measure import latencies, machine_line  # noqa: E402
 
 THREADS = 2
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # preset -> (max MB, min mean cosine, min min-cosine, must be no slower than onnxruntime)
 TARGETS = {"int8": (23.0, 0.995, 0.99, True), "w4": (12.0, 0.985, None, False), "w3": (9.0, 0.97, None, False)}
 Batch = dict[str, torch.Tensor]
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token states over the attention mask, L2-normalised."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
 
 
 def torch_runner(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
@@ -103,17 +98,10 @@ def interleaved_latency(rows: list[dict], batch: Batch, repeats: int) -> None:
     """Batch latency of every method, timed round by round (one run of each per round), so that a
     slow phase of the machine hits all methods alike; median and spread go into each row."""
     live = [r for r in rows if "run" in r]
+    times = latencies({r["name"]: functools.partial(r["run"], batch) for r in live}, repeats=repeats, warmup=2)
     for r in live:
-        for _ in range(2):
-            r["run"](batch)
-        r["times"] = []
-    for _ in range(repeats):
-        for r in live:
-            t = time.perf_counter()
-            r["run"](batch)
-            r["times"].append((time.perf_counter() - t) * 1e3)
-    for r in live:
-        r.update(ms=statistics.median(r["times"]), spread=(min(r["times"]), max(r["times"])))
+        t = times[r["name"]]
+        r.update(ms=statistics.median(t), spread=(min(t), max(t)))
 
 
 def measure(name: str, run: Callable[[Batch], torch.Tensor], nbytes: int, compress_s: float | None,

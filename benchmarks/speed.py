@@ -19,12 +19,13 @@ import torch
 
 import modelpress as mp
 from modelpress import data
-from modelpress.measure import flops, latencies, machine_line
+import functools
+
+from modelpress.measure import flops, latencies, machine_line, weights
 
 
 def row(name: str, model, *inputs, **kw) -> dict:
-    weights = list(model.parameters()) + [b for b in model.buffers() if b.dtype == torch.int8]  # int8 layers
-    return {"name": name, "model": model, "params": sum(w.numel() for w in weights),
+    return {"name": name, "model": model, "params": sum(w.numel() for w in weights(model)),
             "macs": flops(model.eval(), *inputs, **kw)}
 
 
@@ -70,8 +71,8 @@ def minilm_case(repeats: int) -> list[dict]:
 
 
 def _time(rows: list[dict], repeats: int, *inputs, **kw) -> None:
-    live = {r["name"]: r["model"] for r in rows if "model" in r}
-    times = latencies(live, *inputs, repeats=repeats, **kw)
+    live = {r["name"]: functools.partial(r["model"].eval(), *inputs, **kw) for r in rows if "model" in r}
+    times = latencies(live, repeats=repeats)
     for r in rows:
         if r["name"] in times:
             r["ms"] = statistics.median(times[r["name"]])

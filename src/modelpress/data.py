@@ -142,12 +142,16 @@ def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_length: 
                            return_tensors="pt")) for i in range(0, len(texts), batch_size)]
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings: token states averaged over the attention mask, L2-normalised."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
 @torch.no_grad()
 def mean_pooled(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Sentence embeddings: last_hidden_state averaged over the attention mask, L2-normalised."""
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+    """`pool` of a model's last_hidden_state on a tokenizer batch."""
+    return pool(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
 def embedding_fidelity(reference: nn.Module, batches: list[dict]):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import platform
+import time
+from typing import Callable
 
 import torch
 
@@ -53,20 +55,21 @@ def flops(model: torch.nn.Module, *inputs, **kw_inputs) -> int:
 
 
 @torch.no_grad()
-def latencies(models: dict[str, torch.nn.Module], *inputs, repeats: int = 20, warmup: int = 3,
-              **kw_inputs) -> dict[str, list[float]]:
-    """Milliseconds per forward pass of each model, timed round by round (one run of each per round)
-    so that a slow phase of a shared machine hits every model alike."""
-    import time
-
-    for m in models.values():
-        m.eval()
+def latencies(runs: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds per call of each run (e.g. a model on fixed inputs), timed round by round (one call
+    of each per round) so that a slow phase of a shared machine hits every run alike."""
+    for run in runs.values():
         for _ in range(warmup):
-            m(*inputs, **kw_inputs)
-    times: dict[str, list[float]] = {k: [] for k in models}
+            run()
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
-        for name, m in models.items():
+        for name, run in runs.items():
             t = time.perf_counter()
-            m(*inputs, **kw_inputs)
+            run()
             times[name].append((time.perf_counter() - t) * 1e3)
     return times
+
+
+def weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters, and the integer weights runtime layers hold as buffers."""
+    return list(model.parameters()) + [b for b in model.buffers() if b.dtype == torch.int8]

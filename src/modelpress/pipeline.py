@@ -18,6 +18,7 @@ from torch import nn
 from .errors import ModelpressError
 from .format.container import container_overhead
 from .format.mpz import decode_state_dict, encode_model
+from .measure import weights
 from .recipe import (ClusterConfig, DistillConfig, FactorizeConfig, FinetuneConfig, PruneConfig, QuantizeConfig,
                      Recipe, StageConfig)
 from .report import Report, StageRow
@@ -113,17 +114,13 @@ def canonicalize(model: nn.Module, state: CompressionState, meta: dict | None = 
 def measure(model: nn.Module, stage: str, manifest: dict, streams: dict[str, bytes], fp32_bytes: int,
             seconds: float, eval_fn: Callable | None) -> StageRow:
     nbytes = sum(map(len, streams.values())) + container_overhead(manifest, streams)
-    weights = _weights(model)
-    n = sum(p.numel() for p in weights)
-    zeros = sum(int((p == 0).sum()) for p in weights)
+    ws = weights(model)
+    n = sum(p.numel() for p in ws)
+    zeros = sum(int((p == 0).sum()) for p in ws)
     return StageRow(stage=stage, bytes=nbytes, ratio=fp32_bytes / nbytes, params=n,
                     sparsity=zeros / max(1, n), bits_per_param=8 * nbytes / max(1, n), seconds=seconds,
                     metrics=evaluate(model, eval_fn))
 
-
-def _weights(model: nn.Module) -> list[torch.Tensor]:
-    """Parameters, and the integer weights runtime layers hold as buffers."""
-    return list(model.parameters()) + [b for b in model.buffers() if b.dtype == torch.int8]
 
 
 def evaluate(model: nn.Module, eval_fn: Callable | None) -> dict[str, float]:
@@ -178,5 +175,5 @@ def run_pipeline(model: nn.Module, recipe: Recipe, ctx: TrainContext, eval_fn: C
 
 
 def _sparsity(model: nn.Module) -> float:
-    weights = _weights(model)
-    return sum(int((p == 0).sum()) for p in weights) / max(1, sum(p.numel() for p in weights))
+    ws = weights(model)
+    return sum(int((p == 0).sum()) for p in ws) / max(1, sum(p.numel() for p in ws))

@@ -11,7 +11,9 @@ the pipeline used, so a loaded model is bitwise identical to the one compressed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -92,6 +94,17 @@ def encode_tensor(name: str, t: torch.Tensor, st: ParamState | None, key: str | 
     return entry, streams
 
 
+@contextlib.contextmanager
+def _decoding(name: str, what: str) -> Iterator[None]:
+    """Any failure inside a stream decoder becomes CorruptStream naming the tensor."""
+    try:
+        yield
+    except CorruptStream:
+        raise
+    except Exception as e:
+        raise CorruptStream(f"tensor {name!r}: {what}: {e}") from None
+
+
 def _stream(streams: dict[str, bytes], key: str) -> bytes:
     if key not in streams:
         raise CorruptStream(f"stream {key!r} is missing")
@@ -143,12 +156,8 @@ def decode_tensor(name: str, entry: dict, streams: dict[str, bytes], key: str | 
     masked = entry.get("masked", kind == "sp")
     mask = None
     if masked:
-        try:
+        with _decoding(name, "mask does not decode"):
             mask = torch.from_numpy(decode_mask(_stream(streams, f"{key}/mask"), mask_2d(shape)).copy())
-        except CorruptStream:
-            raise
-        except Exception as e:
-            raise CorruptStream(f"tensor {name!r}: mask does not decode: {e}") from None
         mask = mask.reshape(shape)
     n = int(mask.sum()) if mask is not None else numel
     if kind == "sp":
@@ -199,13 +208,9 @@ def _encode_planes(half: torch.Tensor) -> tuple[bytes, bytes]:
 
 
 def _decode_planes(name: str, streams: dict[str, bytes], key: str, count: int) -> torch.Tensor:
-    try:
+    with _decoding(name, "scales do not decode"):
         hi = decode_symbols(_stream(streams, f"{key}/scale_hi"), count)
         lo = decode_symbols(_stream(streams, f"{key}/scale_lo"), count)
-    except CorruptStream:
-        raise
-    except Exception as e:
-        raise CorruptStream(f"tensor {name!r}: scales do not decode: {e}") from None
     if (hi > 255).any() or (lo > 255).any():
         raise CorruptStream(f"tensor {name!r}: a scale byte is out of range")
     return torch.from_numpy(((hi << 8) | lo).astype(np.uint16).view(np.int16).copy()).view(torch.float16)
@@ -216,12 +221,8 @@ def _decode_ent(name: str, entry: dict, streams: dict[str, bytes], key: str, sha
     if info is None:
         raise CorruptStream(f"tensor {name!r}: kind 'ent' needs an integer dtype of at most 16 bits")
     lo = _int_field(name, entry, "min", info.min, info.max)
-    try:
+    with _decoding(name, "codes do not decode"):
         symbols = decode_symbols(_stream(streams, f"{key}/codes"), numel).astype(np.int64)
-    except CorruptStream:
-        raise
-    except Exception as e:
-        raise CorruptStream(f"tensor {name!r}: codes do not decode: {e}") from None
     values = torch.from_numpy(symbols) + lo
     if numel and int(values.max()) > info.max:
         raise CorruptStream(f"tensor {name!r}: a value is outside the range of {entry.get('dtype')}")

@@ -7,6 +7,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..state import split_name
+
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -28,6 +30,12 @@ def target_params(model: nn.Module, exclude: Iterable[str] = (), *, bias: bool =
     return out
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` is."""
+    parent, child = split_name(name)
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def linearize(model: nn.Module) -> int:
     """Replace transformers' `Conv1D` (GPT-2's Linear with a transposed weight) by an equivalent
     `nn.Linear`, so every technique sees one layer type. Returns how many were replaced."""
@@ -42,6 +50,5 @@ def linearize(model: nn.Module) -> int:
             lin.weight.copy_(m.weight.t())
             if m.bias is not None:
                 lin.bias.copy_(m.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, lin)
+        replace_module(model, name, lin)
     return len(swaps)

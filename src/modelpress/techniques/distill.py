@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelpressError
 from .finetune import TrainContext, call_model, logits_of
 
 
@@ -66,7 +67,6 @@ def _has_logits(output: Any) -> bool:
 def distill_batch_loss(model: nn.Module, inputs: Any, ctx: TrainContext, hidden: bool = False) -> torch.Tensor:
     """The distillation loss of one batch of inputs against `ctx.teacher`."""
     if ctx.teacher is None:
-        from ..errors import ModelpressError
         raise ModelpressError("distillation needs the teacher model; none was given")
     names = [n for n in block_names(model) if n in set(block_names(ctx.teacher))] if hidden else []
     with capture(model, names) as s_blocks:

@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import ModelpressError
 from ..runtime.lowrank import LowRankLinear, TuckerConv2d
 from ..state import CompressionState
-from .common import excluded
+from .common import excluded, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ def factorize(model: nn.Module, state: CompressionState, *, rank: int | None = N
         new = factorize_linear(m, **how) if isinstance(m, nn.Linear) else factorize_conv(m, **how)
         if new is None:
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        replace_module(model, name, new)
         done.append((name, sum(p.numel() for p in m.parameters()), sum(p.numel() for p in new.parameters())))
     if not done:
         log.warning("factorize: no layer would get fewer parameters at these settings; nothing changed")

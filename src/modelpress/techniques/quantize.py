@@ -16,9 +16,9 @@ from torch import nn
 
 from ..errors import ModelpressError
 from ..runtime.int8 import Int8Linear
-from ..state import CompressionState, broadcast_scale
+from ..state import CompressionState, broadcast_scale, split_name
 from .calibrate import calibration_batches, collect_hessians
-from .common import excluded, target_params
+from .common import excluded, replace_module, target_params
 from .gptq import gptq
 from .mixed import allocate, sensitivities
 
@@ -106,8 +106,8 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
         widths = mixed_bits(model, params, bits, group_size, avg_bits, budget_mb, calib_data, progress)
     hessians = {}
     if method == "gptq":
-        linears = {n: model.get_submodule(n.rpartition(".")[0]) for n in params
-                   if n.endswith(".weight") and isinstance(model.get_submodule(n.rpartition(".")[0]), nn.Linear)}
+        owners = {n: model.get_submodule(split_name(n)[0]) for n in params if n.endswith(".weight")}
+        linears = {n: m for n, m in owners.items() if isinstance(m, nn.Linear)}
         hessians = collect_hessians(model, linears, calib_data, progress=progress)
     with torch.no_grad():
         for i, (name, p) in enumerate(params.items()):
@@ -117,7 +117,7 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
                 st.codebook = quantize_tensor(st.codebook, s, bits).float() * s
                 p.copy_(st.codebook[st.codes] * (st.mask if st.mask is not None else 1))
                 continue
-            group = group_size if p.dim() > 1 and group_size is not None and group_size < p[0].numel() else None
+            group = _group_for(p, group_size)
             b = widths[name]
             if name in hessians and per_channel:
                 st.codes, st.scale = gptq(p.detach(), hessians.pop(name), b, group, mask=st.mask)
@@ -154,8 +154,7 @@ def mixed_bits(model: nn.Module, params: dict[str, nn.Parameter], bits: int, gro
     if budget < bits * sum(sizes.values()):
         raise ModelpressError(f"quantize: the size budget ({budget_mb} MB / avg_bits {avg_bits}) is smaller than "
                               f"{bits} bits for every weight; lower 'bits' or raise the budget")
-    g = {k: (group_size if p.dim() > 1 and group_size is not None and group_size < p[0].numel() else None)
-         for k, p in params.items()}
+    g = {k: _group_for(p, group_size) for k, p in params.items()}
 
     def rtn(name: str, w: torch.Tensor) -> torch.Tensor:
         group = g[name]
@@ -168,11 +167,16 @@ def mixed_bits(model: nn.Module, params: dict[str, nn.Parameter], bits: int, gro
     return widths
 
 
-def _n_scales(p: torch.Tensor, group: int | None) -> int:
+def _group_for(p: torch.Tensor, group_size: int | None) -> int | None:
+    """The group size a tensor is quantized with: none for vectors or groups as wide as a row."""
+    return group_size if p.dim() > 1 and group_size is not None and group_size < p[0].numel() else None
+
+
+def _n_scales(p: torch.Tensor, group_size: int | None) -> int:
     if p.dim() < 2:
         return 1
-    cols = p[0].numel()
-    return p.shape[0] * (-(-cols // group) if group is not None and group < cols else 1)
+    group = _group_for(p, group_size)
+    return p.shape[0] * (-(-p[0].numel() // group) if group is not None else 1)
 
 
 def to_int8_linear(model: nn.Module, state: CompressionState) -> int:
@@ -187,8 +191,7 @@ def to_int8_linear(model: nn.Module, state: CompressionState) -> int:
         new = Int8Linear.from_codes(codes, st.scale, module.bias)
         tied = [n for n, p in model.named_parameters(remove_duplicate=False)
                 if p is module.weight and n != f"{name}.weight"]  # e.g. an embedding tied to an LM head
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        replace_module(model, name, new)
         del state.params[f"{name}.weight"]
         if tied:  # the other user keeps the float weight, still on the same grid
             state.params[tied[0]] = st
