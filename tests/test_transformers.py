@@ -5,6 +5,7 @@ import torch
 import modelpress as mp
 from modelpress.errors import CorruptStream
 from modelpress.format import arch
+from modelpress.graph import trace
 from modelpress.runtime import Int8Linear
 
 transformers = pytest.importorskip("transformers")
@@ -120,3 +121,43 @@ def test_factorized_encoder_recovers_by_hidden_state_distillation(tmp_path):
     result.save(tmp_path / "f.mpz")
     with torch.no_grad():
         assert torch.equal(mp.load(tmp_path / "f.mpz")(**x).last_hidden_state, result.model(**x).last_hidden_state)
+
+
+def test_bert_loses_whole_heads_and_ffn_neurons_and_loads_without_user_code(tmp_path):
+    torch.manual_seed(0)
+    model = bert()
+    result = mp.compress(model, {"stages": [{"prune": {"granularity": "channel", "sparsity": 0.5,
+                                                       "criterion": "activation"}}]}, calib_data=batches())
+    small = result.model
+    for layer in small.encoder.layer:
+        att = layer.attention
+        heads = att.self.query.out_features
+        assert heads == att.self.key.out_features == att.self.value.out_features == att.output.dense.in_features
+        assert heads % 16 == 0 and 0 < heads < 64  # whole heads of 16 channels
+        assert layer.intermediate.dense.out_features == layer.output.dense.in_features < 128
+    assert sum(p.numel() for p in small.parameters()) < 0.85 * sum(p.numel() for p in model.parameters())
+    x = batches(1)[0]
+    with torch.no_grad():
+        out = small(**x).last_hidden_state
+    assert out.shape == model(**x).last_hidden_state.shape  # the hidden size, the model's output, is kept
+    path = tmp_path / "p.mpz"
+    result.save(path)
+    loaded = mp.load(path)  # rebuilt from config plus the resized layers, no user code
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).last_hidden_state, out)
+
+
+def test_head_granularity_keeps_the_ffn_and_grouped_query_attention_is_left_alone():
+    layers = mp.compress(bert(), {"stages": [{"prune": {"granularity": "head", "sparsity": 0.5, "scope": "layer"}}]},
+                         calib_data=batches()).model.encoder.layer
+    assert [layer.attention.self.query.out_features for layer in layers] == [32, 32]  # 2 of 4 heads
+    assert [layer.intermediate.dense.out_features for layer in layers] == [128, 128]
+    model = llama()  # 4 query heads share 2 key/value heads: not pruned, and said why
+    result = mp.compress(model, {"stages": [{"prune": {"granularity": "channel", "sparsity": 0.5,
+                                                       "scope": "layer"}}]}, calib_data=batches())
+    assert all(layer.self_attn.q_proj.out_features == 64 for layer in result.model.layers)
+    notes = trace(model, {k: v[:2] for k, v in batches(1)[0].items()}).notes
+    assert any(n.startswith("layers.0.self_attn: ") for n in notes)  # names the layer it could not follow
+    mlp = result.model.layers[0].mlp
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 64

@@ -37,8 +37,9 @@ def file_meta(recipe: Recipe) -> dict:
     return {"recipe": recipe.to_dict()}
 
 
-def as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
-    """A Recipe from a Recipe, a preset name, a YAML path or text, or a parsed mapping."""
+def as_recipe(recipe: Recipe | str | Path | dict, model: nn.Module | None = None) -> Recipe:
+    """A Recipe from a Recipe, a preset name (in its form for `model`), a YAML path or text, or a
+    parsed mapping."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
@@ -47,7 +48,7 @@ def as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
         from .presets import PRESETS
 
         if isinstance(recipe, str) and recipe in PRESETS:
-            return Recipe.preset(recipe)
+            return Recipe.preset(recipe, model)
         if isinstance(recipe, str) and recipe.strip() and not any(c in recipe for c in ":\n{[") \
                 and not recipe.endswith((".yaml", ".yml", ".json")) and not Path(recipe).exists():
             raise RecipeError(f"Unknown preset {recipe!r}. Available presets: {sorted(PRESETS)}; "
@@ -72,7 +73,7 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     """
     if not isinstance(model, nn.Module):
         raise ModelpressError(f"model must be a torch.nn.Module. Got {type(model).__name__} instead.")
-    recipe = as_recipe(recipe)
+    recipe = as_recipe(recipe, model)
     teacher = copy.deepcopy(model).float().cpu().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

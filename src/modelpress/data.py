@@ -136,10 +136,20 @@ def text_paragraphs(min_chars: int = 80) -> list[str]:
     return [p.strip() for v in topics.values() for p in v.split("\n\n") if len(p.strip()) > min_chars]
 
 
-def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 128) -> list[dict]:
-    """Tokenizer outputs (dicts of tensors) for `texts`, `batch_size` at a time."""
-    return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 128,
+                 by_length: bool = False) -> list[dict]:
+    """Tokenizer outputs (dicts of tensors) for `texts`, `batch_size` at a time. With `by_length`,
+    texts of similar length share a batch (far less padding to compute on; the batches' order is
+    shuffled with a fixed seed, so training does not run from short texts to long)."""
+    if by_length:
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+        texts = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
+    batches = [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+    if by_length:
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(0)).tolist()
+        batches = [batches[i] for i in order]
+    return batches
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -56,10 +56,11 @@ class Run:
 
 @handles(PruneConfig)
 def _prune(model: nn.Module, state: CompressionState, cfg: PruneConfig, run: Run) -> None:
-    if cfg.granularity != "element":  # channel, filter and neuron are one operation: whole output channels
+    if cfg.granularity != "element":  # channel: filters, neurons and whole heads; filter/neuron; head
         criterion = "l1" if cfg.criterion == "magnitude" else cfg.criterion
+        units = {"channel": "all", "head": "heads"}.get(cfg.granularity, "channels")
         prune_channels(model, state, sparsity=cfg.sparsity, criterion=criterion, scope=cfg.scope,
-                       exclude=run.exclude(cfg), ctx=run.ctx)
+                       exclude=run.exclude(cfg), ctx=run.ctx, units=units, refit=cfg.refit)
         return
     prune(model, state, sparsity=cfg.sparsity, criterion=cfg.criterion, scope=cfg.scope,
           schedule=cfg.schedule, steps=cfg.steps, epochs=cfg.epochs, lr=cfg.lr,

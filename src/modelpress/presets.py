@@ -36,12 +36,25 @@ stages:
 
 FAST = """\
 # Faster models: 60% of the prunable channels (conv filters, Linear neurons) go, chosen by Taylor
-# importance over the whole network, and the layers really shrink; then label-free distillation from
-# the original recovers accuracy. For models torch.fx can trace (not yet transformers).
+# importance over the whole network, and the layers really shrink (each Linear that loses inputs is
+# refitted to its calibration outputs); then label-free distillation from the original recovers accuracy.
 stages:
   - prune: {granularity: channel, sparsity: 0.6, criterion: taylor, scope: global}
   - distill: {epochs: 10, lr: 1.0e-3}
 """
+
+FAST_TRANSFORMER = """\
+# Faster transformers (what `fast` means for a model with attention layers): 40% of the attention
+# heads and FFN neurons go, ranked by what they contribute to the next layer's output on calibration
+# data; the output projections are refitted by least squares; then distillation from the original
+# (last and intermediate hidden states, dropout off) at a fine-tuning learning rate.
+stages:
+  - prune: {granularity: channel, sparsity: 0.4, criterion: activation, scope: global}
+  - distill: {epochs: 3, lr: 1.5e-4, hidden: true}
+"""
+
+# presets whose transformer form differs: chosen when the model has attention layers
+TRANSFORMER_PRESETS: dict[str, str] = {"fast": FAST_TRANSFORMER}
 
 PRESETS: dict[str, str] = {
     "deep-compression": DEEP_COMPRESSION,
@@ -50,3 +63,8 @@ PRESETS: dict[str, str] = {
     "w3": W3,
     "fast": FAST,
 }
+
+
+def has_attention(model) -> bool:
+    """True for a model with attention layers (a transformers model, or any module class named *Attention*)."""
+    return any("Attention" in type(m).__name__ for m in model.modules())

@@ -31,19 +31,23 @@ class StageConfig(BaseModel):
 
 @register_stage
 class PruneConfig(StageConfig):
-    """Unstructured pruning to `sparsity` with recovery training spread over the schedule."""
+    """Pruning to `sparsity`: of single weights (granularity: element, with recovery training spread
+    over the schedule), or of whole channels, neurons and attention heads, so layers shrink (channel:
+    all of them; filter or neuron: conv filters and Linear neurons; head: attention heads). With
+    `refit`, a Linear that loses inputs is refitted to its calibration outputs."""
 
     key: ClassVar[str] = "prune"
     sparsity: Union[float, Literal["auto"]]
     max_sparsity: float = Field(default=0.99, gt=0.0, lt=1.0)  # for sparsity: auto
     tolerance: float = Field(default=1.5, gt=0.0, le=100.0)    # points of top-1 agreement, for auto
-    granularity: Literal["element", "channel", "filter", "neuron"] = "element"
-    criterion: Literal["magnitude", "taylor", "l1", "l2", "bn_scale"] = "magnitude"
+    granularity: Literal["element", "channel", "filter", "neuron", "head"] = "element"
+    criterion: Literal["magnitude", "taylor", "l1", "l2", "bn_scale", "activation"] = "magnitude"
     scope: Literal["global", "layer"] = "global"
     schedule: Literal["oneshot", "agp"] = "oneshot"
     steps: int = Field(default=10, ge=1, le=1000)
     epochs: float = Field(default=0.0, ge=0.0)
     lr: float = Field(default=1e-3, gt=0.0, lt=1.0)
+    refit: bool = True  # structured only
 
     @field_validator("sparsity", mode="before")
     @classmethod
@@ -54,7 +58,7 @@ class PruneConfig(StageConfig):
 
     @model_validator(mode="after")
     def _structured(self) -> "PruneConfig":
-        if self.granularity == "element" and self.criterion in ("l1", "l2", "bn_scale"):
+        if self.granularity == "element" and self.criterion in ("l1", "l2", "bn_scale", "activation"):
             raise ValueError(f"criterion {self.criterion!r} ranks whole channels; with granularity: element use "
                              "'magnitude' or 'taylor'")
         if self.granularity != "element" and self.sparsity == "auto":
@@ -200,12 +204,15 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def preset(cls, name: str) -> "Recipe":
-        """A named recipe; see `PRESETS`."""
-        from .presets import PRESETS
+    def preset(cls, name: str, model: Any = None) -> "Recipe":
+        """A named recipe; see `PRESETS`. Given the model, a preset with a transformer form
+        (`TRANSFORMER_PRESETS`) takes it when the model has attention layers."""
+        from .presets import PRESETS, TRANSFORMER_PRESETS, has_attention
 
         if name not in PRESETS:
             raise RecipeError(f"Unknown preset {name!r}. Available presets: {sorted(PRESETS)}.")
+        if name in TRANSFORMER_PRESETS and model is not None and has_attention(model):
+            return cls.from_yaml(TRANSFORMER_PRESETS[name])
         return cls.from_yaml(PRESETS[name])
 
 

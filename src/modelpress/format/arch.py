@@ -26,7 +26,10 @@ _ALLOWED = {cls.__name__: cls for cls in (
     nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Dropout,
     nn.Dropout2d, nn.Identity, nn.Embedding,
 )} | RUNTIME_MODULES
-_SWAPPABLE = {"Linear": nn.Linear} | RUNTIME_MODULES  # layers that may stand in for a transformers layer
+# layers that may stand in for a transformers layer (a runtime layer, Conv1D as Linear, or a pruned,
+# smaller layer of the same type)
+_SWAPPABLE = {"Linear": nn.Linear, "LayerNorm": nn.LayerNorm, "Conv2d": nn.Conv2d, "Conv1d": nn.Conv1d,
+              "BatchNorm2d": nn.BatchNorm2d, "BatchNorm1d": nn.BatchNorm1d} | RUNTIME_MODULES
 _SKIP_ARGS = {"self", "device", "dtype", "args", "kwargs", "_weight", "_freeze"}
 _MAX_DEPTH = 64
 
@@ -86,8 +89,8 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def _describe_hf(model: nn.Module) -> dict | None:
-    """Class and config, plus every layer whose type differs from what the class builds (modelpress
-    runtime layers, or nn.Linear in place of transformers' Conv1D)."""
+    """Class and config, plus every layer whose type or shape differs from what the class builds
+    (modelpress runtime layers, nn.Linear in place of transformers' Conv1D, layers pruned smaller)."""
     import transformers
 
     cls = type(model).__name__
@@ -99,7 +102,9 @@ def _describe_hf(model: nn.Module) -> dict | None:
     except CorruptStream:
         return None
     for name, m in model.named_modules():
-        if name in reference and type(reference[name]) is type(m) or any(name.startswith(s + ".") for s in spec["swaps"]):
+        ref = reference.get(name)
+        if ref is not None and type(ref) is type(m) and (len(list(m.children())) or _ctor_args(ref) == _ctor_args(m)) \
+                or any(name.startswith(s + ".") for s in spec["swaps"]):
             continue  # unchanged, or a part of a swapped-in layer (its constructor builds it)
         if _SWAPPABLE.get(type(m).__name__) is not type(m) or (len(list(m.children())) and type(m).__name__
                                                                   not in RUNTIME_MODULES):

@@ -26,8 +26,13 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
                     log_target=True, reduction="batchmean") * t * t
 
 
-def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error relative to the teacher's mean square; with a token `mask` ([batch, tokens],
+    a tokenizer's attention_mask), only the real tokens count, not the padding."""
+    if mask is None or tuple(mask.shape) != tuple(teacher.shape[:2]) or teacher.dim() < 3:
+        return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+    w = mask.to(teacher.dtype).unsqueeze(-1)
+    return ((student - teacher).pow(2) * w).sum() / (teacher.pow(2) * w).sum().clamp_min(1e-12)
 
 
 def block_names(model: nn.Module) -> list[str]:
@@ -74,9 +79,10 @@ def distill_batch_loss(model: nn.Module, inputs: Any, ctx: TrainContext, hidden:
     with torch.no_grad(), capture(ctx.teacher, names) as t_blocks:
         t_out = call_model(ctx.teacher, inputs)
     s, t = logits_of(out), logits_of(t_out)
-    loss = distill_loss(s, t, ctx.temperature) if _has_logits(t_out) else relative_mse(s, t)
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    loss = distill_loss(s, t, ctx.temperature) if _has_logits(t_out) else relative_mse(s, t, mask)
     pairs = [(s_blocks[n], t_blocks[n]) for n in names if n in s_blocks and n in t_blocks
              and s_blocks[n].shape == t_blocks[n].shape and s_blocks[n].is_floating_point()]
     if pairs:
-        loss = loss + sum(relative_mse(a, b) for a, b in pairs) / len(pairs)
+        loss = loss + sum(relative_mse(a, b, mask) for a, b in pairs) / len(pairs)
     return loss

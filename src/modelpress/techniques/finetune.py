@@ -7,6 +7,7 @@ in the `CompressionState` (masks, codebooks, quantization grids) hold throughout
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -101,7 +102,7 @@ def train(model: nn.Module, state: CompressionState, ctx: TrainContext, *, epoch
     n_batches = _count(data)
     total = max(1, int(round(epochs * n_batches)))
     steps = 0
-    with constrained(model, state):
+    with constrained(model, state), _no_dropout(model, ctx.distill):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
@@ -122,6 +123,20 @@ def train(model: nn.Module, state: CompressionState, ctx: TrainContext, *, epoch
                     break
         model.eval()
     return steps
+
+
+@contextlib.contextmanager
+def _no_dropout(model: nn.Module, active: bool):
+    """Dropout off while a student distills: it should match the teacher's function, not a noisy copy
+    of it (transformers read their attention dropout from the Dropout layers' `p`, so `p` goes to 0)."""
+    saved = {m: m.p for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)} if active else {}
+    for m in saved:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in saved.items():
+            m.p = p
 
 
 def _count(data: Iterable) -> int:

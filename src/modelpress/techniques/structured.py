@@ -7,6 +7,7 @@ The result is a plain, smaller model: no masks."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -16,33 +17,108 @@ from ..errors import ModelpressError
 from ..graph import ChannelGraph, Layout, trace
 from ..state import CompressionState
 from .common import excluded
-from .finetune import TrainContext, batch_loss, split_batch
+from .finetune import TrainContext, batch_loss, call_model, split_batch
 
 log = logging.getLogger(__name__)
 
 
 def channel_importance(model: nn.Module, graph: ChannelGraph, criterion: str,
-                       grads: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
-    """Per group, one score per channel, summed over the group's producers: |w . grad| (taylor),
-    row norms (l1, l2; also taylor's fallback where a layer has no gradient), or BatchNorm |gamma|."""
-    scores = {}
+                       grads: dict[str, torch.Tensor] | None = None,
+                       inputs: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """Per group, one score per channel, summed over the weights the channel owns: its producers' rows
+    and its consumers' columns. |w . grad| (taylor), norms (l1, l2; also taylor's fallback where a layer
+    has no gradient), BatchNorm |gamma| (bn_scale), or, for `activation`, what removing the channel
+    takes from each consumer's output: the column's norm times the input's RMS on calibration data."""
+    grads, inputs = grads or {}, inputs or {}
+
+    def per_index(w: torch.Tensor, name: str, dim: int) -> torch.Tensor:  # one score per index of `dim`
+        w = w.detach().transpose(0, dim).flatten(1)
+        g = grads.get(name)
+        if criterion == "activation":
+            return w.pow(2).sum(1).sqrt() * inputs[name] if dim == 1 and name in inputs else torch.zeros(len(w))
+        if criterion == "taylor" and g is not None:
+            return (w * g.transpose(0, dim).flatten(1)).abs().sum(1)
+        return w.pow(2).sum(1).sqrt() if criterion == "l2" else w.abs().sum(1)
+
+    scores = {gid: torch.zeros(g.size) for gid, g in graph.groups.items()}
     for gid, g in graph.groups.items():
-        s = torch.zeros(g.size)
         for name in g.producers:
-            w = model.get_submodule(name).weight.detach().flatten(1)
-            if criterion == "taylor" and grads and name in grads:
-                s += (w * grads[name].flatten(1)).abs().sum(1)
-            elif criterion == "l2":
-                s += w.pow(2).sum(1).sqrt()
-            else:
-                s += w.abs().sum(1)
-        if criterion == "bn_scale":
+            scores[gid] += per_index(model.get_submodule(name).weight, name, 0)
+    for name, layout in graph.consumers.items():
+        cols, offset = per_index(model.get_submodule(name).weight, name, 1), 0
+        for s in layout:
+            width = s.length * s.inner
+            if s.group in scores:
+                scores[s.group] += cols[offset:offset + width].view(s.length, s.inner).sum(1)
+            offset += width
+    if criterion == "bn_scale":
+        for gid, g in graph.groups.items():
             bns = [model.get_submodule(n) for n in g.coupled]
             bns = [m for m in bns if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.weight is not None]
             if bns:
-                s = sum(m.weight.detach().abs() for m in bns)
-        scores[gid] = s
+                scores[gid] = sum(m.weight.detach().abs() for m in bns)
     return scores
+
+
+@dataclass
+class InputStats:
+    """A consumer's inputs on calibration data: each feature's mean square (Linear columns, conv
+    channels), and for a Linear the mean and the second-moment matrix E[x x^T]."""
+    mean_square: torch.Tensor
+    mean: torch.Tensor | None = None
+    moment: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def input_stats(model: nn.Module, ctx: TrainContext, names: list[str], batches: int = 8) -> dict[str, InputStats]:
+    """`InputStats` of the named layers over up to `batches` calibration (else training) batches."""
+    acc: dict[str, list] = {}
+
+    def hook(name: str):
+        def fn(m, args):
+            x = args[0].detach().double()
+            linear = isinstance(m, nn.Linear)
+            x = x.reshape(-1, x.shape[-1]) if linear else x.transpose(0, 1).flatten(1).T
+            a = acc.setdefault(name, [0, 0.0, 0.0, 0.0])
+            a[0] += x.shape[0]
+            a[1] = a[1] + x.pow(2).sum(0)
+            if linear:
+                a[2], a[3] = a[2] + x.sum(0), a[3] + x.T @ x
+        return fn
+
+    data = ctx.calib_data if ctx.calib_data is not None else ctx.train_data
+    if data is None:
+        raise ModelpressError("structured pruning needs calib_data or train_data (a few batches of inputs) to "
+                              "measure what each layer receives")
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(data):
+            if i >= batches:
+                break
+            call_model(model, split_batch(batch)[0])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    return {n: InputStats(ms / k, None if isinstance(s1, float) else s1 / k, None if isinstance(m2, float) else m2 / k)
+            for n, (k, ms, s1, m2) in acc.items()}
+
+
+def compensate(m: nn.Linear, cols: torch.Tensor, stats: InputStats, damp: float = 1e-2) -> None:
+    """Keep input columns `cols` of `m`, refitting the kept weights (and the bias) by least squares so
+    that the layer's output on the calibration inputs changes as little as possible: the removed
+    features' contribution is carried by the kept features they correlate with, and by their mean."""
+    w = m.weight.detach().double()
+    cov = stats.moment - torch.outer(stats.mean, stats.mean) if m.bias is not None else stats.moment
+    kk = cov[cols][:, cols]
+    kk = kk + damp * kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(cols), dtype=kk.dtype)
+    new = torch.linalg.solve(kk, (w @ cov[:, cols]).T).T
+    if m.bias is not None:
+        m.bias.data = (m.bias.detach().double() + w @ stats.mean - new @ stats.mean[cols]).to(m.bias.dtype)
+    m.weight = nn.Parameter(new.to(m.weight.dtype), requires_grad=m.weight.requires_grad)
+    m.in_features = len(cols)
 
 
 def _taylor_grads(model: nn.Module, ctx: TrainContext, names: list[str], batches: int = 8) -> dict[str, torch.Tensor]:
@@ -64,17 +140,24 @@ def _taylor_grads(model: nn.Module, ctx: TrainContext, names: list[str], batches
     return grads
 
 
-def choose_kept(scores: dict[int, torch.Tensor], sparsity: float, scope: str) -> dict[int, torch.Tensor]:
-    """Sorted indices of the channels each group keeps (at least one)."""
+def choose_kept(scores: dict[int, torch.Tensor], sparsity: float, scope: str,
+                blocks: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
+    """Sorted indices of the channels each group keeps (at least one unit). A group with a block size
+    (attention heads) is ranked and kept in whole blocks, each scored by the sum of its channels."""
+    blocks = blocks or {}
+    units = {g: s.view(-1, blocks.get(g, 1)).sum(1) for g, s in scores.items()}
     if scope == "layer":
-        return {g: _top(s, max(1, s.numel() - int(sparsity * s.numel()))) for g, s in scores.items()}
-    normed = {g: s / s.mean().clamp_min(1e-12) for g, s in scores.items()}  # comparable across layers
-    allv = torch.cat(list(normed.values()))
-    n_prune = int(sparsity * allv.numel())
-    if n_prune == 0:
-        return {g: torch.arange(s.numel()) for g, s in scores.items()}
-    threshold = allv.kthvalue(n_prune).values
-    return {g: _top(s, max(1, int((s > threshold).sum()))) for g, s in normed.items()}
+        keep = {g: _top(u, max(1, u.numel() - int(sparsity * u.numel()))) for g, u in units.items()}
+    else:
+        normed = {g: u / u.mean().clamp_min(1e-12) for g, u in units.items()}  # comparable across layers
+        allv = torch.cat(list(normed.values()))
+        n_prune = int(sparsity * allv.numel())
+        if n_prune == 0:
+            keep = {g: torch.arange(u.numel()) for g, u in units.items()}
+        else:
+            threshold = allv.kthvalue(n_prune).values
+            keep = {g: _top(u, max(1, int((u > threshold).sum()))) for g, u in normed.items()}
+    return {g: (k[:, None] * blocks.get(g, 1) + torch.arange(blocks.get(g, 1))).flatten() for g, k in keep.items()}
 
 
 def _top(s: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,30 +167,46 @@ def _top(s: torch.Tensor, k: int) -> torch.Tensor:
 def example_input(ctx: TrainContext) -> Any:
     for batch in ctx.calib_data if ctx.calib_data is not None else (ctx.train_data or []):
         inputs, _ = split_batch(batch)
+        if isinstance(inputs, dict):
+            return {k: v[:2] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         return inputs[:2] if isinstance(inputs, torch.Tensor) else inputs
     raise ModelpressError("structured pruning needs one example batch to trace shapes: pass train_data or calib_data")
 
 
 def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float, criterion: str = "l1",
-                   scope: str = "global", exclude: Iterable[str] = (), ctx: TrainContext) -> dict[str, Any]:
-    """Remove `sparsity` of the prunable channels; returns a summary (channels before/after, notes)."""
+                   scope: str = "global", exclude: Iterable[str] = (), ctx: TrainContext,
+                   units: str = "all", refit: bool = True) -> dict[str, Any]:
+    """Remove `sparsity` of the prunable channels; returns a summary (channels before/after, notes).
+
+    With `refit`, each Linear that loses input columns has its kept weights refitted by least squares
+    on calibration inputs (`compensate`).
+
+    `units`: "all" (channels and whole attention heads), "channels" (conv filters and Linear neurons
+    only) or "heads" (attention heads only)."""
     if state.params:
         raise ModelpressError("structured pruning must come before unstructured pruning, clustering or "
                               "quantization in the recipe")
     graph = trace(model, example_input(ctx))
     exclude = list(exclude)
     for g in graph.groups.values():
-        if any(excluded(n, exclude) for n in g.producers + g.coupled):
+        if any(excluded(n, exclude) for n in g.producers + g.coupled) or \
+                units == "heads" and g.block == 1 or units == "channels" and g.block > 1:
             g.frozen = True
     live = {gid: g for gid, g in graph.groups.items() if not g.frozen}
-    for note in graph.notes:
-        log.warning("structured pruning: %s", note)
+    if graph.notes:
+        log.warning("structured pruning keeps the channels that reach %d operation(s) it does not follow: %s",
+                    len(graph.notes), "; ".join(graph.notes[:6]) + ("; ..." if len(graph.notes) > 6 else ""))
     if not live:
-        raise ModelpressError("structured pruning found no channels it can remove" +
+        what = {"heads": "attention heads", "channels": "channels"}.get(units, "channels")
+        raise ModelpressError(f"structured pruning found no {what} it can remove" +
                               (": " + "; ".join(graph.notes[:3]) if graph.notes else ""))
-    grads = _taylor_grads(model, ctx, [n for g in live.values() for n in g.producers]) if criterion == "taylor" else None
-    scores = channel_importance(model, ChannelGraph(live, graph.consumers), criterion, grads)
-    kept = choose_kept(scores, sparsity, scope)
+    names = [n for g in live.values() for n in g.producers] + list(graph.consumers)
+    grads = _taylor_grads(model, ctx, names) if criterion == "taylor" else None
+    touched = [n for n, layout in graph.consumers.items() if any(s.group in live for s in layout)]
+    stats = input_stats(model, ctx, touched) if criterion == "activation" or refit else {}
+    inputs = {n: st.mean_square.sqrt().float() for n, st in stats.items()}
+    scores = channel_importance(model, ChannelGraph(live, graph.consumers), criterion, grads, inputs)
+    kept = choose_kept(scores, sparsity, scope, {gid: g.block for gid, g in live.items()})
     before = sum(g.size for g in live.values())
     with torch.no_grad():
         for gid, idx in kept.items():
@@ -116,9 +215,11 @@ def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float
             for name in live[gid].coupled:
                 _slice_out(model.get_submodule(name), idx)
         for name, layout in graph.consumers.items():
-            cols = _kept_columns(layout, kept)
-            if cols is not None:
-                _slice_in(model.get_submodule(name), cols)
+            cols, m = _kept_columns(layout, kept), model.get_submodule(name)
+            if cols is not None and refit and isinstance(m, nn.Linear) and stats[name].moment is not None:
+                compensate(m, cols, stats[name])
+            elif cols is not None:
+                _slice_in(m, cols)
     after = sum(int(k.numel()) for k in kept.values())
     return {"channels_before": before, "channels_after": after, "notes": graph.notes}
 
@@ -150,7 +251,7 @@ def _slice_out(m: nn.Module, idx: torch.Tensor) -> None:
     m.weight = _keep(m.weight, idx, 0)
     if getattr(m, "bias", None) is not None:
         m.bias = _keep(m.bias, idx, 0)
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         if m.groups > 1:  # depthwise: one input channel per output channel
             m.in_channels = m.groups = n
         m.out_channels = n
@@ -166,7 +267,7 @@ def _slice_out(m: nn.Module, idx: torch.Tensor) -> None:
 
 def _slice_in(m: nn.Module, cols: torch.Tensor) -> None:
     m.weight = _keep(m.weight, cols, 1)
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         m.in_channels = int(cols.numel())
     else:
         m.in_features = int(cols.numel())
