@@ -161,3 +161,9 @@ def test_head_granularity_keeps_the_ffn_and_grouped_query_attention_is_left_alon
     assert any(n.startswith("layers.0.self_attn: ") for n in notes)  # names the layer it could not follow
     mlp = result.model.layers[0].mlp
     assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 64
+
+
+def test_fast_takes_its_transformer_form_for_a_model_with_attention():
+    fast = mp.Recipe.preset("fast", bert()).to_dict()["stages"]
+    assert fast[0]["prune"]["sparsity"] == 0.4 and fast[1]["distill"]["hidden"] is True
+    assert mp.Recipe.preset("fast", torch.nn.Linear(2, 2)).to_dict()["stages"][0]["prune"]["sparsity"] == 0.6

@@ -42,7 +42,7 @@ class Layout(tuple):
         obj.axis, obj.block = axis, block
         return obj
 
-    def moved(self, axis: int) -> "Layout":
+    def moved(self, axis: int) -> Layout:
         return Layout(self, axis, self.block)
 
 

@@ -35,11 +35,12 @@ stages:
 """
 
 FAST = """\
-# Faster models: 60% of the prunable channels (conv filters, Linear neurons) go, chosen by Taylor
-# importance over the whole network, and the layers really shrink (each Linear that loses inputs is
-# refitted to its calibration outputs); then label-free distillation from the original recovers accuracy.
+# Faster models: 60% of the prunable channels (conv filters, Linear neurons) go, ranked over the whole
+# network by what each contributes to the next layer's output on calibration data, and the layers
+# really shrink (each Linear that loses inputs is refitted to its calibration outputs); then
+# label-free distillation from the original recovers accuracy.
 stages:
-  - prune: {granularity: channel, sparsity: 0.6, criterion: taylor, scope: global}
+  - prune: {granularity: channel, sparsity: 0.6, criterion: activation, scope: global}
   - distill: {epochs: 10, lr: 1.0e-3}
 """
 

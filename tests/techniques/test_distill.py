@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import modelpress as mp
-from modelpress.techniques.distill import block_names, capture, distill_batch_loss
+from modelpress.techniques.distill import block_names, capture, distill_batch_loss, relative_mse
 from modelpress.techniques.finetune import TrainContext
 
 
@@ -42,3 +42,13 @@ def test_distill_stage_ignores_labels_and_moves_the_student_toward_the_teacher(m
     rows = result.report.rows
     assert rows[-1].metrics["agree"] > rows[1].metrics["agree"]  # distilled beats just-quantized
     assert rows[-1].metrics["agree"] > 0.9
+
+
+def test_padding_does_not_count_in_the_hidden_state_loss():
+    teacher = torch.randn(2, 5, 4)
+    student = teacher.clone()
+    student[0, 3:] += 100.0  # junk at padded positions only
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    assert relative_mse(student, teacher, mask).item() == 0.0
+    assert relative_mse(student, teacher).item() > 1.0

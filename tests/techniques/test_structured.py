@@ -8,7 +8,7 @@ from modelpress.data import TinyResNet
 from modelpress.graph import trace
 from modelpress.state import CompressionState
 from modelpress.techniques.finetune import TrainContext
-from modelpress.techniques.structured import prune_channels
+from modelpress.techniques.structured import InputStats, compensate, prune_channels
 
 
 def ResNetish():
@@ -31,7 +31,7 @@ def test_trace_groups_coupled_layers():
     assert [s.length for s in g.consumers["head.0"]] == [24, 8]  # the concat's two parts
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "taylor"])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "taylor", "activation"])
 def test_half_the_channels_go_and_the_model_still_runs(criterion, tmp_path):
     torch.manual_seed(0)
     model = ResNetish().eval()
@@ -129,3 +129,23 @@ def test_global_average_pooling_by_mean_keeps_the_channel_axis():
     prune_channels(model, CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(2, 3, 8, 8)]))
     assert model.conv.out_channels == model.fc.in_features == 6
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+def test_refit_carries_removed_inputs_that_correlate_with_kept_ones():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4096, 6, generator=g)
+    x = torch.cat([base, base[:, :2] * 2 + 0.5 + 0.01 * torch.randn(4096, 2, generator=g)], 1)  # 2 redundant inputs
+    layer = nn.Linear(8, 3)
+    ref = layer(x).detach()
+    stats = InputStats(x.double().pow(2).mean(0), x.double().mean(0), x.double().T @ x.double() / len(x))
+    kept = torch.arange(6)
+    sliced = layer.weight.detach()[:, kept]
+    plain = (x[:, kept] @ sliced.T + layer.bias).detach()
+    compensate(layer, kept, stats, damp=1e-6)
+    assert layer.in_features == 6 and layer.weight.shape == (3, 6)
+    err_plain, err_refit = (plain - ref).pow(2).mean(), (layer(x[:, kept]) - ref).pow(2).mean()
+    assert err_refit < 1e-3 * err_plain  # the removed inputs were (almost) linear in the kept ones
+    full = nn.Linear(8, 3)
+    w = full.weight.detach().clone()
+    compensate(full, torch.arange(8), stats, damp=1e-9)  # nothing removed: the same layer
+    assert torch.allclose(full.weight, w, atol=1e-4)
