@@ -1,3 +1,4 @@
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -37,8 +38,9 @@ def test_demo_writes_a_loadable_artifact(tmp_path):
     assert model(torch.zeros(1, 784)).shape == (1, 10)
 
 
-def test_hugging_face_folder_compresses_loads_and_exports(tmp_path):
-    transformers = __import__("pytest").importorskip("transformers")
+@pytest.mark.parametrize("recipe", ["int8", "fast"])
+def test_hugging_face_folder_compresses_loads_and_exports(recipe, tmp_path):
+    transformers = pytest.importorskip("transformers")
     from test_transformers import bert
 
     folder = tmp_path / "tiny-bert"
@@ -49,11 +51,14 @@ def test_hugging_face_folder_compresses_loads_and_exports(tmp_path):
     model = bert()
     model.save_pretrained(folder)
     out_path = tmp_path / "out.mpz"
-    out = runner.invoke(app, ["compress", str(folder), "--recipe", "int8", "-o", str(out_path)], terminal_width=200)
+    out = runner.invoke(app, ["compress", str(folder), "--recipe", recipe, "-o", str(out_path)], terminal_width=200)
     assert out.exit_code == 0, out.output
     assert "min_cos" in out.output and f"wrote {out_path}" in " ".join(out.output.split())
     loaded = mp.load(out_path)
     assert type(loaded).__name__ == "BertModel"
+    if recipe == "fast":  # heads and FFN neurons gone, distilled on the built-in text
+        assert loaded.encoder.layer[0].intermediate.dense.out_features < 128
+        assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
     onnx_path = tmp_path / "out.onnx"
     out = runner.invoke(app, ["export", str(out_path), "--onnx", str(onnx_path)])
     assert out.exit_code == 0, out.output

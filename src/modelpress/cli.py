@@ -108,8 +108,9 @@ def _load_model(spec: str):
 
 
 def _text_data(folder: str, model):
-    """Calibration batches and an embedding-fidelity eval_fn from built-in English text, for a model
-    folder with a tokenizer (128 paragraphs to calibrate, 64 others to measure)."""
+    """Calibration batches, training batches and an embedding-fidelity eval_fn from built-in English
+    text, for a model folder with a tokenizer (128 paragraphs to calibrate, 64 others to measure,
+    the rest, batched by length, to distill on)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -119,18 +120,19 @@ def _text_data(folder: str, model):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # no tokenizer files: calibration must come another way
         console.print(f"[yellow]no tokenizer in {folder} ({type(e).__name__}); no built-in calibration text[/]")
-        return None, None
+        return None, None, None
     texts = data.text_paragraphs()
     length = min(128, int(getattr(model.config, "max_position_embeddings", 128) or 128),
                  int(getattr(tokenizer, "model_max_length", 128) or 128))
     calib = data.text_batches(tokenizer, texts[:128], max_length=length)
     held_out = data.text_batches(tokenizer, texts[-64:], batch_size=32, max_length=length)
+    train = data.text_batches(tokenizer, texts[:-64], max_length=length, by_length=True)
     try:
         with torch.no_grad():
             model(**held_out[0]).last_hidden_state
     except Exception:  # not an encoder with hidden states: calibrate, but no built-in metric
-        return calib, None
-    return calib, data.embedding_fidelity(model, held_out)
+        return calib, train, None
+    return calib, train, data.embedding_fidelity(model, held_out)
 
 
 @app.command()
@@ -146,7 +148,7 @@ def compress(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face
     split, train, evaluate, calib = None, None, None, None
     if Path(model).is_dir() and not data_name:
         with console.status("tokenizing built-in calibration text (pydoc topics)"):
-            calib, evaluate = _text_data(model, net)
+            calib, train, evaluate = _text_data(model, net)
     if data_name:
         loaders = {"mnist": lambda: data.mnist5k(False), "mnist-image": lambda: data.mnist5k(True),
                    "digits": lambda: data.digits(False), "digits-image": lambda: data.digits(True)}
