@@ -32,7 +32,7 @@ from torch import nn  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 import modelpress as mp  # noqa: E402
-from modelpress.data import pool, text_batches, text_paragraphs  # noqa: E402
+from modelpress.data import neighbours, pool, text_batches, text_paragraphs  # noqa: E402
 from modelpress.export import to_onnx  # noqa: E402
 from modelpress.measure import latencies, machine_line  # noqa: E402
 
@@ -86,12 +86,6 @@ def export_onnx_int8(model: nn.Module, sample: Batch, folder: str) -> str:
 
 def embed(run: Callable[[Batch], torch.Tensor], data: list[Batch]) -> torch.Tensor:
     return torch.cat([pool(run(b).float(), b["attention_mask"]) for b in data])
-
-
-def neighbours(emb: torch.Tensor, k: int = 10) -> torch.Tensor:
-    sim = emb @ emb.T
-    sim.fill_diagonal_(-float("inf"))
-    return sim.topk(k, dim=1).indices
 
 
 def interleaved_latency(rows: list[dict], batch: Batch, repeats: int) -> None:

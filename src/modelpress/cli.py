@@ -1,4 +1,4 @@
-"""The `modelpress` command: demo, compress, inspect."""
+"""The `modelpress` command: demo, compress, compare, inspect, export."""
 from __future__ import annotations
 
 import importlib
@@ -135,33 +135,73 @@ def _text_data(folder: str, model):
     return calib, train, data.embedding_fidelity(model, held_out)
 
 
-@app.command()
-def compress(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face model folder, or "
-                                                   "'package.module:attr'"),
-             recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
-             out: Path = typer.Option(..., "-o", "--out"),
-             data_name: Optional[str] = typer.Option(None, "--data", help="built-in training data: mnist, mnist-image, digits, digits-image")) -> None:
-    """Compress a model with a recipe and write the artifact."""
-    from . import api, data
+_DATA_HELP = "built-in training data: mnist, mnist-image, digits, digits-image"
 
-    net = _load_model(model)
-    split, train, evaluate, calib = None, None, None, None
+
+def _data_for(model: str, net, data_name: str | None) -> dict:
+    """train_data, calib_data, eval_fn and a latency example for MODEL: built-in digits (`--data`),
+    or built-in English text for a Hugging Face folder; whatever is missing stays None."""
+    from . import data
+
+    out = {"train_data": None, "calib_data": None, "eval_fn": None, "example": None}
     if Path(model).is_dir() and not data_name:
         with console.status("tokenizing built-in calibration text (pydoc topics)"):
-            calib, train, evaluate = _text_data(model, net)
+            out["calib_data"], out["train_data"], out["eval_fn"] = _text_data(model, net)
+        if out["calib_data"]:
+            out["example"] = out["calib_data"][0]
     if data_name:
         loaders = {"mnist": lambda: data.mnist5k(False), "mnist-image": lambda: data.mnist5k(True),
                    "digits": lambda: data.digits(False), "digits-image": lambda: data.digits(True)}
         if data_name not in loaders:
             raise typer.BadParameter(f"unknown data {data_name!r}; choose from {sorted(loaders)}", param_hint="--data")
         split = loaders[data_name]()
-        train = split.loader(64)
-        evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
+        out["train_data"] = split.loader(64)
+        out["eval_fn"] = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}
+        out["example"] = split.x_test[:256]
+    return out
+
+
+@app.command()
+def compress(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face model folder, or "
+                                                   "'package.module:attr'"),
+             recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
+             out: Path = typer.Option(..., "-o", "--out"),
+             data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP)) -> None:
+    """Compress a model with a recipe and write the artifact."""
+    from . import api
+
+    net = _load_model(model)
+    inputs = _data_for(model, net, data_name)
     with Live() as live:
-        result = api.compress(net, recipe, train_data=train, calib_data=calib, eval_fn=evaluate, progress=live,
-                              on_stage=live.stage)
+        result = api.compress(net, recipe, train_data=inputs["train_data"], calib_data=inputs["calib_data"],
+                              eval_fn=inputs["eval_fn"], progress=live, on_stage=live.stage)
     console.print(result.report.to_rich())
     console.print(f"wrote {out} ({result.save(out):,} bytes)")
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def compare(ctx: typer.Context,
+            model: str = typer.Argument(..., help="an .mpz file, a Hugging Face model folder, or 'package.module:attr'"),
+            recipes: list[str] = typer.Option(..., "--recipes", help="preset names or YAML files, space-separated"),
+            out: Path = typer.Option(..., "-o", "--out", help="folder for the artifacts, results.json and report.html"),
+            data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
+            repeats: int = typer.Option(20, help="timed calls of each model")) -> None:
+    """Run several recipes from the same model and compare size, speed and the metric side by side."""
+    from .compare import compare as run_compare
+
+    recipes = list(recipes) + list(ctx.args)
+    net = _load_model(model)
+    inputs = _data_for(model, net, data_name)
+    if inputs["train_data"] is None and inputs["calib_data"] is None and inputs["example"] is None:
+        raise typer.BadParameter("no data to measure the models on: give --data, or a Hugging Face folder with a "
+                                 "tokenizer", param_hint="--data")
+    with Live() as live:
+        comparison = run_compare(net, recipes, out_dir=out, repeats=repeats, progress=live, **inputs)
+    console.print(comparison.to_rich(title=f"{model}: {len(recipes)} recipes"))
+    failed = [r.name for r in comparison.rows if r.error]
+    if failed:
+        console.print(f"[yellow]{len(failed)} recipe(s) failed: {', '.join(failed)} (their errors are in the table)[/]")
+    console.print(f"wrote {out / 'results.json'}, {out / 'report.html'} and the artifacts")
 
 
 @app.command()

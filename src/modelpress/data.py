@@ -164,11 +164,23 @@ def mean_pooled(model: nn.Module, batch: dict) -> torch.Tensor:
     return pool(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
-def embedding_fidelity(reference: nn.Module, batches: list[dict]):
-    """An eval_fn: mean and min cosine of a model's sentence embeddings to `reference`'s."""
+def embedding_fidelity(reference: nn.Module, batches: list[dict], k: int = 10):
+    """An eval_fn: mean and min cosine of a model's sentence embeddings to `reference`'s, and `top10`,
+    the share of each text's `k` nearest neighbours (among all the texts) that stay its neighbours."""
     refs = [mean_pooled(reference, b) for b in batches]
+    ref_nn = neighbours(torch.cat(refs), k)
 
     def fn(model: nn.Module) -> dict[str, float]:
-        cos = torch.cat([(mean_pooled(model, b) * r).sum(-1) for b, r in zip(batches, refs)])
-        return {"cos": float(cos.mean()), "min_cos": float(cos.min())}
+        embs = [mean_pooled(model, b) for b in batches]
+        cos = torch.cat([(e * r).sum(-1) for e, r in zip(embs, refs)])
+        nn_ = neighbours(torch.cat(embs), k)
+        kept = (nn_.unsqueeze(-1) == ref_nn.unsqueeze(-2)).any(-1).float().mean()
+        return {"cos": float(cos.mean()), "min_cos": float(cos.min()), f"top{k}": float(kept)}
     return fn
+
+
+def neighbours(emb: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Indices of each row's `k` most similar other rows (cosine, for L2-normalised rows)."""
+    sim = emb @ emb.T
+    sim.fill_diagonal_(-float("inf"))
+    return sim.topk(min(k, len(emb) - 1), dim=1).indices

@@ -1,0 +1,255 @@
+"""Side-by-side runs: several recipes from the same starting model, every result measured the same way
+in one run (file bytes, parameters, multiply-accumulates, latency, the task metric, time to compress),
+with the Pareto front of size and latency against the metric.
+
+A recipe that fails (an unknown preset, a recipe file with errors, a stage that raises, a metric that
+can't run on its result) becomes a row with its error; the others still run."""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .errors import ModelpressError
+from .measure import flops, latencies, machine_line, weights
+from .report import fmt_metric
+from .techniques.finetune import call_model, logits_of, split_batch
+
+
+@dataclass
+class Row:
+    """One recipe's result (or the original model's, or the error that stopped the recipe)."""
+
+    name: str
+    recipe: dict | None = None
+    error: str | None = None
+    bytes: int | None = None
+    ratio: float | None = None
+    params: int | None = None
+    macs: int | None = None
+    latency_ms: float | None = None
+    latency_spread: tuple[float, float] | None = None   # fastest and slowest of the repeats
+    metrics: dict[str, float] = field(default_factory=dict)
+    compress_s: float | None = None
+    artifact: str | None = None
+    layers: list[dict] = field(default_factory=list)    # per tensor: kind, shape, bytes, sparsity, bits
+
+
+@dataclass
+class Comparison:
+    rows: list[Row]
+    metric: str | None           # the metric the Pareto fronts use (higher is better)
+    machine: str
+    latency_input: str           # what one timed call processes, e.g. "a batch of 256 inputs [256, 1, 28, 28]"
+
+    def front(self, x: str) -> list[str]:
+        """Names on the Pareto front of `x` ("bytes" or "latency_ms", lower is better) against the metric."""
+        pts = [(getattr(r, x), r.metrics[self.metric], r.name) for r in self.rows
+               if r.error is None and getattr(r, x) is not None and self.metric in r.metrics]
+        return [n for xv, yv, n in pts
+                if not any(x2 <= xv and y2 >= yv and (x2 < xv or y2 > yv) for x2, y2, _ in pts)]
+
+    def metric_names(self) -> list[str]:
+        names: list[str] = []
+        for r in self.rows:
+            names += [k for k in r.metrics if k not in names]
+        return names
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Column names and formatted cells, shared by the terminal and HTML tables."""
+        metrics = self.metric_names()
+        header = ["recipe", "bytes", "ratio", "params", "MACs", "latency ms", "spread", *metrics, "compress s", "error"]
+        cells = []
+        for r in self.rows:
+            spread = f"{r.latency_spread[0]:.2f}-{r.latency_spread[1]:.2f}" if r.latency_spread else ""
+            cells.append([r.name, _n(r.bytes), "" if r.ratio is None else f"{r.ratio:.1f}x", _n(r.params),
+                          _n(r.macs), "" if r.latency_ms is None else f"{r.latency_ms:.2f}", spread,
+                          *[fmt_metric(r.metrics.get(m)) for m in metrics],
+                          "" if r.compress_s is None else f"{r.compress_s:.1f}", " ".join((r.error or "").split())])
+        return header, cells
+
+    def to_rich(self, title: str | None = None):
+        from rich.table import Table
+
+        header, cells = self.table()
+        table = Table(title=title, caption=f"{self.machine}; latency: {self.latency_input}")
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i in (0, len(header) - 1) else "right",
+                             overflow="fold", max_width=60 if h == "error" else None)
+        for row in cells:
+            table.add_row(*row)
+        return table
+
+    def __str__(self) -> str:
+        header, cells = self.table()
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+        line = lambda cs: "  ".join(c.ljust(w) if i in (0, len(cs) - 1) else c.rjust(w)  # noqa: E731
+                                    for i, (c, w) in enumerate(zip(cs, widths))).rstrip()
+        return "\n".join([line(header), *map(line, cells)])
+
+    def to_dict(self) -> dict:
+        return {"machine": self.machine, "latency_input": self.latency_input, "metric": self.metric,
+                "pareto": {"bytes": self.front("bytes"), "latency_ms": self.front("latency_ms")},
+                "rows": [asdict(r) for r in self.rows]}
+
+    def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """results.json and report.html (self-contained) in `out_dir`; returns their paths."""
+        from .html import render
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / "results.json", "html": out / "report.html"}
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=1))
+        paths["html"].write_text(render(self), encoding="utf-8")
+        return paths
+
+
+def _n(v: int | None) -> str:
+    return "" if v is None else f"{v:,}"
+
+
+def recipe_label(spec: Any, i: int) -> str:
+    """A short name: the preset's, the file's stem, or the stages' keys ("prune+distill")."""
+    if isinstance(spec, (str, Path)) and (Path(spec).suffix in (".yaml", ".yml", ".json")):
+        return Path(spec).stem
+    if isinstance(spec, str) and spec.strip() and not any(c in spec for c in ":\n{["):
+        return spec
+    from .api import as_recipe
+
+    try:
+        return "+".join(next(iter(s)) for s in as_recipe(spec).to_dict()["stages"]) or f"recipe {i + 1}"
+    except Exception:
+        return f"recipe {i + 1}"
+
+
+def output_fidelity(reference: nn.Module, batches: list) -> Callable[[nn.Module], dict[str, float]]:
+    """The default metric when none is given: agreement (%) of the top-1 class with the original's for
+    a classifier; for any other output, the mean cosine of each sample's output to the original's."""
+    inputs = [split_batch(b)[0] for b in batches]
+    with torch.no_grad():
+        refs = [logits_of(call_model(reference.eval(), x)).float() for x in inputs]
+    classes = refs[0].dim() == 2 and refs[0].shape[-1] >= 2
+
+    @torch.no_grad()
+    def fn(model: nn.Module) -> dict[str, float]:
+        outs = [logits_of(call_model(model.eval(), x)).float() for x in inputs]
+        if classes:
+            same = sum(int((o.argmax(-1) == r.argmax(-1)).sum()) for o, r in zip(outs, refs))
+            return {"agreement": 100.0 * same / sum(r.shape[0] for r in refs)}
+        cos = torch.cat([torch.nn.functional.cosine_similarity(o.flatten(1), r.flatten(1)) for o, r in zip(outs, refs)])
+        return {"cos": float(cos.mean())}
+    return fn
+
+
+def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | None = None,
+            calib_data: Iterable | None = None, eval_fn: Callable[[nn.Module], float | dict] | None = None,
+            example: Any = None, out_dir: str | os.PathLike | None = None, metric: str | None = None,
+            repeats: int = 20, progress: Callable[[str, float], None] | None = None) -> Comparison:
+    """Run each recipe (a preset name, YAML file or text, mapping or Recipe) on a copy of `model` and
+    measure every result alike; with `out_dir`, write the artifacts, results.json and report.html.
+
+    example: the inputs one timed call processes (default: the first batch of calib_data or train_data).
+    eval_fn: `eval_fn(model) -> float | dict` (higher is better for the Pareto front's metric, `metric`,
+        default its first key); without it, `output_fidelity` on up to 8 batches of the data.
+    progress: called as `progress("[2/5] int8: calibrate", fraction)` while recipes run.
+    """
+    from .api import as_recipe, compress
+    from .format.mpz import describe_file
+
+    recipes = list(recipes)
+    if not recipes:
+        raise ModelpressError("compare needs at least one recipe (a preset name, a YAML file or a mapping)")
+    data = calib_data if calib_data is not None else train_data
+    if example is None:
+        if data is None:
+            raise ModelpressError("compare needs example inputs to time: pass example=..., calib_data or train_data")
+        example = split_batch(next(iter(data)))[0]
+    if eval_fn is None:
+        if data is None:
+            raise ModelpressError("compare needs eval_fn, or calib_data/train_data to measure fidelity on")
+        eval_fn = output_fidelity(model, [b for _, b in zip(range(8), data)])
+    model = copy.deepcopy(model).eval()
+    workdir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="modelpress-compare-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp32 = 4 * sum(p.numel() for p in model.parameters())
+    base = Row("original (fp32)", bytes=fp32, ratio=1.0)
+    rows, models = [base], {base.name: model}
+    _measure(base, model, example, eval_fn)
+    names = [recipe_label(spec, i) for i, spec in enumerate(recipes)]
+    names = [n if names.count(n) == 1 else f"{n} ({i + 1})" for i, n in enumerate(names)]
+    for i, (spec, name) in enumerate(zip(recipes, names)):
+        row = Row(name)
+        rows.append(row)
+        tell = (lambda label, f, _i=i, _n=name: progress(f"[{_i + 1}/{len(recipes)}] {_n}: {label}", f)) \
+            if progress else None
+        try:
+            recipe = as_recipe(spec, model)
+            row.recipe = recipe.to_dict()
+            t = time.perf_counter()
+            result = compress(model, recipe, train_data=train_data, calib_data=calib_data, progress=tell)
+            row.compress_s = time.perf_counter() - t
+            path = workdir / f"{_slug(name)}.mpz"
+            row.bytes, row.artifact = result.save(path), str(path)
+            row.ratio = fp32 / row.bytes
+            row.layers = describe_file(path)
+        except Exception as e:  # reported in the row; the other recipes still run
+            row.error = _why(e)
+            continue
+        try:
+            _measure(row, result.model, example, eval_fn)
+        except Exception as e:
+            row.error = f"the metric or a measurement could not run on the result: {_why(e)}"
+            continue
+        models[name] = result.model
+    if progress:
+        progress("timing every result, round by round", 0.0)
+    runs = {n: functools.partial(call_model, m, example) for n, m in models.items()}
+    times = latencies(runs, repeats=repeats)
+    for r in rows:
+        if r.name in times:
+            r.latency_ms, r.latency_spread = statistics.median(times[r.name]), (min(times[r.name]), max(times[r.name]))
+    if metric is None:
+        metric = next(iter(base.metrics), None)
+    comparison = Comparison(rows, metric, machine_line(), _describe_input(example))
+    if out_dir is not None:
+        comparison.write(out_dir)
+    return comparison
+
+
+def _measure(row: Row, model: nn.Module, example: Any, eval_fn: Callable) -> None:
+    from .pipeline import evaluate
+
+    row.params = sum(w.numel() for w in weights(model))
+    if isinstance(example, dict):
+        row.macs = flops(model, **example)
+    else:
+        row.macs = flops(model, *(example if isinstance(example, (tuple, list)) else (example,)))
+    row.metrics = evaluate(model, eval_fn)
+
+
+def _why(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text if isinstance(e, ModelpressError) else f"{type(e).__name__}: {text}"
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-") or "recipe"
+
+
+def _describe_input(example: Any) -> str:
+    if isinstance(example, torch.Tensor):
+        return f"one batch of shape {list(example.shape)}"
+    if isinstance(example, dict):
+        return "one batch of " + ", ".join(f"{k} {list(v.shape)}" for k, v in example.items()
+                                           if isinstance(v, torch.Tensor))
+    return "one batch of the given example inputs"

@@ -1,0 +1,109 @@
+"""Side-by-side comparison: the CLI's table, results.json and HTML page (checked in a real headless
+browser), failures reported per recipe, and the Pareto fronts."""
+import json
+import shutil
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from modelpress.cli import app
+from modelpress.compare import Comparison, Row, compare
+
+runner = CliRunner()
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def digits_model(tmp_path, monkeypatch):
+    """'digits_cnn:model', importable: a small CNN trained on scikit-learn's digits."""
+    (tmp_path / "digits_cnn.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        from modelpress import data
+
+        def model():
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                                nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 16, 32), nn.ReLU(), nn.Linear(32, 10))
+            return data.train_classifier(net, data.digits(image=True), epochs=8)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "digits_cnn:model"
+
+
+def test_compare_writes_the_table_json_and_a_page_a_browser_opens_cleanly(digits_model, tmp_path):
+    (tmp_path / "lowrank.yaml").write_text("stages:\n  - factorize: {rank_ratio: 0.5}\n  - finetune: {epochs: 2}\n")
+    (tmp_path / "shared.yaml").write_text("stages:\n  - prune: {sparsity: 0.8}\n  - cluster: {bits: 4}\n")
+    (tmp_path / "broken.yaml").write_text("stages:\n  - prune: {sparsity: 2}\n")
+    recipes = ["int8", "w4", "fast", str(tmp_path / "lowrank.yaml"), str(tmp_path / "shared.yaml"), "nope",
+               str(tmp_path / "broken.yaml")]
+    out_dir = tmp_path / "report"
+    res = runner.invoke(app, ["compare", digits_model, "--recipes", *recipes, "--data", "digits-image",
+                              "-o", str(out_dir), "--repeats", "3"], terminal_width=250)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "2 recipe(s) failed: nope, broken" in text
+
+    results = json.loads((out_dir / "results.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    assert list(rows) == ["original (fp32)", "int8", "w4", "fast", "lowrank", "shared", "nope", "broken"]
+    good = [r for r in results["rows"] if r["error"] is None]
+    assert len(good) == 6 and "must be a float" in rows["broken"]["error"]
+    assert rows["nope"]["error"].startswith("Unknown preset 'nope'. Available presets:")
+    for r in good[1:]:
+        assert (out_dir / f"{r['name']}.mpz").stat().st_size == r["bytes"]
+        assert r["latency_ms"] > 0 and 0 <= r["metrics"]["acc"] <= 100 and r["layers"]
+    assert rows["fast"]["macs"] < rows["original (fp32)"]["macs"]  # channels really went
+    assert rows["w4"]["bytes"] < rows["int8"]["bytes"] < rows["original (fp32)"]["bytes"]
+    assert results["pareto"]["bytes"] and results["metric"] == "acc"
+
+    if CHROMIUM is None:
+        pytest.skip("no chromium: install Debian's chromium to run the browser half of this test")
+    from modelpress.html import screenshot
+
+    png = tmp_path / "report.png"
+    errors = screenshot(out_dir / "report.html", png, browser=CHROMIUM)
+    assert errors == []
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = b.new_page()
+        page.goto((out_dir / "report.html").resolve().as_uri())
+        assert page.locator("tr.result").count() == 8          # one row per recipe, and the original
+        assert page.locator("tr.result td.error:not(:empty)").count() == 2
+        for plot in ("bytes", "latency_ms"):                    # one point per result that has one
+            assert page.locator(f"#plot-{plot} g[id^='{plot}-point-']").count() == 6
+        assert page.locator("details").count() == 5            # per-layer breakdown of each artifact
+        b.close()
+
+
+def test_a_metric_that_fails_on_one_result_leaves_the_others(mlp, toy_data):
+    def picky(model):
+        if sum(p.numel() for p in model.parameters()) < 1000:
+            raise RuntimeError("this metric needs the full model")
+        return 1.0
+
+    c = compare(mlp, ["w4", {"stages": [{"factorize": {"rank": 2, "min_rank": 1}}]}], train_data=toy_data,
+                eval_fn=picky, repeats=2)
+    assert [r.name for r in c.rows] == ["original (fp32)", "w4", "factorize"]
+    assert c.rows[1].error is None and c.rows[1].metrics == {"metric": 1.0}
+    assert "metric" in c.rows[2].error and "needs the full model" in c.rows[2].error
+    assert c.rows[2].bytes and c.rows[2].artifact  # what was measured before the failure is kept
+
+
+def test_default_metric_is_agreement_with_the_original(mlp, toy_data):
+    c = compare(mlp, ["int8"], train_data=toy_data, repeats=2)
+    assert c.metric == "agreement" and c.rows[0].metrics["agreement"] == 100.0
+    assert 90.0 <= c.rows[1].metrics["agreement"] <= 100.0
+
+
+def test_pareto_fronts():
+    rows = [Row("a", bytes=100, latency_ms=5.0, metrics={"m": 0.9}), Row("b", bytes=50, latency_ms=6.0, metrics={"m": 0.8}),
+            Row("c", bytes=60, latency_ms=7.0, metrics={"m": 0.7}), Row("d", error="failed")]
+    c = Comparison(rows, "m", "cpu", "x")
+    assert c.front("bytes") == ["a", "b"] and c.front("latency_ms") == ["a"]
