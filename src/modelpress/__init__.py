@@ -2,6 +2,9 @@
 from .api import CompressionResult, compress, load
 from .errors import FormatError, ModelpressError, RecipeError
 from .recipe import Recipe
+from .compare import Comparison, compare  # noqa: E402  (after api: compare builds on it)
+from .auto import AutoResult, auto  # noqa: E402
 
-__all__ = ["compress", "load", "Recipe", "CompressionResult", "ModelpressError", "FormatError", "RecipeError"]
+__all__ = ["compress", "load", "compare", "auto", "Recipe", "CompressionResult", "Comparison", "AutoResult",
+           "ModelpressError", "FormatError", "RecipeError"]
 __version__ = "0.1.0"

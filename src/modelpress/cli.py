@@ -1,4 +1,4 @@
-"""The `modelpress` command: demo, compress, compare, inspect, export."""
+"""The `modelpress` command: demo, compress, compare, auto, inspect, export."""
 from __future__ import annotations
 
 import importlib
@@ -202,6 +202,32 @@ def compare(ctx: typer.Context,
     if failed:
         console.print(f"[yellow]{len(failed)} recipe(s) failed: {', '.join(failed)} (their errors are in the table)[/]")
     console.print(f"wrote {out / 'results.json'}, {out / 'report.html'} and the artifacts")
+
+
+@app.command()
+def auto(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face model folder, or 'package.module:attr'"),
+         max_mb: Optional[float] = typer.Option(None, "--max-mb", help="largest file, in MB (10^6 bytes)"),
+         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="slowest call on the example batch"),
+         min_ratio: Optional[float] = typer.Option(None, "--min-ratio", help="at least this many times smaller than fp32"),
+         max_drop: Optional[float] = typer.Option(None, "--max-drop", help="largest loss of the metric, in its units"),
+         out: Path = typer.Option(..., "-o", "--out", help="where to write the chosen artifact"),
+         report: Optional[Path] = typer.Option(None, "--report", help="folder for the report of the full runs"),
+         data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
+         seed: int = typer.Option(0)) -> None:
+    """Search recipes for the most accurate one that meets a size or latency budget."""
+    from .auto import auto as run_auto
+
+    net = _load_model(model)
+    inputs = _data_for(model, net, data_name)
+    if inputs["train_data"] is None and inputs["calib_data"] is None:
+        raise typer.BadParameter("no data to search with: give --data, or a Hugging Face folder with a tokenizer",
+                                 param_hint="--data")
+    with Live() as live:
+        result = run_auto(net, max_mb=max_mb, max_latency_ms=max_latency_ms, min_ratio=min_ratio, max_drop=max_drop,
+                          seed=seed, out_dir=report, progress=live, **inputs)
+    console.print(result.tried.to_rich(title="full runs of the best-ranked candidates that fit"))
+    console.print(("[green]" if result.met else "[yellow]") + result.message + "[/]")
+    console.print(f"wrote {out} ({result.save(out):,} bytes)")
 
 
 @app.command()

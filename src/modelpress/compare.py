@@ -50,7 +50,8 @@ class Comparison:
     rows: list[Row]
     metric: str | None           # the metric the Pareto fronts use (higher is better)
     machine: str
-    latency_input: str           # what one timed call processes, e.g. "a batch of 256 inputs [256, 1, 28, 28]"
+    latency_input: str           # what one timed call processes, e.g. "one batch of shape [256, 1, 28, 28]"
+    results: dict = field(default_factory=dict, repr=False)   # name -> CompressionResult, if kept
 
     def front(self, x: str) -> list[str]:
         """Names on the Pareto front of `x` ("bytes" or "latency_ms", lower is better) against the metric."""
@@ -154,7 +155,8 @@ def output_fidelity(reference: nn.Module, batches: list) -> Callable[[nn.Module]
 def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | None = None,
             calib_data: Iterable | None = None, eval_fn: Callable[[nn.Module], float | dict] | None = None,
             example: Any = None, out_dir: str | os.PathLike | None = None, metric: str | None = None,
-            repeats: int = 20, progress: Callable[[str, float], None] | None = None) -> Comparison:
+            repeats: int = 20, progress: Callable[[str, float], None] | None = None, seed: int | None = 0,
+            names: list[str] | None = None, keep_results: bool = False) -> Comparison:
     """Run each recipe (a preset name, YAML file or text, mapping or Recipe) on a copy of `model` and
     measure every result alike; with `out_dir`, write the artifacts, results.json and report.html.
 
@@ -162,6 +164,9 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
     eval_fn: `eval_fn(model) -> float | dict` (higher is better for the Pareto front's metric, `metric`,
         default its first key); without it, `output_fidelity` on up to 8 batches of the data.
     progress: called as `progress("[2/5] int8: calibrate", fraction)` while recipes run.
+    seed: torch's seed before each recipe, so that a rerun gives the same results (None: left alone).
+    names: the rows' names (default: preset names, file stems, or the stages' keys).
+    keep_results: keep each recipe's `CompressionResult` in `Comparison.results`.
     """
     from .api import as_recipe, compress
     from .format.mpz import describe_file
@@ -183,9 +188,9 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
     workdir.mkdir(parents=True, exist_ok=True)
     fp32 = 4 * sum(p.numel() for p in model.parameters())
     base = Row("original (fp32)", bytes=fp32, ratio=1.0)
-    rows, models = [base], {base.name: model}
+    rows, models, kept = [base], {base.name: model}, {}
     _measure(base, model, example, eval_fn)
-    names = [recipe_label(spec, i) for i, spec in enumerate(recipes)]
+    names = list(names) if names is not None else [recipe_label(spec, i) for i, spec in enumerate(recipes)]
     names = [n if names.count(n) == 1 else f"{n} ({i + 1})" for i, n in enumerate(names)]
     for i, (spec, name) in enumerate(zip(recipes, names)):
         row = Row(name)
@@ -195,6 +200,8 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
         try:
             recipe = as_recipe(spec, model)
             row.recipe = recipe.to_dict()
+            if seed is not None:
+                torch.manual_seed(seed)
             t = time.perf_counter()
             result = compress(model, recipe, train_data=train_data, calib_data=calib_data, progress=tell)
             row.compress_s = time.perf_counter() - t
@@ -211,6 +218,8 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
             row.error = f"the metric or a measurement could not run on the result: {_why(e)}"
             continue
         models[name] = result.model
+        if keep_results:
+            kept[name] = result
     if progress:
         progress("timing every result, round by round", 0.0)
     runs = {n: functools.partial(call_model, m, example) for n, m in models.items()}
@@ -220,7 +229,7 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
             r.latency_ms, r.latency_spread = statistics.median(times[r.name]), (min(times[r.name]), max(times[r.name]))
     if metric is None:
         metric = next(iter(base.metrics), None)
-    comparison = Comparison(rows, metric, machine_line(), _describe_input(example))
+    comparison = Comparison(rows, metric, machine_line(), _describe_input(example), kept)
     if out_dir is not None:
         comparison.write(out_dir)
     return comparison

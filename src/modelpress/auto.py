@@ -1,0 +1,211 @@
+"""Automatic choice under a budget: search a space of recipes for the most accurate one whose file
+size (`max_mb`, `min_ratio`) and latency (`max_latency_ms`) meet the budget.
+
+Cheap first: every candidate is run once without its training (one-shot pruning, round-to-nearest
+instead of GPTQ, no fine-tuning or distillation), which gives its exact file size and latency, and
+a metric that ranks candidates by how little they damage the model. Only the best-ranked candidates
+that fit are then run in full, side by side (`compare`), and the best of those that fits and stays
+within `max_drop` of the original's metric wins. Where nothing fits, the result says so and is the
+closest candidate. Seeded, so a given seed and inputs give the same choice."""
+from __future__ import annotations
+
+import copy
+import functools
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .api import CompressionResult, compress
+from .compare import Comparison, Row, compare, output_fidelity
+from .errors import ModelpressError
+from .measure import latencies
+from .pipeline import evaluate
+from .presets import has_attention
+from .techniques.finetune import call_model, split_batch
+
+
+@dataclass
+class Budget:
+    max_mb: float | None = None
+    max_latency_ms: float | None = None
+    min_ratio: float | None = None
+
+    def misses(self, row: Row, fp32_bytes: int, slack: float = 0.0) -> float:
+        """How far `row` is over the budget (0 when it fits), as the worst relative excess."""
+        over = []
+        if self.max_mb is not None and row.bytes is not None:
+            over.append(row.bytes / (1 - slack) / (self.max_mb * 1e6) - 1)
+        if self.min_ratio is not None and row.bytes is not None:
+            over.append(self.min_ratio / (fp32_bytes / row.bytes * (1 - slack)) - 1)
+        if self.max_latency_ms is not None and row.latency_ms is not None:
+            over.append(row.latency_ms / self.max_latency_ms - 1)
+        return max([0.0, *over])
+
+    def __str__(self) -> str:
+        parts = [f"max {self.max_mb} MB" if self.max_mb is not None else "",
+                 f"at least {self.min_ratio}x smaller" if self.min_ratio is not None else "",
+                 f"max {self.max_latency_ms} ms" if self.max_latency_ms is not None else ""]
+        return ", ".join(p for p in parts if p)
+
+
+@dataclass
+class AutoResult(CompressionResult):
+    """`compress()`'s result for the chosen recipe, with whether it met the budget (and max_drop), a
+    sentence saying so, every candidate's cheap measurement, and the full side-by-side runs."""
+
+    met: bool = False
+    message: str = ""
+    proxies: list[Row] = field(default_factory=list)
+    tried: Comparison | None = None
+
+
+def search_space(model: nn.Module, budget: Budget, fp32_bytes: int, trainable: bool) -> list[tuple[str, dict]]:
+    """Candidate recipes, named. Size budgets: mixed-precision weight quantization sized to the budget,
+    and (with training data) pruning + weight sharing at several sparsities and widths. Latency
+    budgets: channel pruning at several fractions, factorization, int8 activations."""
+    out: list[tuple[str, dict]] = []
+    size_targets = [b for b in (budget.max_mb * 1e6 if budget.max_mb else None,
+                                fp32_bytes / budget.min_ratio if budget.min_ratio else None) if b]
+    if size_targets:
+        mb = 0.97 * min(size_targets) / 1e6  # headroom for the header, which the allocation does not model
+        for bits in (8, 4, 3, 2):  # uniform widths: the fallback, and the closest where a budget is out of reach
+            out.append((f"quantize {bits}-bit", {"stages": [{"quantize": {"bits": bits, "method": "gptq"}}]}))
+            for group in (None, 64):
+                q = {"bits": bits, "method": "gptq", "budget_mb": round(mb, 6)}
+                if group:
+                    q["group_size"] = group
+                out.append((f"quantize {bits}-bit{' g' + str(group) if group else ''} to {mb:.3g} MB",
+                            {"stages": [{"quantize": q}]}))
+        if trainable and not has_attention(model):
+            for sparsity in (0.8, 0.9, 0.93, 0.95, 0.97):
+                for bits in (5, 4, 3):
+                    out.append((f"prune {sparsity:.0%} + cluster {bits}-bit", {"stages": [
+                        {"prune": {"sparsity": sparsity, "criterion": "taylor", "scope": "global", "schedule": "agp",
+                                   "steps": 8, "epochs": 8, "lr": 1e-3}},
+                        {"cluster": {"bits": bits}}, {"finetune": {"epochs": 4, "lr": 3e-4}}]}))
+    if budget.max_latency_ms is not None:
+        recovery = [{"distill": {"epochs": 3, "lr": 1.5e-4, "hidden": True}} if has_attention(model)
+                    else {"distill": {"epochs": 10, "lr": 1e-3}}] if trainable else []
+        for sparsity in (0.2, 0.4, 0.6, 0.75):
+            prune = {"prune": {"granularity": "channel", "sparsity": sparsity, "criterion": "activation"}}
+            out.append((f"channels -{sparsity:.0%}", {"stages": [prune, *recovery]}))
+            out.append((f"channels -{sparsity:.0%} + int8", {"stages": [prune, *recovery,
+                                                                       {"quantize": {"bits": 8, "activations": "int8"}}]}))
+        for ratio in (0.5, 0.25):
+            tune = [{"finetune": {"epochs": 4, "lr": 1e-3}}] if trainable else []
+            out.append((f"factorize {ratio}", {"stages": [{"factorize": {"rank_ratio": ratio}}, *tune]}))
+        out.append(("int8", {"stages": [{"quantize": {"bits": 8, "activations": "int8", "method": "gptq"}}]}))
+    return out
+
+
+def without_training(recipe: dict) -> dict:
+    """The recipe's cheap form: no fine-tuning or distillation, one-shot pruning, round-to-nearest."""
+    stages = []
+    for stage in copy.deepcopy(recipe)["stages"]:
+        (key, cfg), = stage.items()
+        if key in ("finetune", "distill"):
+            continue
+        if key == "prune":
+            cfg.update(schedule="oneshot", epochs=0)
+            if cfg.get("criterion") == "taylor":
+                cfg["criterion"] = "magnitude"
+        if key == "quantize":
+            cfg["method"] = "rtn"
+        stages.append({key: cfg})
+    return {"stages": stages}
+
+
+def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float | None = None,
+         min_ratio: float | None = None, max_drop: float | None = None, train_data: Iterable | None = None,
+         calib_data: Iterable | None = None, eval_fn: Callable[[nn.Module], float | dict] | None = None,
+         example: Any = None, metric: str | None = None, seed: int = 0, keep: int = 3, repeats: int = 10,
+         out_dir: str | None = None, progress: Callable[[str, float], None] | None = None) -> AutoResult:
+    """The most accurate recipe found that meets the budget (see the module docstring).
+
+    max_drop: the largest loss of the metric (in its own units: accuracy points, cosine) accepted.
+    keep: how many of the best-ranked candidates that fit are run in full.
+    """
+    budget = Budget(max_mb, max_latency_ms, min_ratio)
+    if not str(budget):
+        raise ModelpressError("auto needs a budget: max_mb, max_latency_ms or min_ratio")
+    data = calib_data if calib_data is not None else train_data
+    if data is None and (example is None or eval_fn is None):
+        raise ModelpressError("auto needs calib_data or train_data (to calibrate, measure and time the candidates)")
+    if example is None:
+        example = split_batch(next(iter(data)))[0]
+    if eval_fn is None:
+        eval_fn = output_fidelity(model, [b for _, b in zip(range(8), data)])
+    fp32 = 4 * sum(p.numel() for p in model.parameters())
+    base = evaluate(model, eval_fn)
+    metric = metric or next(iter(base), None)
+    if metric is None:
+        raise ModelpressError("auto needs a metric: eval_fn returned nothing")
+    space = search_space(model, budget, fp32, trainable=train_data is not None)
+    proxies = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, recipe) in enumerate(space):
+            if progress:
+                progress(f"screening {i + 1}/{len(space)}: {name}", i / len(space))
+            proxies.append(_screen(model, name, recipe, train_data, calib_data, eval_fn, example, budget,
+                                   Path(tmp) / "c.mpz", fp32, seed, repeats))
+    screened = [r for r in proxies if r.error is None and metric in r.metrics]
+    if not screened:
+        raise ModelpressError("auto could not run any candidate: " + "; ".join(
+            f"{r.name}: {r.error}" for r in proxies[:3]))
+    fits = sorted((r for r in screened if budget.misses(r, fp32, slack=0.03) == 0),
+                  key=lambda r: -r.metrics[metric])
+    chosen = fits[:keep] if fits else sorted(screened, key=lambda r: budget.misses(r, fp32))[:1]
+    recipes = dict(space)
+    torch.manual_seed(seed)
+    tried = compare(model, [recipes[r.name] for r in chosen], train_data=train_data, calib_data=calib_data,
+                    eval_fn=eval_fn, example=example, metric=metric, repeats=repeats, out_dir=out_dir,
+                    progress=progress, seed=seed, names=[r.name for r in chosen], keep_results=True)
+    done = [r for r in tried.rows[1:] if r.error is None and metric in r.metrics]
+    if not done:
+        raise ModelpressError("auto: every full run failed: " + "; ".join(f"{r.name}: {r.error}" for r in tried.rows[1:]))
+    ref = base[metric]
+    ok = [r for r in done if budget.misses(r, fp32) == 0]
+    within = [r for r in ok if max_drop is None or ref - r.metrics[metric] <= max_drop]
+    if within:
+        best, met = max(within, key=lambda r: r.metrics[metric]), True
+    elif ok:
+        best, met = max(ok, key=lambda r: r.metrics[metric]), False
+    else:
+        best, met = min(done, key=lambda r: budget.misses(r, fp32)), False
+    drop = ref - best.metrics[metric]
+    summary = (f"{best.name}: {best.bytes:,} bytes ({fp32 / best.bytes:.1f}x), {best.latency_ms:.2f} ms, "
+               f"{metric} {best.metrics[metric]:.4g} (original {ref:.4g}, drop {drop:.4g})")
+    if met:
+        message = f"met the budget ({budget}" + (f", drop <= {max_drop}" if max_drop is not None else "") + \
+            f") with {summary}"
+    elif ok:
+        message = f"the budget ({budget}) is met, but no candidate kept the drop within {max_drop}; the closest: {summary}"
+    else:
+        message = f"no candidate met the budget ({budget}); the closest: {summary}"
+    result = tried.results[best.name]
+    return AutoResult(model=result.model, report=result.report, state=result.state, recipe=result.recipe,
+                      met=met, message=message, proxies=proxies, tried=tried)
+
+
+def _screen(model, name, recipe, train_data, calib_data, eval_fn, example, budget, path, fp32, seed,
+            repeats) -> Row:
+    """One candidate's cheap measurement: its untrained form's exact size, latency (if the budget
+    has one) and metric."""
+    row = Row(name, recipe=recipe)
+    try:
+        torch.manual_seed(seed)
+        result = compress(model, without_training(recipe), train_data=train_data, calib_data=calib_data)
+        row.bytes = result.save(path)
+        row.ratio = fp32 / row.bytes
+        if budget.max_latency_ms is not None:
+            times = latencies({name: functools.partial(call_model, result.model, example)}, repeats=repeats)[name]
+            row.latency_ms = statistics.median(times)
+        row.metrics = evaluate(result.model, eval_fn)
+    except Exception as e:  # a candidate this model can't take (nothing to factorize, untraceable...)
+        row.error = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return row

@@ -1,0 +1,47 @@
+"""auto: the most accurate recipe that meets a budget, found by screening cheaply first."""
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress import data
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    torch.manual_seed(0)
+    split = data.digits(image=False)
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    return data.train_classifier(net, split, epochs=30), split
+
+
+def test_auto_meets_a_ratio_within_the_drop(digits_mlp, tmp_path):
+    model, split = digits_mlp
+    acc = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
+    base = acc(model)["acc"]
+    result = mp.auto(model, min_ratio=20, max_drop=1.5, train_data=split.loader(64), eval_fn=acc,
+                     example=split.x_test[:256], keep=2, repeats=3)
+    assert result.met, result.message
+    size = result.save(tmp_path / "a.mpz")
+    fp32 = 4 * sum(p.numel() for p in model.parameters())
+    assert fp32 / size >= 20
+    assert base - data.accuracy(mp.load(tmp_path / "a.mpz"), split.x_test, split.y_test) <= 1.5
+    assert len(result.proxies) > 10 and len(result.tried.rows) == 3  # many screened, two run in full
+    assert result.message.startswith("met the budget")
+
+
+def test_auto_is_deterministic_and_says_when_the_budget_cannot_be_met(digits_mlp):
+    model, split = digits_mlp
+    calib = [x for x, _ in split.loader(64)][:4]
+    runs = [mp.auto(model, max_mb=0.035, calib_data=calib, keep=1, repeats=2) for _ in range(2)]
+    assert runs[0].met and runs[0].tried.rows[1].name == runs[1].tried.rows[1].name
+    assert runs[0].tried.rows[1].bytes == runs[1].tried.rows[1].bytes <= 35_000
+    hopeless = mp.auto(model, max_mb=0.001, calib_data=calib, keep=1, repeats=2)
+    assert not hopeless.met and hopeless.message.startswith("no candidate met the budget")
+    closest = min((r for r in hopeless.proxies if r.bytes), key=lambda r: r.bytes)
+    assert hopeless.tried.rows[1].name == closest.name  # the smallest file it could find
+
+
+def test_auto_needs_a_budget(mlp, toy_data):
+    with pytest.raises(mp.ModelpressError, match="needs a budget"):
+        mp.auto(mlp, train_data=toy_data)
