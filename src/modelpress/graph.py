@@ -104,10 +104,12 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 _UNARY = {"relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "sigmoid", "tanh", "hardtanh", "hardswish",
           "hardsigmoid", "leaky_relu", "elu", "mish", "dropout", "feature_dropout", "clone", "contiguous", "alias",
-          "to", "_to_copy", "detach", "neg", "abs", "exp", "sqrt", "rsqrt", "pow", "erf", "lift_fresh_copy"}
+          "to", "_to_copy", "detach", "neg", "abs", "exp", "sqrt", "rsqrt", "erf", "lift_fresh_copy",
+          "hardtanh_"}
 _POOLS = {"max_pool2d": 2, "avg_pool2d": 2, "adaptive_avg_pool2d": 2, "adaptive_max_pool2d": 2,
           "max_pool1d": 1, "avg_pool1d": 1, "adaptive_avg_pool1d": 1}
-_ELEMENTWISE = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub", "maximum", "minimum"}
+_ELEMENTWISE = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub", "maximum", "minimum", "pow",
+                "clamp", "clamp_min", "clamp_max"}  # tensor operands must broadcast along the channel axis
 _BATCH_NORMS = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
                 "native_batch_norm"}
 _IGNORED = {"_assert_tensor_metadata", "sym_size", "sym_numel", "_assert_scalar", "size", "dim"}

@@ -79,9 +79,10 @@ def _plot(comp: Comparison, key: str, label: str, log: bool) -> str:
     line = sorted((x, y) for _, x, y, name in pts if name in front)
     if len(line) > 1:
         ax.plot(*zip(*line), color="#c0392b", lw=1, ls="--", zorder=2, label="Pareto front")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     if log and pts:
         ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.12)  # room for the names beside the outermost points
     ax.set_xlabel(label + " (lower is better)")
     ax.set_ylabel(str(comp.metric))
     ax.grid(alpha=.3)
