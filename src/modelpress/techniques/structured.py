@@ -60,6 +60,9 @@ def channel_importance(model: nn.Module, graph: ChannelGraph, criterion: str,
     return scores
 
 
+_MAX_REFIT_INPUTS = 8192  # E[x x^T] of a wider Linear (8 bytes a cell) is not gathered; it is sliced instead
+
+
 @dataclass
 class InputStats:
     """A consumer's inputs on calibration data: each feature's mean square (Linear columns, conv
@@ -82,7 +85,7 @@ def input_stats(model: nn.Module, ctx: TrainContext, names: list[str], batches: 
             a = acc.setdefault(name, [0, 0.0, 0.0, 0.0])
             a[0] += x.shape[0]
             a[1] = a[1] + x.pow(2).sum(0)
-            if linear:
+            if linear and x.shape[1] <= _MAX_REFIT_INPUTS:
                 a[2], a[3] = a[2] + x.sum(0), a[3] + x.T @ x
         return fn
 
@@ -216,8 +219,9 @@ def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float
                 _slice_out(model.get_submodule(name), idx)
         for name, layout in graph.consumers.items():
             cols, m = _kept_columns(layout, kept), model.get_submodule(name)
-            if cols is not None and refit and isinstance(m, nn.Linear) and stats[name].moment is not None:
-                compensate(m, cols, stats[name])
+            st = stats.get(name)
+            if cols is not None and refit and isinstance(m, nn.Linear) and st is not None and st.moment is not None:
+                compensate(m, cols, st)
             elif cols is not None:
                 _slice_in(m, cols)
     after = sum(int(k.numel()) for k in kept.values())
