@@ -143,8 +143,8 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
     fp32 = 4 * sum(p.numel() for p in model.parameters())
     base = evaluate(model, eval_fn)
     metric = metric or next(iter(base), None)
-    if metric is None:
-        raise ModelpressError("auto needs a metric: eval_fn returned nothing")
+    if metric is None or metric not in base:
+        raise ModelpressError(f"auto needs a metric among eval_fn's results ({sorted(base)}); got {metric!r}")
     space = search_space(model, budget, fp32, trainable=train_data is not None)
     proxies = []
     with tempfile.TemporaryDirectory() as tmp:
