@@ -5,8 +5,6 @@ import shutil
 import textwrap
 
 import pytest
-import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from modelpress.cli import app
