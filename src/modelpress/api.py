@@ -84,7 +84,12 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     return CompressionResult(model=compressed, report=report, state=state, recipe=recipe)
 
 
-def load(path: str | os.PathLike | bytes, model: nn.Module | None = None) -> nn.Module:
+def load(path: str | os.PathLike | bytes, model: nn.Module | None = None, *, max_bytes: int | None = None
+         ) -> nn.Module:
     """A runnable model from a .mpz file. Pass a skeleton `model` of the original class when the file's
-    architecture is not made only of standard torch.nn layers; its weights are replaced."""
-    return mpz.load(path, model=model)
+    architecture is not made only of standard torch.nn layers; its weights are replaced.
+
+    Every file is treated as hostile: nothing in it runs code or reaches the network, and it may decode to
+    at most `max_bytes` (default: 1024x the file's size, at least 16 MiB); raise it for a trusted file that
+    expands more."""
+    return mpz.load(path, model=model, max_bytes=max_bytes)

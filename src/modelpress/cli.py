@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -230,24 +231,26 @@ def auto(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face mod
     console.print(f"wrote {out} ({result.save(out):,} bytes)")
 
 
-@app.command()
-def inspect(path: Path = typer.Argument(..., help="an .mpz file")) -> None:
-    """Where every byte of an artifact goes: per tensor kind, shape, bytes, sparsity, bits."""
-    from .format.container import container_overhead
-    from .format.mpz import describe_file, read
+_MAX_BYTES_HELP = "decode limit in bytes for a trusted file that expands more than 1024x its size"
 
-    rows = describe_file(path)
-    manifest, streams = read(path)
-    table = Table(title=str(path))
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="an .mpz file"),
+            max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help=_MAX_BYTES_HELP)) -> None:
+    """Where every byte of an artifact goes: per tensor kind, shape, bytes, sparsity, bits."""
+    from .format.mpz import describe_file
+
+    rows = describe_file(path, max_bytes=max_bytes)
+    table = Table(title=escape(str(path)))
     for col in ("tensor", "encoding", "shape", "bytes", "sparsity", "bits", "bits/param"):
         table.add_column(col, justify="left" if col in ("tensor", "encoding") else "right")
     for r in rows:
-        table.add_row(r["name"], r["kind"], "x".join(map(str, r["shape"])), f"{r['bytes']:,}",
+        table.add_row(escape(r["name"]), escape(r["kind"]), "x".join(map(str, r["shape"])), f"{r['bytes']:,}",
                       f"{100 * r['sparsity']:.1f}%", str(r["bits"]), f"{r['bits_per_param']:.3f}")
-    header = container_overhead(manifest, streams)
-    table.add_row("(header: manifest, architecture, checksums)", "", "", f"{header:,}", "", "", "")
-    console.print(table)
     total = path.stat().st_size
+    table.add_row("(header: manifest, architecture, checksums)", "", "", f"{total - sum(r['bytes'] for r in rows):,}",
+                  "", "", "")
+    console.print(table)
     params = sum(_numel(r["shape"]) for r in rows)
     console.print(f"{total:,} bytes in all; {params:,} values; {8 * total / max(1, params):.3f} bits per value")
 
@@ -255,13 +258,17 @@ def inspect(path: Path = typer.Argument(..., help="an .mpz file")) -> None:
 @app.command()
 def export(path: Path = typer.Argument(..., help="an .mpz file"),
            onnx: Path = typer.Option(..., "--onnx", help="where to write the ONNX graph"),
-           input_shape: Optional[str] = typer.Option(None, help="e.g. 1,1,28,28 (not needed for transformers)")) -> None:
+           input_shape: Optional[str] = typer.Option(None, help="e.g. 1,1,28,28 (not needed for transformers)"),
+           max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help=_MAX_BYTES_HELP)) -> None:
     """Write an artifact as an ONNX graph that onnxruntime runs, int8 layers kept int8."""
     from . import api
     from .export import to_onnx
 
-    model = api.load(path)
-    shape = tuple(int(d) for d in input_shape.split(",")) if input_shape else None
+    model = api.load(path, max_bytes=max_bytes)
+    try:
+        shape = tuple(int(d) for d in input_shape.split(",")) if input_shape else None
+    except ValueError:
+        raise typer.BadParameter(f"{input_shape!r} is not a comma-separated list of ints", param_hint="--input-shape")
     to_onnx(model, onnx, input_shape=shape)
     console.print(f"wrote {onnx} ({onnx.stat().st_size:,} bytes)")
 
@@ -277,7 +284,10 @@ def main() -> None:
     try:
         app()
     except ModelpressError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print("[red]error:[/]", escape(str(e)))
+        raise SystemExit(2) from None
+    except OSError as e:  # a missing, unreadable or special file named on the command line
+        console.print("[red]error:[/]", escape(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")))
         raise SystemExit(2) from None
 
 

@@ -46,6 +46,14 @@ class CorruptStream(FormatError):
     """A stream passed its checksum but does not decode to what the manifest declares."""
 
 
+class LimitExceeded(FormatError):
+    """The file asks for more memory or layers than the limit allows (see load's max_bytes)."""
+
+
+class UnsafeArchitecture(FormatError):
+    """The stored architecture asks for remote code, the network, or out-of-bounds arguments."""
+
+
 class ModelMismatch(ModelpressError):
     """The skeleton model given to load() does not match the file."""
 

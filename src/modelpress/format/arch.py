@@ -9,6 +9,7 @@ described as None, and load() then needs a skeleton."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 from typing import Any
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CorruptStream
+from ..errors import CorruptStream, ModelpressError, UnsafeArchitecture
 from ..runtime import RUNTIME_MODULES
+from . import guard
 
 _ALLOWED = {cls.__name__: cls for cls in (
     nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d,
@@ -139,20 +141,27 @@ def _shapes(m: nn.Module) -> dict:
 def _from_json(v: Any) -> Any:
     if isinstance(v, dict):
         if set(v) != {"tuple"} or not isinstance(v["tuple"], list):
-            raise CorruptStream(f"architecture: bad argument value {v!r}")
+            raise CorruptStream(f"architecture: bad argument value {str(v)[:100]}")
         return tuple(_from_json(x) for x in v["tuple"])
     if isinstance(v, list):
         raise CorruptStream("architecture: bad argument value (list)")
     return v
 
 
-def build(spec: Any, device: str = "meta") -> nn.Module:
-    """Instantiate a description; raises CorruptStream on anything unexpected. torch.nn trees are
-    always built on the meta device; a transformers model on `device` ("cpu" when it will run:
-    its non-persistent buffers are not in the file)."""
-    if isinstance(spec, dict) and "hf" in spec:
-        return _build_hf(spec, device)
-    return _build_tree(spec)
+def build(spec: Any, device: str = "meta", max_modules: int | None = None, max_bytes: int | None = None) -> nn.Module:
+    """Instantiate a description; raises a FormatError on anything unexpected. It is first built on the meta
+    device with its modules and tensors counted against the bounds (see `guard`); torch.nn trees stay there,
+    a transformers model is then built on `device` ("cpu" when it will run: its non-persistent buffers are not
+    in the file)."""
+    is_hf = isinstance(spec, dict) and "hf" in spec
+    try:
+        with guard.bounded_construction(max_modules, max_bytes):
+            model = _build_hf(spec, "meta") if is_hf else _build_tree(spec)
+    except RecursionError:
+        raise CorruptStream("architecture: nested too deeply") from None
+    if is_hf and device != "meta":
+        model = _build_hf(spec, device)
+    return model
 
 
 def _build_hf(spec: dict, device: str) -> nn.Module:
@@ -167,25 +176,37 @@ def _build_hf(spec: dict, device: str) -> nn.Module:
         raise CorruptStream("architecture: malformed transformers description")
     cls = getattr(transformers, hf["class"], None)
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-        raise CorruptStream(f"architecture: {hf['class']!r} is not a transformers model class")
+        raise CorruptStream(f"architecture: {hf['class'][:80]!r} is not a transformers model class")
+    guard.check_hf_config(hf["config"])
     no_init = getattr(getattr(transformers.modeling_utils, "init", None), "no_init_weights", contextlib.nullcontext)
     try:
-        config = cls.config_class.from_dict(hf["config"])
-        with torch.device(device), no_init():
-            model = cls(config)
+        with guard.offline():
+            config = cls.config_class.from_dict(hf["config"])
+            with torch.device(device), no_init():
+                model = cls(config)
+    except ModelpressError:
+        raise
     except Exception as e:
-        raise CorruptStream(f"architecture: cannot build {hf['class']} from its config: {e}") from None
+        raise CorruptStream(f"architecture: cannot build {hf['class']} from its config: {str(e)[:300]}") from None
     for name, sub in sorted(swaps.items()):
-        try:
-            parent, _, child = str(name).rpartition(".")
-            owner = model.get_submodule(parent) if parent else model
-            getattr(owner, child)
-        except AttributeError:
-            raise CorruptStream(f"architecture: {hf['class']} has no layer {name!r} to replace") from None
-        if not isinstance(sub, dict) or sub.get("t") not in _SWAPPABLE:
+        owner, child = _swap_target(model, hf["class"], name)
+        if not isinstance(sub, dict) or not isinstance(sub.get("t"), str) or sub["t"] not in _SWAPPABLE:
             raise CorruptStream(f"architecture: layer {name!r} has a replacement that is not allowed")
         setattr(owner, child, _build_tree(sub))  # on meta: the file supplies all its tensors
     return model
+
+
+def _swap_target(model: nn.Module, cls: str, name: str) -> tuple[nn.Module, str]:
+    """(parent module, child name) of an existing layer that a swap replaces; never a parameter,
+    a buffer or a private attribute."""
+    parent, _, child = name.rpartition(".")
+    try:
+        owner = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        owner = None
+    if owner is None or not isinstance(owner._modules.get(child), nn.Module):
+        raise CorruptStream(f"architecture: {cls} has no layer {name[:200]!r} to replace")
+    return owner, child
 
 
 def _build_tree(spec: Any, depth: int = 0) -> nn.Module:
@@ -198,13 +219,34 @@ def _build_tree(spec: Any, depth: int = 0) -> nn.Module:
         kids = spec.get("c")
         if not isinstance(kids, list):
             raise CorruptStream("architecture: Sequential without a list of children")
-        return nn.Sequential(*[_build_tree(k, depth + 1) for k in kids])
+        seq = nn.Sequential()
+        for k in kids:  # one by one, so the construction bounds stop a huge list early
+            seq.append(_build_tree(k, depth + 1))
+        return seq
     args = spec.get("a")
     if not isinstance(args, dict):
         raise CorruptStream(f"architecture: {spec['t']} without arguments")
-    kwargs = {str(k): _from_json(v) for k, v in args.items()}
+    kwargs = {k: _from_json(v) for k, v in args.items()}
+    _check_args(cls, kwargs)
     try:
         with torch.device("meta"):
             return cls(**kwargs)
+    except ModelpressError:
+        raise
     except Exception as e:  # bad arguments in a damaged or crafted file
-        raise CorruptStream(f"architecture: cannot build {spec['t']}({kwargs}): {e}") from None
+        raise CorruptStream(f"architecture: cannot build {spec['t']}({str(kwargs)[:200]}): {str(e)[:200]}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(cls: type) -> Any:
+    return inspect.signature(cls.__init__).parameters
+
+
+def _check_args(cls: type, kwargs: dict) -> None:
+    """Only named, public constructor arguments (never device or dtype), with bounded JSON values."""
+    params = _parameters(cls)
+    for k, v in kwargs.items():
+        p = params.get(k)
+        if p is None or k in _SKIP_ARGS or k.startswith("_") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise UnsafeArchitecture(f"architecture: {cls.__name__} takes no argument {k[:80]!r} from a file")
+        guard.check_value(f"{cls.__name__}.{k}", list(v) if isinstance(v, tuple) else v)

@@ -111,16 +111,18 @@ def _stream(streams: dict[str, bytes], key: str) -> bytes:
     return streams[key]
 
 
-def _check_entry(name: str, entry: dict) -> tuple[tuple[int, ...], torch.dtype, int]:
+def check_entry(name: str, entry: dict) -> tuple[tuple[int, ...], torch.dtype, int]:
+    """(shape, dtype, element count) declared by a manifest entry, checked before anything is decoded."""
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 8:
-        raise CorruptStream(f"tensor {name!r}: bad shape {shape!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or \
+            not all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in shape):
+        raise CorruptStream(f"tensor {name!r}: bad shape {str(shape)[:100]}")
     numel = math.prod(shape)
     if numel > MAX_ELEMENTS:
         raise CorruptStream(f"tensor {name!r}: declares {numel} elements, more than the cap {MAX_ELEMENTS}")
-    dtype = DTYPES.get(entry.get("dtype"))
+    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
-        raise CorruptStream(f"tensor {name!r}: unknown dtype {entry.get('dtype')!r}")
+        raise CorruptStream(f"tensor {name!r}: unknown dtype {str(entry.get('dtype'))[:40]!r}")
     return tuple(shape), dtype, numel
 
 
@@ -143,10 +145,10 @@ def _int_field(name: str, entry: dict, key: str, lo: int, hi: int) -> int:
 def decode_tensor(name: str, entry: dict, streams: dict[str, bytes], key: str | None = None) -> torch.Tensor:
     """Rebuild one tensor exactly from the streams under `key/` (default: the name); raises CorruptStream."""
     key = key if key is not None else name
-    shape, dtype, numel = _check_entry(name, entry)
+    shape, dtype, numel = check_entry(name, entry)
     kind = entry.get("kind")
-    if kind not in ("raw", "sp", "cb", "q", "ent"):
-        raise CorruptStream(f"tensor {name!r}: unknown kind {kind!r}")
+    if not isinstance(kind, str) or kind not in ("raw", "sp", "cb", "q", "ent"):
+        raise CorruptStream(f"tensor {name!r}: unknown kind {str(kind)[:40]!r}")
     if kind == "raw":
         return _from_bytes(name, _stream(streams, f"{key}/data"), dtype, numel).reshape(shape)
     if kind == "ent":

@@ -10,12 +10,19 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 import stat
+import time
 import zlib
 from typing import BinaryIO
 
 import zstandard
+
+try:
+    import fcntl
+except ImportError:  # Windows: stale temp files are told by age alone
+    fcntl = None
 
 from modelpress.errors import (ChecksumMismatch, FormatError, HeaderTooLarge, InvalidHeader,
                                InvalidOffset, NotAModelpressFile, TruncatedFile, UnsupportedVersion)
@@ -33,6 +40,7 @@ _ZSTD_FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
 _ZSTD_LEVEL = 19
 
 Buffer = bytes | bytearray | memoryview
+_STARTED = time.time()  # temp files older than this process can't be its own saves in progress
 
 
 def write_container(path: str | os.PathLike, manifest: dict, streams: dict[str, bytes]) -> int:
@@ -40,9 +48,11 @@ def write_container(path: str | os.PathLike, manifest: dict, streams: dict[str, 
     prefix, views = _encode(manifest, streams)
     target = os.fsdecode(os.fspath(path))
     directory = os.path.dirname(target) or "."
+    _remove_stale_temps(target)
     tmp, fd = _create_temp(target)
     try:
         with os.fdopen(fd, "wb") as f:
+            _lock(f.fileno())  # held until closed: tells other writers this temp file is alive
             f.write(prefix)
             for view in views:
                 f.write(view)
@@ -139,6 +149,38 @@ def _create_temp(target: str) -> tuple[str, int]:
             return tmp, os.open(tmp, flags, 0o666)
         except FileExistsError:
             continue
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive advisory lock without waiting; False if another process holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _remove_stale_temps(target: str) -> None:
+    """Delete temp files an interrupted save to `target` left behind: only names of `_create_temp`'s
+    pattern, last written before this process started, and not locked by a live writer."""
+    directory, base = os.path.split(target)
+    pattern = re.compile(re.escape(f".{base}.") + r"[0-9a-f]{8}\.tmp")
+    try:
+        names = [n for n in os.listdir(directory or ".") if pattern.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISREG(info.st_mode) and info.st_mtime < _STARTED and _lock(fd):
+                    os.unlink(path)
+            finally:
+                os.close(fd)
 
 
 def _fsync_dir(directory: str) -> None:

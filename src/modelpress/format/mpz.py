@@ -9,8 +9,8 @@ from torch import nn
 
 from ..errors import CorruptStream, FormatError, ModelMismatch
 from ..state import CompressionState
-from . import arch
-from .codecs import decode_tensor, encode_tensor
+from . import arch, guard
+from .codecs import check_entry, decode_tensor, encode_tensor
 from .container import read_container, write_container
 
 FORMAT_NAME = "modelpress"
@@ -36,25 +36,56 @@ def encode_model(model: nn.Module, state: CompressionState, meta: dict | None = 
 
 def decode_state_dict(manifest: dict, streams: dict[str, bytes]) -> dict[str, torch.Tensor]:
     """Every tensor of a manifest, decoded and checked."""
-    tensors = manifest.get("tensors")
-    if not isinstance(tensors, dict):
-        raise CorruptStream("the manifest has no 'tensors' table")
+    entries = _entries(manifest)
     out, aliases = {}, {}
-    for i, name in enumerate(sorted(tensors)):
-        entry = tensors[name]
-        if not isinstance(entry, dict):
-            raise CorruptStream(f"tensor {name!r}: entry is not a mapping")
+    for i, name in enumerate(sorted(entries)):
+        entry = entries[name]
         if entry.get("kind") == "alias":
             aliases[name] = entry
             continue
         out[name] = decode_tensor(name, entry, streams, key=str(i))
     for name, entry in aliases.items():
-        target = out.get(entry.get("of")) if isinstance(entry.get("of"), str) else None
-        if target is None or entry.get("shape") != list(target.shape):
-            raise CorruptStream(f"tensor {name!r}: alias of {entry.get('of')!r}, which is not a stored tensor "
-                                "of the same shape")
-        out[name] = target
+        out[name] = out[_alias_target(name, entry, out)]
     return out
+
+
+def declared_tensors(manifest: dict, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor the manifest declares, as a meta tensor of its shape and dtype (nothing is decoded);
+    raises LimitExceeded if decoding them all would take more than `max_bytes`."""
+    entries = _entries(manifest)
+    out, aliases, total = {}, {}, 0
+    for name, entry in entries.items():
+        if entry.get("kind") == "alias":
+            aliases[name] = entry
+            continue
+        shape, dtype, numel = check_entry(name, entry)
+        total += guard.decoded_bytes(numel, torch.empty((), dtype=dtype).element_size())
+        if max_bytes is not None and total > max_bytes:
+            raise guard.over_limit("decoding the tensors", total, max_bytes)
+        out[name] = torch.empty(shape, dtype=dtype, device="meta")
+    for name, entry in aliases.items():
+        out[name] = out[_alias_target(name, entry, out)]
+    return out
+
+
+def _entries(manifest: dict) -> dict[str, dict]:
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict):
+        raise CorruptStream("the manifest has no 'tensors' table")
+    for name, entry in tensors.items():
+        if not isinstance(entry, dict):
+            raise CorruptStream(f"tensor {name[:200]!r}: entry is not a mapping")
+    return tensors
+
+
+def _alias_target(name: str, entry: dict, stored: dict[str, torch.Tensor]) -> str:
+    """The stored tensor an alias entry shares, checked to have the alias's shape."""
+    of = entry.get("of")
+    target = stored.get(of) if isinstance(of, str) else None
+    if target is None or entry.get("shape") != list(target.shape):
+        raise CorruptStream(f"tensor {name!r}: alias of {str(of)[:200]!r}, which is not a stored tensor of the "
+                            "same shape")
+    return of
 
 
 def _owners(sd: dict[str, torch.Tensor], state: CompressionState) -> dict[str, str]:
@@ -79,29 +110,37 @@ def save(path: str | os.PathLike, model: nn.Module, state: CompressionState, met
     return write_container(path, manifest, streams)
 
 
-def read(source: str | os.PathLike | bytes) -> tuple[dict, dict[str, bytes]]:
-    """Read and check the container, and that it holds a modelpress model."""
+def read(source: str | os.PathLike | bytes) -> tuple[dict, dict[str, bytes], int]:
+    """Read and check the container, and that it holds a modelpress model: (manifest, streams, file size)."""
     manifest, streams = read_container(source)
     if manifest.get("format") != FORMAT_NAME:
-        raise FormatError(f"the file is a container but not a modelpress model (format={manifest.get('format')!r})")
-    return manifest, streams
+        raise FormatError(f"the file is a container but not a modelpress model "
+                          f"(format={str(manifest.get('format'))[:40]!r})")
+    size = len(source) if isinstance(source, (bytes, bytearray, memoryview)) else os.path.getsize(source)
+    return manifest, streams, size
 
 
-def load(source: str | os.PathLike | bytes, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the model (from its stored architecture, or into the skeleton `model`) with decoded weights."""
-    manifest, streams = read(source)
-    state = decode_state_dict(manifest, streams)
+def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_bytes: int | None = None
+         ) -> nn.Module:
+    """Rebuild the model (from its stored architecture, or into the skeleton `model`) with decoded weights.
+
+    Everything is checked before it is decoded: the declared tensors fit `max_bytes` (default: 1024x the
+    file's size, at least 16 MiB), the architecture builds within the same bound and has exactly the
+    file's tensor names, shapes and dtypes."""
+    manifest, streams, size = read(source)
+    limit = guard.max_bytes_for(size, max_bytes)
+    declared = declared_tensors(manifest, limit)
     if model is None:
         spec = manifest.get("arch")
         if spec is None:
             raise ModelMismatch(
                 "this file does not hold an architecture modelpress can rebuild (the model is not made only "
                 "of standard torch.nn layers); pass a skeleton: modelpress.load(path, model=MyModel())")
-        model = arch.build(spec, device="cpu")
+        model = arch.build(spec, device="cpu", max_modules=guard.max_modules_for(len(declared)), max_bytes=limit)
     else:
-        _resize_layers(model, state)
-    _check_against(model, state)
-    model.load_state_dict(state, assign=True)
+        _resize_layers(model, declared)
+    _check_against(model, declared)
+    model.load_state_dict(decode_state_dict(manifest, streams), assign=True)
     return model.eval()
 
 
@@ -135,30 +174,36 @@ def _resize_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def _check_against(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The file's tensors are exactly the model's: the same names, shapes and dtypes."""
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     got = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    both = sorted(set(got) & set(expected))
     wrong = [f"{k}: file has {list(got[k][0])}, model has {list(expected[k][0])}"
-             for k in sorted(set(got) & set(expected)) if got[k][0] != expected[k][0]]
+             for k in both if got[k][0] != expected[k][0]]
+    wrong += [f"{k}: file has {str(got[k][1])[6:]}, model has {str(expected[k][1])[6:]}"
+              for k in both if got[k][1] != expected[k][1]]
     if missing or extra or wrong:
         parts = ([f"missing in the file: {missing[:5]}"] if missing else []) + \
                 ([f"not in the model: {extra[:5]}"] if extra else []) + wrong[:5]
         raise ModelMismatch("the model does not match the file: " + "; ".join(parts))
 
 
-def describe_file(source: Any) -> list[dict]:
-    """Per tensor: kind, shape, bytes, sparsity and bits (stored bits per parameter) for `inspect`."""
-    manifest, streams = read(source)
+def describe_file(source: Any, max_bytes: int | None = None) -> list[dict]:
+    """Per tensor: kind, shape, bytes, sparsity and bits (stored bits per parameter) for `inspect`;
+    decodes under the same limit as `load`."""
+    manifest, streams, size = read(source)
+    declared_tensors(manifest, guard.max_bytes_for(size, max_bytes))
     state = decode_state_dict(manifest, streams)
+    per_key: dict[str, int] = {}
+    for k, v in streams.items():
+        per_key[k.rpartition("/")[0]] = per_key.get(k.rpartition("/")[0], 0) + len(v)
     rows = []
-    for i, name in enumerate(sorted(manifest["tensors"])):
-        entry = manifest["tensors"][name]
-        nbytes = sum(len(v) for k, v in streams.items() if k.rpartition("/")[0] == str(i))
-        t = state[name]
-        numel = max(1, t.numel())
-        rows.append({"name": name, "kind": entry["kind"], "shape": list(t.shape),
-                     "bytes": nbytes, "sparsity": float((t == 0).sum()) / numel,
-                     "bits": entry.get("bits") or (entry["k"].bit_length() - 1 if "k" in entry else
-                                                   t.element_size() * 8),
+    for i, name in enumerate(sorted(state)):
+        entry, t = manifest["tensors"][name], state[name]
+        nbytes, numel = per_key.get(str(i), 0), max(1, t.numel())
+        bits = {"q": entry.get("bits"), "cb": (entry.get("k", 2) - 1).bit_length()}.get(entry["kind"])
+        rows.append({"name": name, "kind": entry["kind"], "shape": list(t.shape), "bytes": nbytes,
+                     "sparsity": float((t == 0).sum()) / numel, "bits": bits or t.element_size() * 8,
                      "bits_per_param": 8.0 * nbytes / numel})
     return rows

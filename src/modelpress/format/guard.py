@@ -1,0 +1,154 @@
+"""Bounds on what a file can make the loader do: memory, module count, configs, network.
+
+A .mpz may come from a stranger. Its declared sizes are tied to the file's own size (at most
+`EXPANSION` times larger, or `FLOOR_BYTES`, unless the caller raises the limit), the model it
+describes is first built on the meta device with every registered module and tensor counted,
+and a transformers config is refused anything that reaches for code or the network.
+See the Security section of docs/format.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator
+
+import torch
+from torch.nn.modules import module as _module
+
+from ..errors import LimitExceeded, UnsafeArchitecture
+
+EXPANSION = 1024          # decoded bytes per file byte; Deep Compression's best ratios are ~50-120x
+FLOOR_BYTES = 16 << 20    # any file may decode to this much
+MODULES_PER_TENSOR = 8    # a layer rarely has more parameter-free submodules (dropout, activations)
+MODULES_SLACK = 256
+MAX_INT = 2 ** 40         # no constructor or config integer is larger than this
+MAX_STR = 256
+
+# config keys that make transformers fetch code, weights or kernels; refused when "on"
+_REMOTE_KEYS = ("auto_map", "trust_remote_code", "use_timm_backbone", "use_pretrained_backbone", "backbone",
+                "backbone_kwargs", "quantization_config", "custom_pipelines")
+_ATTENTION = {None, "eager", "sdpa"}
+
+
+def decoded_bytes(numel: int, itemsize: int) -> int:
+    """What a tensor costs to decode: its elements at no less than 4 bytes each (the decoders
+    hold 32-bit codes and float32 values on the way)."""
+    return numel * max(4, itemsize)
+
+
+def max_bytes_for(file_size: int, max_bytes: int | None = None) -> int:
+    """The decode limit for a file of `file_size` bytes, or the caller's own."""
+    if max_bytes is not None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive int. Got {max_bytes!r} instead.")
+        return max_bytes
+    return max(FLOOR_BYTES, EXPANSION * file_size)
+
+
+def over_limit(what: str, need: int, limit: int) -> LimitExceeded:
+    """The error for a file that asks for more than the limit, saying how to raise it."""
+    return LimitExceeded(
+        f"{what} needs {need:,} bytes, over the limit of {limit:,} for this file ({EXPANSION}x its size, at least "
+        f"{FLOOR_BYTES:,}). A file that honestly expands this much must come from a trusted source: pass "
+        "load(path, max_bytes=...) or --max-bytes to raise the limit")
+
+
+@contextlib.contextmanager
+def bounded_construction(max_modules: int | None, max_bytes: int | None) -> Iterator[None]:
+    """Count every module, parameter and buffer registered while the block runs (it should build a
+    model on the meta device) and stop at the first one past the bounds, before it grows further."""
+    if max_modules is None and max_bytes is None:
+        yield
+        return
+    count = {"modules": 0, "bytes": 0}
+
+    def on_module(_owner: Any, _name: str, sub: Any) -> None:
+        count["modules"] += sub is not None
+        if max_modules is not None and count["modules"] > max_modules:
+            raise LimitExceeded(f"architecture: the model has more than {max_modules:,} layers, more than the "
+                                "file's tensors can fill")
+
+    def on_tensor(_owner: Any, _name: str, t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            count["bytes"] += decoded_bytes(t.numel(), t.element_size())
+            if max_bytes is not None and count["bytes"] > max_bytes:
+                raise over_limit("architecture: building the model", count["bytes"], max_bytes)
+
+    handles = [_module.register_module_module_registration_hook(on_module),
+               _module.register_module_parameter_registration_hook(on_tensor),
+               _module.register_module_buffer_registration_hook(on_tensor)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def max_modules_for(n_tensors: int) -> int:
+    """How many modules a model whose file holds `n_tensors` tensors may build."""
+    return MODULES_PER_TENSOR * n_tensors + MODULES_SLACK
+
+
+def check_value(where: str, v: Any, depth: int = 0) -> None:
+    """A constructor argument or config value: JSON scalars of bounded size, bounded lists/dicts."""
+    if v is None or isinstance(v, bool):
+        return
+    if isinstance(v, int):
+        if abs(v) > MAX_INT:
+            raise UnsafeArchitecture(f"architecture: {where} is {v}, beyond the bound {MAX_INT}")
+    elif isinstance(v, float):
+        if not math.isfinite(v):
+            raise UnsafeArchitecture(f"architecture: {where} is {v}, not a finite number")
+    elif isinstance(v, str):
+        if len(v) > MAX_STR:
+            raise UnsafeArchitecture(f"architecture: {where} is a string of {len(v)} characters (at most {MAX_STR})")
+    elif depth >= 32:
+        raise UnsafeArchitecture(f"architecture: {where} is nested too deeply")
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            check_value(f"{where}[{i}]", x, depth + 1)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            check_value(f"{where}.{k}", x, depth + 1)
+    else:
+        raise UnsafeArchitecture(f"architecture: {where} has type {type(v).__name__}")
+
+
+def check_hf_config(config: dict, where: str = "config", depth: int = 0) -> None:
+    """Refuse a transformers config (and every sub-config in it) that asks for remote code, a Hub or
+    timm backbone, a quantizer or hub attention kernels; values must pass `check_value`."""
+    if depth > 16:
+        raise UnsafeArchitecture(f"architecture: {where} nests sub-configs too deeply")
+    for key, v in config.items():
+        at = f"{where}.{key}"
+        if key in _REMOTE_KEYS and v not in (None, False, "", {}, []):
+            raise UnsafeArchitecture(
+                f"architecture: {at} = {_short(v)} would make transformers fetch or run code from outside the "
+                "file; modelpress never loads remote code or reaches the network, so the file is refused")
+        if key in ("attn_implementation", "_attn_implementation") and v not in _ATTENTION:
+            raise UnsafeArchitecture(f"architecture: {at} = {_short(v)}: only 'eager' and 'sdpa' are allowed")
+        if isinstance(v, dict):
+            check_hf_config(v, at, depth + 1)
+        else:
+            check_value(at, v, depth)
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Hugging Face Hub calls fail at once instead of reaching the network while the block runs."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
