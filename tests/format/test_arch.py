@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from modelpress.data import lenet5, lenet_300_100
-from modelpress.errors import CorruptStream
+from modelpress.errors import CorruptStream, UnsafeArchitecture
 from modelpress.format.arch import build, describe
 
 
@@ -31,8 +31,10 @@ def test_custom_classes_are_not_described():
 def test_build_refuses_unknown_types_and_bad_args():
     with pytest.raises(CorruptStream, match="not allowed"):
         build({"t": "os.system", "a": {}})
-    with pytest.raises(CorruptStream, match="cannot build"):
+    with pytest.raises(UnsafeArchitecture, match="Linear.in_features is 'x', not of the type it takes"):
         build({"t": "Linear", "a": {"in_features": "x", "out_features": 2}})
+    with pytest.raises(CorruptStream, match="cannot build"):
+        build({"t": "Linear", "a": {"in_features": 2}})
     deep = {"t": "Sequential", "c": []}
     for _ in range(100):
         deep = {"t": "Sequential", "c": [deep]}

@@ -249,4 +249,4 @@ def _check_args(cls: type, kwargs: dict) -> None:
         p = params.get(k)
         if p is None or k in _SKIP_ARGS or k.startswith("_") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise UnsafeArchitecture(f"architecture: {cls.__name__} takes no argument {k[:80]!r} from a file")
-        guard.check_value(f"{cls.__name__}.{k}", list(v) if isinstance(v, tuple) else v)
+        guard.check_arg(cls.__name__, k, v, None if p.default is p.empty else p.default)

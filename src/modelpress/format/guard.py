@@ -84,6 +84,42 @@ def bounded_construction(max_modules: int | None, max_bytes: int | None) -> Iter
             h.remove()
 
 
+# bounds on constructor arguments by name (elementwise for tuples); names not here pass `check_value` only
+_COUNTS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_embeddings",
+           "embedding_dim", "rank", "rank_in", "rank_out", "padding", "output_padding")
+_POSITIVE = ("kernel_size", "stride", "dilation", "groups", "num_groups", "num_channels")
+_DIMS = ("dim", "start_dim", "end_dim")
+_ARG_RANGES = {**dict.fromkeys(_COUNTS, (0, MAX_INT)), **dict.fromkeys(_POSITIVE, (1, MAX_INT)),
+               **dict.fromkeys(_DIMS, (-8, 8)), **dict.fromkeys(("p", "momentum"), (0, 1)),
+               "eps": (1e-30, 1.0), "alpha": (0, 1e6)}
+_INT_ARGS = set(_COUNTS + _POSITIVE + _DIMS)
+
+
+def check_arg(cls_name: str, name: str, v: Any, default: Any = None) -> None:
+    """A constructor argument from a file: bounded JSON values of the type its default (or its name)
+    implies, in the range its name allows (a channel count is never negative, a stride never zero, a
+    dropout probability in [0, 1])."""
+    where = f"{cls_name}.{name}"
+    check_value(where, list(v) if isinstance(v, tuple) else v)
+    items = v if isinstance(v, tuple) else (v,)
+    if isinstance(default, bool):
+        ok = isinstance(v, bool)
+    elif name in _INT_ARGS or type(default) is int:
+        ok = all(type(x) is int for x in items) or name == "padding" and v in ("same", "valid")
+    elif isinstance(default, float):
+        ok = type(v) in (int, float)
+    elif isinstance(default, str):
+        ok = isinstance(v, str)
+    else:
+        ok = True
+    if not ok:
+        raise UnsafeArchitecture(f"architecture: {where} is {_short(v)}, not of the type it takes")
+    lo, hi = _ARG_RANGES.get(name, (None, None))
+    for x in items:
+        if lo is not None and type(x) in (int, float) and not lo <= x <= hi:
+            raise UnsafeArchitecture(f"architecture: {where} is {_short(v)}, outside [{lo}, {hi}]")
+
+
 def max_modules_for(n_tensors: int) -> int:
     """How many modules a model whose file holds `n_tensors` tensors may build."""
     return MODULES_PER_TENSOR * n_tensors + MODULES_SLACK

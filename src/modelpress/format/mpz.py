@@ -202,7 +202,8 @@ def describe_file(source: Any, max_bytes: int | None = None) -> list[dict]:
     for i, name in enumerate(sorted(state)):
         entry, t = manifest["tensors"][name], state[name]
         nbytes, numel = per_key.get(str(i), 0), max(1, t.numel())
-        bits = {"q": entry.get("bits"), "cb": (entry.get("k", 2) - 1).bit_length()}.get(entry["kind"])
+        bits = entry["bits"] if entry["kind"] == "q" else (entry["k"] - 1).bit_length() if entry["kind"] == "cb" \
+            else None  # both checked by the decoder
         rows.append({"name": name, "kind": entry["kind"], "shape": list(t.shape), "bytes": nbytes,
                      "sparsity": float((t == 0).sum()) / numel, "bits": bits or t.element_size() * 8,
                      "bits_per_param": 8.0 * nbytes / numel})
