@@ -4,6 +4,7 @@ bounded time and memory, having asked nothing and reached nothing."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -70,8 +71,11 @@ CRAFTED = {
     "trust_remote_code": lambda: hf_file("BertModel", tiny_bert_config(trust_remote_code=True)),
     "hub_backbone": lambda: hf_file("DetrModel", {"model_type": "detr", "use_timm_backbone": False,
                                                   "backbone": "microsoft/resnet-50", "use_pretrained_backbone": True}),
-    "timm_backbone": lambda: hf_file("DetrModel", {"model_type": "detr", "use_timm_backbone": True,
-                                                   "backbone": "resnet50"}),
+    "hub_backbone_config_only": lambda: hf_file("DetrModel", {"model_type": "detr", "use_timm_backbone": False,
+                                                              "backbone": "microsoft/resnet-50",
+                                                              "use_pretrained_backbone": False}),
+    "pretrained_timm_backbone": lambda: hf_file("DetrModel", {"model_type": "detr", "use_timm_backbone": True,
+                                                              "backbone": "resnet50", "use_pretrained_backbone": True}),
     "hub_attention_kernel": lambda: hf_file("BertModel", tiny_bert_config(
         attn_implementation="kernels-community/flash-attn")),
     "quantizer": lambda: hf_file("BertModel", tiny_bert_config(quantization_config={"quant_method": "bitsandbytes"})),
@@ -151,7 +155,8 @@ EXPECTED = {  # the error class says which defence caught it
     "ctor_unknown_arg": "UnsafeArchitecture", "ctor_huge_int": "UnsafeArchitecture",
     "ctor_long_string": "UnsafeArchitecture", "remote_code_subconfig": "UnsafeArchitecture",
     "remote_code_top_level": "UnsafeArchitecture", "trust_remote_code": "UnsafeArchitecture",
-    "hub_backbone": "UnsafeArchitecture", "timm_backbone": "UnsafeArchitecture",
+    "hub_backbone": "UnsafeArchitecture", "hub_backbone_config_only": "UnsafeArchitecture",
+    "pretrained_timm_backbone": "UnsafeArchitecture",
     "hub_attention_kernel": "UnsafeArchitecture", "quantizer": "UnsafeArchitecture",
     "int_dtype_for_float_weight": "ModelMismatch", "bool_dtype_for_float_weight": "ModelMismatch",
     "f16_weight": "ModelMismatch", "f64_weight": "ModelMismatch",
@@ -165,6 +170,15 @@ def test_each_class_is_caught_by_its_defence(results, name):
 
 def test_limit_message_says_how_to_raise_it(results):
     assert "max_bytes" in results["huge_all_zero_mask/load"]["message"]
+
+
+def test_default_configs_with_local_backbones_pass_the_config_check():
+    import transformers
+
+    from modelpress.format.guard import check_hf_config
+
+    for name in ("DetrConfig", "MaskFormerConfig", "LlavaConfig", "BertConfig", "GPT2Config", "LlamaConfig"):
+        check_hf_config(json.loads(getattr(transformers, name)().to_json_string(use_diff=False)))
 
 
 def test_the_remote_code_case_does_ask_without_the_defence():

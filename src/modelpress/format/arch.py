@@ -182,6 +182,7 @@ def _build_hf(spec: dict, device: str) -> nn.Module:
     try:
         with guard.offline():
             config = cls.config_class.from_dict(hf["config"])
+            guard.check_hf_config(json.loads(config.to_json_string(use_diff=False)))  # with the defaults filled in
             with torch.device(device), no_init():
                 model = cls(config)
     except ModelpressError:

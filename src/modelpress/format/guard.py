@@ -25,8 +25,7 @@ MAX_INT = 2 ** 40         # no constructor or config integer is larger than this
 MAX_STR = 256
 
 # config keys that make transformers fetch code, weights or kernels; refused when "on"
-_REMOTE_KEYS = ("auto_map", "trust_remote_code", "use_timm_backbone", "use_pretrained_backbone", "backbone",
-                "backbone_kwargs", "quantization_config", "custom_pipelines")
+_REMOTE_KEYS = ("auto_map", "trust_remote_code", "use_pretrained_backbone", "quantization_config", "custom_pipelines")
 _ATTENTION = {None, "eager", "sdpa"}
 
 
@@ -151,8 +150,9 @@ def check_value(where: str, v: Any, depth: int = 0) -> None:
 
 
 def check_hf_config(config: dict, where: str = "config", depth: int = 0) -> None:
-    """Refuse a transformers config (and every sub-config in it) that asks for remote code, a Hub or
-    timm backbone, a quantizer or hub attention kernels; values must pass `check_value`."""
+    """Refuse a transformers config (and every sub-config in it) that asks for remote code, a Hub
+    backbone, pretrained backbone weights, a quantizer or hub attention kernels; values must pass
+    `check_value`. A timm backbone built without pretrained weights is local and allowed."""
     if depth > 16:
         raise UnsafeArchitecture(f"architecture: {where} nests sub-configs too deeply")
     for key, v in config.items():
@@ -161,6 +161,10 @@ def check_hf_config(config: dict, where: str = "config", depth: int = 0) -> None
             raise UnsafeArchitecture(
                 f"architecture: {at} = {_short(v)} would make transformers fetch or run code from outside the "
                 "file; modelpress never loads remote code or reaches the network, so the file is refused")
+        if key == "backbone" and isinstance(v, str) and v and not (
+                config.get("use_timm_backbone") is True or config.get("model_type") == "timm_backbone"):
+            raise UnsafeArchitecture(f"architecture: {at} = {_short(v)} names a Hugging Face Hub model whose config "
+                                     "transformers would download; modelpress never reaches the network")
         if key in ("attn_implementation", "_attn_implementation") and v not in _ATTENTION:
             raise UnsafeArchitecture(f"architecture: {at} = {_short(v)}: only 'eager' and 'sdpa' are allowed")
         if isinstance(v, dict):
