@@ -91,7 +91,7 @@ def test_a_metric_that_fails_on_one_result_leaves_the_others(mlp, toy_data):
     assert [r.name for r in c.rows] == ["original (fp32)", "w4", "factorize"]
     assert c.rows[1].error is None and c.rows[1].metrics == {"metric": 1.0}
     assert "metric" in c.rows[2].error and "needs the full model" in c.rows[2].error
-    assert c.rows[2].bytes and c.rows[2].artifact  # what was measured before the failure is kept
+    assert c.rows[2].bytes and c.rows[2].layers  # what was measured before the failure is kept
 
 
 def test_default_metric_is_agreement_with_the_original(mlp, toy_data):

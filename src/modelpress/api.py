@@ -11,11 +11,11 @@ from torch import nn
 
 from .errors import ModelpressError, RecipeError
 from .format import mpz
-from .pipeline import run_pipeline
+from .pipeline import check_weights, run_pipeline
 from .recipe import Recipe
 from .report import Report, StageRow
 from .state import CompressionState
-from .techniques.finetune import TrainContext
+from .techniques.finetune import TrainContext, check_batches, reusable
 
 
 @dataclass
@@ -66,17 +66,22 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     train_data: iterable of `(inputs, targets)` batches (cross-entropy, or `loss_fn(outputs, targets)`)
         or of input-only batches (label-free self-distillation from the uncompressed model).
     calib_data: model-input batches for calibration-based techniques (GPTQ, per-layer bits); when
-        not given, the inputs of train_data are used.
+        not given, the inputs of train_data are used. A one-shot iterator (a generator) given as either
+        is read into a list first, as each may be read several times.
     eval_fn: `eval_fn(model) -> float | dict`, measured before and after every stage.
     progress: called as `progress(label, fraction_done)` during long steps.
     on_stage: called with each report row as soon as it is measured.
     """
     if not isinstance(model, nn.Module):
         raise ModelpressError(f"model must be a torch.nn.Module. Got {type(model).__name__} instead.")
+    check_weights(model)
     recipe = as_recipe(recipe, model)
+    train_data, calib_data = reusable(train_data, "train_data"), reusable(calib_data, "calib_data")
     teacher = copy.deepcopy(model).float().cpu().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    check_batches(teacher, train_data, "train_data")
+    check_batches(teacher, calib_data, "calib_data")
     ctx = TrainContext(train_data=train_data, teacher=teacher, loss_fn=loss_fn, progress=progress,
                        calib_data=calib_data if calib_data is not None else train_data)
     compressed, state, report = run_pipeline(model, recipe, ctx, eval_fn=eval_fn, on_stage=on_stage,

@@ -26,7 +26,7 @@ from .errors import ModelpressError
 from .measure import latencies
 from .pipeline import evaluate
 from .presets import has_attention
-from .techniques.finetune import call_model, split_batch
+from .techniques.finetune import call_model, reusable, split_batch
 
 
 @dataclass
@@ -133,6 +133,7 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
     budget = Budget(max_mb, max_latency_ms, min_ratio)
     if not str(budget):
         raise ModelpressError("auto needs a budget: max_mb, max_latency_ms or min_ratio")
+    train_data, calib_data = reusable(train_data, "train_data"), reusable(calib_data, "calib_data")
     data = calib_data if calib_data is not None else train_data
     if data is None and (example is None or eval_fn is None):
         raise ModelpressError("auto needs calib_data or train_data (to calibrate, measure and time the candidates)")

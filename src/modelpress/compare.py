@@ -23,7 +23,7 @@ from torch import nn
 from .errors import ModelpressError
 from .measure import flops, latencies, machine_line, weights
 from .report import fmt_metric
-from .techniques.finetune import call_model, logits_of, split_batch
+from .techniques.finetune import call_model, logits_of, reusable, split_batch
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Row:
     latency_spread: tuple[float, float] | None = None   # fastest and slowest of the repeats
     metrics: dict[str, float] = field(default_factory=dict)
     compress_s: float | None = None
-    artifact: str | None = None
+    artifact: str | None = None                          # the .mpz file's path, when compare had an out_dir
     layers: list[dict] = field(default_factory=list)    # per tensor: kind, shape, bytes, sparsity, bits
 
 
@@ -158,7 +158,8 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
             repeats: int = 20, progress: Callable[[str, float], None] | None = None, seed: int | None = 0,
             names: list[str] | None = None, keep_results: bool = False) -> Comparison:
     """Run each recipe (a preset name, YAML file or text, mapping or Recipe) on a copy of `model` and
-    measure every result alike; with `out_dir`, write the artifacts, results.json and report.html.
+    measure every result alike; with `out_dir`, write the artifacts, results.json and report.html
+    (without it, the artifacts are measured in a temporary folder that is removed before returning).
 
     example: the inputs one timed call processes (default: the first batch of calib_data or train_data).
     eval_fn: `eval_fn(model) -> float | dict` (higher is better for the Pareto front's metric, `metric`,
@@ -174,6 +175,7 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
     recipes = list(recipes)
     if not recipes:
         raise ModelpressError("compare needs at least one recipe (a preset name, a YAML file or a mapping)")
+    train_data, calib_data = reusable(train_data, "train_data"), reusable(calib_data, "calib_data")
     data = calib_data if calib_data is not None else train_data
     if example is None:
         if data is None:
@@ -184,7 +186,8 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
             raise ModelpressError("compare needs eval_fn, or calib_data/train_data to measure fidelity on")
         eval_fn = output_fidelity(model, [b for _, b in zip(range(8), data)])
     model = copy.deepcopy(model).eval()
-    workdir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="modelpress-compare-"))
+    tmp = tempfile.TemporaryDirectory(prefix="modelpress-compare-") if out_dir is None else None
+    workdir = Path(out_dir) if out_dir is not None else Path(tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
     fp32 = 4 * sum(p.numel() for p in model.parameters())
     base = Row("original (fp32)", bytes=fp32, ratio=1.0)
@@ -206,7 +209,7 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
             result = compress(model, recipe, train_data=train_data, calib_data=calib_data, progress=tell)
             row.compress_s = time.perf_counter() - t
             path = workdir / f"{_slug(name)}.mpz"
-            row.bytes, row.artifact = result.save(path), str(path)
+            row.bytes, row.artifact = result.save(path), str(path) if out_dir is not None else None
             row.ratio = fp32 / row.bytes
             row.layers = describe_file(path)
         except Exception as e:  # reported in the row; the other recipes still run
@@ -220,6 +223,8 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
         models[name] = result.model
         if keep_results:
             kept[name] = result
+    if tmp is not None:
+        tmp.cleanup()  # the files were only measured (an exception leaves it to tmp's finalizer)
     if progress:
         progress("timing every result, round by round", 0.0)
     runs = {n: functools.partial(call_model, m, example) for n, m in models.items()}

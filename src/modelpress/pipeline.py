@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import numbers
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -125,14 +127,59 @@ def measure(model: nn.Module, stage: str, manifest: dict, streams: dict[str, byt
 
 
 def evaluate(model: nn.Module, eval_fn: Callable | None) -> dict[str, float]:
+    """`eval_fn(model)` as a dict of metrics; a clear error when it returns anything but a real number
+    or a dict of name -> real number (NaN is reported as is)."""
     if eval_fn is None:
         return {}
     model.eval()
     with torch.no_grad():
         value = eval_fn(model)
-    if isinstance(value, dict):
-        return {str(k): float(v) for k, v in value.items()}
-    return {"metric": float(value)}
+    out = {}
+    for k, v in (value.items() if isinstance(value, dict) else [("metric", value)]):
+        out[str(k)] = x = _number(v)
+        if x is None:
+            what = f"a dict whose {k!r} is a" if isinstance(value, dict) else "a"
+            raise ModelpressError(f"eval_fn returned {what} {type(v).__name__} ({str(v)[:40]!r}); it must return a "
+                                  "real number (float, int, a one-element tensor) or a dict of name -> number, e.g. "
+                                  "{'accuracy': 0.93}")
+    return out
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, torch.Tensor) and v.numel() == 1 or isinstance(v, np.ndarray) and v.size == 1:
+        v = v.item()
+    return float(v) if isinstance(v, numbers.Real) else None
+
+
+def check_weights(model: nn.Module) -> None:
+    """A clear error, before anything runs, for weights on the meta device or holding NaN/Inf."""
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ModelpressError(f"the model's weights are on the meta device (not loaded): {_first(meta)}; load real "
+                              "weights first (e.g. load_state_dict(..., assign=True), or from_pretrained without a "
+                              "meta device_map)")
+    bad = nonfinite(model)
+    if bad:
+        raise ModelpressError(f"the model has non-finite values in {len(bad)} tensor(s): {_first(bad)}; every "
+                              "technique would spread them (k-means, quantization grids, GPTQ): fix or reload the "
+                              "weights first")
+
+
+def nonfinite(model: nn.Module) -> list[str]:
+    """"name (n NaN, m Inf)" of each parameter holding NaN or Inf, and each floating buffer holding NaN
+    (-inf is a legitimate attention-mask value in a buffer)."""
+    bad = []
+    for name, t, is_param in [*((n, p, True) for n, p in model.named_parameters()),
+                              *((n, b, False) for n, b in model.named_buffers())]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            if nan or is_param:
+                bad.append(f"{name} ({', '.join(f'{c} {k}' for c, k in ((nan, 'NaN'), (inf, 'Inf')) if c)})")
+    return bad
+
+
+def _first(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 def run_pipeline(model: nn.Module, recipe: Recipe, ctx: TrainContext, eval_fn: Callable | None = None,
@@ -164,6 +211,10 @@ def run_pipeline(model: nn.Module, recipe: Recipe, ctx: TrainContext, eval_fn: C
         t = time.perf_counter()
         log.info("stage %d/%d: %s", i, len(recipe.stages), cfg.key)
         handler(student, state, cfg, run)
+        bad = nonfinite(student)
+        if bad:
+            raise ModelpressError(f"stage {i} ({cfg.key}) produced non-finite values in {len(bad)} tensor(s): "
+                                  f"{_first(bad)}")
         manifest, streams = canonicalize(student, state, meta)
         row = measure(student, f"{i}. {cfg.key}", manifest, streams, fp32_bytes, time.perf_counter() - t, eval_fn)
         report.rows.append(row)

@@ -64,6 +64,11 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Linear], calib_data:
         for h in handles:
             h.remove()
         model.train(was_training)
+    bad = [name for name, h in sums.items() if not bool(torch.isfinite(h).all())]
+    if bad:
+        raise ModelpressError(f"calib_data gives non-finite inputs (NaN or Inf) to {len(bad)} layer(s): "
+                              f"{', '.join(bad[:5])}; check the calibration batches (and the model's outputs "
+                              "on them) for NaN or Inf")
     unseen = [name for name, n in counts.items() if n == 0]
     if unseen:
         log.warning("no calibration input reached %d layer(s) (%s); they are rounded to nearest instead",

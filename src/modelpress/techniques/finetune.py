@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -68,6 +69,88 @@ def logits_of(output: Any) -> torch.Tensor:
     raise ModelpressError(f"cannot find an output tensor in a model output of type {type(output).__name__}")
 
 
+def summary(x: Any) -> str:
+    """A short type and shape summary of a batch: "Tensor float32 [64, 20]", "(Tensor ..., int)"."""
+    if isinstance(x, torch.Tensor):
+        return f"Tensor {str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+    if isinstance(x, dict):
+        items = [f"{k}: {summary(v)}" for k, v in list(x.items())[:6]]
+        return "{" + ", ".join(items + ["..."] * (len(x) > 6)) + "}"
+    if isinstance(x, (tuple, list)):
+        items = [summary(v) for v in x[:6]] + ["..."] * (len(x) > 6)
+        return ("(%s)" if isinstance(x, tuple) else "[%s]") % ", ".join(items)
+    return type(x).__name__
+
+
+def reusable(data: Iterable | None, name: str) -> Iterable | None:
+    """`data` in a form that can be read more than once: a one-shot iterator (a generator, a `map`,
+    `iter(...)`) is read into a list, once. A clear error for what is not an iterable of batches."""
+    if data is None:
+        return None
+    if isinstance(data, (torch.Tensor, dict)) or not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
+        raise ModelpressError(f"{name} must be an iterable of batches (a list, a DataLoader, a generator), not "
+                              f"one {type(data).__name__}; to pass a single batch, wrap it in a list: {name}=[batch]")
+    if isinstance(data, Iterator):
+        data = list(data)
+        log.info("%s is a one-shot iterator: read its %d batches into a list, to use them more than once",
+                 name, len(data))
+    return data
+
+
+@torch.no_grad()
+def check_batches(model: nn.Module, data: Iterable | None, name: str) -> None:
+    """Call `model` on the inputs of the first batch of `data`: a clear error now if it can't take them.
+    Random states are left as they were (a shuffling DataLoader draws from its generator, or torch's),
+    so that the check changes no result."""
+    if data is None:
+        return
+    gens = {g for g in (getattr(data, "generator", None), getattr(getattr(data, "sampler", None), "generator", None))
+            if isinstance(g, torch.Generator)}
+    states = [(g, g.get_state()) for g in gens]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(data), None)
+            if batch is not None:  # empty: the stage that needs the data says so
+                _call_first(model, batch, name)
+    finally:
+        for g, state in states:
+            g.set_state(state)
+
+
+def _call_first(model: nn.Module, batch: Any, name: str) -> None:
+    inputs, _ = split_batch(batch)
+    try:
+        call_model(model, inputs)
+    except Exception as e:
+        raise ModelpressError(
+            f"{name} batch 0: the model could not be called on its inputs ({summary(inputs)}): "
+            f"{type(e).__name__}: {e}. Batches must be (inputs, targets) pairs or model inputs: a tensor, a "
+            "tuple of positional inputs or a dict of keyword inputs, exactly what the model's forward takes") from e
+
+
+def cross_entropy(logits: torch.Tensor, targets: Any) -> torch.Tensor:
+    """The default loss, with a clear error for targets it can't take. Float targets are class
+    probabilities (soft labels): shaped like the logits, non-negative, summing to 1 over the classes."""
+    if isinstance(targets, torch.Tensor) and targets.is_floating_point():
+        classes = min(1, targets.dim() - 1)
+        if targets.shape != logits.shape or bool((targets < 0).any()) \
+                or bool(((targets.sum(classes) - 1).abs() > 1e-3).any()):
+            raise ModelpressError(_bad_targets(logits, targets, "float targets are read as class probabilities, "
+                                               "which must be shaped like the outputs, >= 0 and sum to 1"))
+    try:
+        return F.cross_entropy(logits, targets)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise ModelpressError(_bad_targets(logits, targets, f"{type(e).__name__}: {str(e).rstrip('.')}")) from e
+
+
+def _bad_targets(logits: torch.Tensor, targets: Any, why: str) -> str:
+    return (f"cross-entropy, the default loss, can't use train_data's targets ({summary(targets)}) with the "
+            f"model's outputs ({summary(logits)}): {why}. It needs integer class indices (0 to "
+            f"{(logits.shape[1] if logits.dim() > 1 else logits.numel()) - 1}), or class probabilities shaped "
+            "like the outputs; for regression or other targets pass compress(..., loss_fn=...), "
+            "e.g. loss_fn=torch.nn.functional.mse_loss")
+
+
 def batch_loss(model: nn.Module, batch: Any, ctx: TrainContext) -> torch.Tensor:
     """The loss of one batch: supervised when the batch carries targets (and the stage is not a
     distillation), distillation from the teacher otherwise."""
@@ -79,7 +162,7 @@ def batch_loss(model: nn.Module, batch: Any, ctx: TrainContext) -> torch.Tensor:
     out = call_model(model, inputs)
     if ctx.loss_fn is not None:
         return ctx.loss_fn(out, targets)
-    return F.cross_entropy(logits_of(out), targets)
+    return cross_entropy(logits_of(out), targets)
 
 
 def require_data(ctx: TrainContext, what: str) -> Iterable:
@@ -108,11 +191,14 @@ def train(model: nn.Module, state: CompressionState, ctx: TrainContext, *, epoch
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
         model.train()
         while steps < total:
-            for batch in data:
+            j = -1
+            for j, batch in enumerate(data):
                 opt.zero_grad(set_to_none=True)
                 loss = batch_loss(model, batch, ctx)
                 if not torch.isfinite(loss):
-                    raise ModelpressError(f"{label}: the loss became {loss.item()}; lower the lr ({lr})")
+                    raise ModelpressError(f"{label}: the loss became {loss.item()} on train_data batch {j} (step "
+                                          f"{steps + 1} of {total}); lower the lr ({lr}) or check that batch for "
+                                          "NaN or Inf")
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -121,6 +207,11 @@ def train(model: nn.Module, state: CompressionState, ctx: TrainContext, *, epoch
                     ctx.progress(label, steps / total)
                 if steps >= total:
                     break
+            if j < 0:  # e.g. a generator, used up by an earlier pass
+                raise ModelpressError(
+                    f"{label}: a pass over train_data gave no batch (after {steps} of {total} steps); train_data "
+                    "must give its batches on every pass: a list or a DataLoader, not a one-shot iterator such as "
+                    "a generator")
         model.eval()
     return steps
 
