@@ -223,6 +223,34 @@ def test_sigkill_during_save_leaves_a_loadable_file(tmp_path: Path) -> None:
         leftovers = max(leftovers, len(os.listdir(tmp_path)) - 1)
     assert len(seen) > 1  # saves did complete between kills
     assert leftovers > 0  # and some kills landed mid-save, leaving only a stray temp file
+    # the next save by a later process removes the strays
+    saver = CHILD.replace('print("ready", flush=True)\nwhile True:', "while False:")
+    subprocess.run([sys.executable, "-c", saver, str(target), package], check=True, timeout=60)
+    assert os.listdir(tmp_path) == ["model.mpz"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX locks")
+def test_a_save_removes_only_stale_temp_files_of_its_target(tmp_path: Path) -> None:
+    target = tmp_path / "model.mpz"
+    names = {"stale": ".model.mpz.deadbeef.tmp", "fresh": ".model.mpz.cafebabe.tmp",
+             "locked": ".model.mpz.0badf00d.tmp", "other_target": ".other.mpz.deadbeef.tmp",
+             "other_pattern": ".model.mpz.xyz.tmp", "user_file": "model.mpz.deadbeef.tmp"}
+    for key, name in names.items():
+        (tmp_path / name).write_bytes(b"partial")
+        if key != "fresh":  # written before this process started
+            os.utime(tmp_path / name, (time.time() - 3600, time.time() - 3600))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               "f = open(sys.argv[1], 'rb'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True)\n"
+                               "time.sleep(60)", str(tmp_path / names["locked"])], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        write_container(target, {"x": 1}, {"s": b"abc"})
+    finally:
+        holder.kill()
+        holder.wait()
+    left = set(os.listdir(tmp_path))
+    assert names["stale"] not in left
+    assert left == {"model.mpz"} | {n for k, n in names.items() if k != "stale"}
 
 
 # -- damaged and foreign files ---------------------------------------------------------------------
