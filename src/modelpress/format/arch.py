@@ -251,3 +251,4 @@ def _check_args(cls: type, kwargs: dict) -> None:
         if p is None or k in _SKIP_ARGS or k.startswith("_") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise UnsafeArchitecture(f"architecture: {cls.__name__} takes no argument {k[:80]!r} from a file")
         guard.check_arg(cls.__name__, k, v, None if p.default is p.empty else p.default)
+    guard.check_geometry(cls.__name__, kwargs)

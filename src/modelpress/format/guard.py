@@ -85,13 +85,15 @@ def bounded_construction(max_modules: int | None, max_bytes: int | None) -> Iter
 
 # bounds on constructor arguments by name (elementwise for tuples); names not here pass `check_value` only
 _COUNTS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_embeddings",
-           "embedding_dim", "rank", "rank_in", "rank_out", "padding", "output_padding")
-_POSITIVE = ("kernel_size", "stride", "dilation", "groups", "num_groups", "num_channels")
+           "embedding_dim", "rank", "rank_in", "rank_out")
+_POSITIVE = ("groups", "num_groups", "num_channels")
+_GEOMETRY = ("kernel_size", "stride", "dilation")  # and padding, output_padding (>= 0): no CNN goes near 4096
 _DIMS = ("dim", "start_dim", "end_dim")
 _ARG_RANGES = {**dict.fromkeys(_COUNTS, (0, MAX_INT)), **dict.fromkeys(_POSITIVE, (1, MAX_INT)),
+               **dict.fromkeys(_GEOMETRY, (1, 4096)), **dict.fromkeys(("padding", "output_padding"), (0, 4096)),
                **dict.fromkeys(_DIMS, (-8, 8)), **dict.fromkeys(("p", "momentum"), (0, 1)),
                "eps": (1e-30, 1.0), "alpha": (0, 1e6)}
-_INT_ARGS = set(_COUNTS + _POSITIVE + _DIMS)
+_INT_ARGS = set(_COUNTS + _POSITIVE + _GEOMETRY + _DIMS + ("padding", "output_padding"))
 
 
 def check_arg(cls_name: str, name: str, v: Any, default: Any = None) -> None:
@@ -117,6 +119,20 @@ def check_arg(cls_name: str, name: str, v: Any, default: Any = None) -> None:
     for x in items:
         if lo is not None and type(x) in (int, float) and not lo <= x <= hi:
             raise UnsafeArchitecture(f"architecture: {where} is {_short(v)}, outside [{lo}, {hi}]")
+
+
+def check_geometry(cls_name: str, kwargs: dict) -> None:
+    """Padding no wider than the kernel's reach (dilation x (kernel_size - 1)): wider padding only adds
+    outputs that see zeros, and a crafted one would make the loaded model's activations huge."""
+    pad, kernel = kwargs.get("padding"), kwargs.get("kernel_size")
+    if kernel is None or pad is None or isinstance(pad, str):
+        return
+    n = max(len(x) if isinstance(x, tuple) else 1 for x in (pad, kernel, kwargs.get("dilation", 1)))
+    spread = lambda x: x if isinstance(x, tuple) else (x,) * n  # noqa: E731
+    for p, k, d in zip(spread(pad), spread(kernel), spread(kwargs.get("dilation", 1))):
+        if p > d * (k - 1):
+            raise UnsafeArchitecture(f"architecture: {cls_name}.padding is {_short(pad)}, wider than its kernel's "
+                                     f"reach ({_short(kernel)}, dilation {_short(kwargs.get('dilation', 1))})")
 
 
 def max_modules_for(n_tensors: int) -> int:
