@@ -3,16 +3,26 @@
 Each stage is a frozen pydantic config registered under its YAML key; the config classes are the
 single source of truth and YAML is only their serialisation. Every problem in a recipe is listed
 at once, naming the stage, the field and the bad value.
+
+Recipe files may be careless or hostile: text is capped at 1 MiB, YAML aliases and nesting are
+bounded while parsing, and every numeric field is finite and bounded, so each failure is a quick
+RecipeError.
 """
 from __future__ import annotations
 
+import reprlib
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .errors import RecipeError
+from .safe_yaml import MAX_BYTES, cut, load_yaml, read_recipe_file
+
+MAX_PROBLEMS = 20     # listed in one message
 
 STAGES: dict[str, type["StageConfig"]] = {}
 
@@ -24,9 +34,18 @@ def register_stage(cls: type["StageConfig"]) -> type["StageConfig"]:
 
 
 class StageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     key: ClassVar[str] = ""
     exclude: tuple[str, ...] = ()  # extra layer-name patterns kept out of this stage only
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """true / false are not 1 / 0 where a number is expected."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(v, bool) and {int, float} & {annotation, *typing.get_args(annotation)}:
+            raise ValueError("must be a number, not true or false")
+        return v
 
 
 @register_stage
@@ -45,7 +64,7 @@ class PruneConfig(StageConfig):
     scope: Literal["global", "layer"] = "global"
     schedule: Literal["oneshot", "agp"] = "oneshot"
     steps: int = Field(default=10, ge=1, le=1000)
-    epochs: float = Field(default=0.0, ge=0.0)
+    epochs: float = Field(default=0.0, ge=0.0, le=1000)
     lr: float = Field(default=1e-3, gt=0.0, lt=1.0)
     refit: bool = True  # structured only
 
@@ -89,7 +108,7 @@ class QuantizeConfig(StageConfig):
     per_channel: bool = True
     include_bias: bool = False
     avg_bits: Optional[float] = Field(default=None, gt=0.0, le=8.0)    # per-layer bits: mean code bits per weight
-    budget_mb: Optional[float] = Field(default=None, gt=0.0)           # per-layer bits: file size budget
+    budget_mb: Optional[float] = Field(default=None, gt=0.0, le=10**7)  # per-layer bits: file size budget
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeConfig":
@@ -111,10 +130,10 @@ class FactorizeConfig(StageConfig):
     `rank`, `rank_ratio` (of each layer's full rank) or `energy` (share of squared singular values)."""
 
     key: ClassVar[str] = "factorize"
-    rank: Optional[int] = Field(default=None, ge=1)
+    rank: Optional[int] = Field(default=None, ge=1, le=2**20)
     rank_ratio: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     energy: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    min_rank: int = Field(default=8, ge=1)  # no layer goes below this rank
+    min_rank: int = Field(default=8, ge=1, le=2**20)  # no layer goes below this rank
 
     @model_validator(mode="after")
     def _one_rule(self) -> "FactorizeConfig":
@@ -130,9 +149,9 @@ class DistillConfig(StageConfig):
     softened logits at `temperature`, and with `hidden` the outputs of shared blocks matched too."""
 
     key: ClassVar[str] = "distill"
-    epochs: float = Field(gt=0.0)
+    epochs: float = Field(gt=0.0, le=1000)
     lr: float = Field(default=1e-4, gt=0.0, lt=1.0)
-    temperature: float = Field(default=2.0, gt=0.0)
+    temperature: float = Field(default=2.0, gt=0.0, le=100.0)
     hidden: bool = False
 
 
@@ -141,7 +160,7 @@ class FinetuneConfig(StageConfig):
     """Recovery training under the current masks / codebooks / grids (distillation if data has no labels)."""
 
     key: ClassVar[str] = "finetune"
-    epochs: float = Field(gt=0.0)
+    epochs: float = Field(gt=0.0, le=1000)
     lr: float = Field(default=1e-4, gt=0.0, lt=1.0)
 
 
@@ -158,9 +177,9 @@ class Recipe(BaseModel):
         if not isinstance(data, dict):
             raise RecipeError(f"A recipe must be a mapping with a 'stages' list. Got {type(data).__name__} instead.")
         problems, stages = [], []
-        unknown = sorted(set(data) - {"stages", "exclude"})
+        unknown = sorted(set(data) - {"stages", "exclude"}, key=str)
         if unknown:
-            problems.append(f"Unknown top-level key(s) {unknown}; expected 'stages' and 'exclude'.")
+            problems.append(f"Unknown top-level key(s) {_short(unknown)}; expected 'stages' and 'exclude'.")
         raw = data.get("stages")
         if not isinstance(raw, list) or not raw:
             problems.append("'stages' must be a non-empty list of stages, e.g. [{prune: {sparsity: 0.9}}].")
@@ -174,25 +193,24 @@ class Recipe(BaseModel):
         if exclude is None:
             exclude = []
         if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
-            problems.append(f"'exclude' must be a list of layer-name patterns. Got {exclude!r} instead.")
+            problems.append(f"'exclude' must be a list of layer-name patterns. Got {_short(exclude)} instead.")
             exclude = []
+        if len(problems) > MAX_PROBLEMS:
+            problems[MAX_PROBLEMS:] = [f"... and {len(problems) - MAX_PROBLEMS:,} more problems."]
         if problems:
             raise RecipeError("Invalid recipe:\n  - " + "\n  - ".join(problems))
         return cls(stages=tuple(stages), exclude=tuple(exclude))
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> "Recipe":
-        """Parse YAML text or a path to a YAML file."""
+        """Parse YAML text or a path to a YAML file (at most 1 MiB either way)."""
         text = str(text_or_path)
-        if isinstance(text_or_path, Path) or text.endswith((".yaml", ".yml", ".json")) or _is_file(text):
-            if not _is_file(text):
-                raise RecipeError(f"Recipe file {text!r} does not exist.")
-            text = Path(text).read_text()
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"The recipe is not valid YAML: {e}") from None
-        return cls.from_dict(data)
+        if len(text) > MAX_BYTES:
+            raise RecipeError(f"The recipe text is {len(text):,} characters long; the cap is {MAX_BYTES:,} "
+                              "(1 MiB). A recipe is a few lines of YAML: check what was passed.")
+        if isinstance(text_or_path, Path) or text.endswith((".yaml", ".yml", ".json")) or _is_path(text):
+            text = read_recipe_file(text)
+        return cls.from_dict(load_yaml(text))
 
     def to_dict(self) -> dict:
         out: dict = {"stages": [{s.key: s.model_dump(mode="json", exclude_defaults=True)} for s in self.stages]}
@@ -216,48 +234,61 @@ class Recipe(BaseModel):
         return cls.from_yaml(PRESETS[name])
 
 
-def _is_file(text: str) -> bool:
-    """True if `text` names an existing file (a long one-line YAML text is no file name)."""
+def _is_path(text: str) -> bool:
+    """True if `text` names an existing file or folder (a long one-line YAML text is no file name)."""
     if "\n" in text:
         return False
     try:
-        return Path(text).is_file()
+        return Path(text).exists()
     except (OSError, ValueError):
         return False
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 200
+_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    """repr(value) in at most about 200 characters, however large the value."""
+    try:
+        return cut(_REPR.repr(value))
+    except Exception:  # e.g. an int too long to print
+        return f"<{type(value).__name__}>"
 
 
 def _parse_stage(i: int, item: Any) -> tuple[StageConfig | None, list[str]]:
     if not isinstance(item, dict) or len(item) != 1:
         return None, [f"Stage {i} must be a mapping with one technique key, e.g. {{prune: {{sparsity: 0.9}}}}. "
-                      f"Got {item!r} instead."]
+                      f"Got {_short(item)} instead."]
     key, settings = next(iter(item.items()))
     if key not in STAGES:
-        return None, [f"Stage {i} has unknown technique {key!r}. Known techniques: {sorted(STAGES)}."]
+        return None, [f"Stage {i} has unknown technique {_short(key)}. Known techniques: {sorted(STAGES)}."]
     if settings is None:
         settings = {}
     if not isinstance(settings, dict):
-        return None, [f"The settings of stage {i} ({key}) must be a mapping. Got {settings!r} instead."]
+        return None, [f"The settings of stage {i} ({key}) must be a mapping. Got {_short(settings)} instead."]
     try:
-        return STAGES[key](**settings), []
+        return STAGES[key].model_validate(settings), []
     except ValidationError as e:
         return None, [_describe(i, key, err) for err in e.errors()]
 
 
 def _describe(i: int, key: str, err: dict) -> str:
-    field = ".".join(str(x) for x in err["loc"]) or "settings"
+    field = cut(".".join(str(x) for x in err["loc"])) or "settings"
     if err["type"] == "extra_forbidden":
         allowed = sorted(f for f in STAGES[key].model_fields)
         return f"Stage {i} ({key}) has unknown field {field!r}. Allowed fields: {allowed}."
     if err["type"] == "missing":
         return f"The {field!r} of stage {i} ({key}) is required."
-    return f"The {field!r} of stage {i} ({key}) {_phrase(err)}. Got {err.get('input')!r} instead."
+    return f"The {field!r} of stage {i} ({key}) {_phrase(err)}. Got {_short(err.get('input'))} instead."
 
 
 def _phrase(err: dict) -> str:
-    ctx = err.get("ctx", {})
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in err.get("ctx", {}).items()}
     bounds = {"greater_than": f"must be > {ctx.get('gt')}", "greater_than_equal": f"must be >= {ctx.get('ge')}",
               "less_than": f"must be < {ctx.get('lt')}", "less_than_equal": f"must be <= {ctx.get('le')}",
-              "literal_error": f"must be one of {ctx.get('expected')}"}
+              "literal_error": f"must be one of {ctx.get('expected')}", "finite_number": "must be a finite number"}
     if err["type"] == "value_error":
         return str(ctx.get("error", err["msg"]))
     return bounds.get(err["type"], "is invalid: " + err["msg"][0].lower() + err["msg"][1:])
