@@ -94,7 +94,10 @@ def _load_model(spec: str):
                                      param_hint="MODEL")
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(spec, local_files_only=True).eval()
+        try:  # a folder may come from anyone too: never its code, never the network
+            return AutoModel.from_pretrained(spec, local_files_only=True, trust_remote_code=False).eval()
+        except (OSError, ValueError) as e:
+            raise ModelpressError(f"{spec}: cannot load the Hugging Face model in this folder: {e}") from None
     if spec.endswith(".mpz") or Path(spec).is_file():
         return api.load(spec)
     if ":" not in spec:
@@ -118,7 +121,7 @@ def _text_data(folder: str, model):
     from . import data
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # no tokenizer files: calibration must come another way
         console.print(f"[yellow]no tokenizer in {folder} ({type(e).__name__}); no built-in calibration text[/]")
         return None, None, None

@@ -256,3 +256,15 @@ def test_cli_errors_are_clean_for_missing_damaged_hostile_and_odd_files(tmp_path
         assert "error:" in out.stdout and "Traceback" not in out.stdout + out.stderr, (args, out.stdout, out.stderr)
     out = _cli("inspect", str(markup))
     assert out.returncode == 0 and "[/bold][link=x]" in out.stdout, out.stdout + out.stderr
+
+
+def test_cli_refuses_a_model_folder_that_names_remote_code_without_asking(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "evil", "auto_map": {"AutoConfig": "attacker/evil--configuration_evil.EvilConfig",
+                                           "AutoModel": "attacker/evil--modeling_evil.EvilModel"}}))
+    out = _cli("compress", str(folder), "--recipe", "int8", "-o", str(tmp_path / "out.mpz"))
+    assert out.returncode == 2 and "error:" in out.stdout, out.stdout + out.stderr
+    assert "Do you wish to run" not in out.stdout + out.stderr and "Traceback" not in out.stdout + out.stderr
+    assert "trust_remote_code" in " ".join(out.stdout.split())
