@@ -146,7 +146,7 @@ def check_value(where: str, v: Any, depth: int = 0) -> None:
         return
     if isinstance(v, int):
         if abs(v) > MAX_INT:
-            raise UnsafeArchitecture(f"architecture: {where} is {v}, beyond the bound {MAX_INT}")
+            raise UnsafeArchitecture(f"architecture: {where} is {_short(v)}, beyond the bound {MAX_INT}")
     elif isinstance(v, float):
         if not math.isfinite(v):
             raise UnsafeArchitecture(f"architecture: {where} is {v}, not a finite number")
