@@ -15,7 +15,10 @@ loader failure), and the failures: crash
 worker process died). Workers run with a 1 GiB address-space cap above their start and the network
 blocked; a failure prints its case so it can be replayed with --replay SEED.
 
-Run: python benchmarks/fuzz.py [--cases 100000] [--workers 2] [--seed 0]
+With --crafted it instead runs the crafted files of tests/attacks/test_files.py (one per class of
+attack) through load and inspect in a child process and prints each one's error, time and peak memory.
+
+Run: python benchmarks/fuzz.py [--cases 100000] [--workers 2] [--seed 0] [--crafted]
 """
 from __future__ import annotations
 
@@ -261,6 +264,26 @@ def drive(cases: int, workers: int, seed: int) -> dict:
     return stats
 
 
+def crafted() -> None:
+    """The table of tests/attacks' crafted files: error, seconds and peak MB for load and inspect."""
+    import tempfile
+
+    from hostile import run_cases, write_cases
+    from test_files import CRAFTED
+
+    with tempfile.TemporaryDirectory() as folder:
+        results = run_cases(write_cases(Path(folder), {name: make() for name, make in CRAFTED.items()}))
+    print(f"{'crafted file':<30}{'load: error':<22}{'s':>7}{'MB':>7}   {'inspect: error':<22}{'s':>7}{'MB':>7}")
+    for name in CRAFTED:
+        cells = [results[f"{name}/{op}"] for op in ("load", "inspect")]
+        print(f"{name:<30}" + "   ".join(f"{str(r['error'] or 'accepted'):<22}{r['seconds']:>7.3f}{r['peak_mb']:>7.1f}"
+                                         for r in cells))
+    escaped = [k for k, r in results.items() if r["error"] and not r["modelpress"] or r["events"]]
+    print(f"{len(results)} runs: slowest {max(r['seconds'] for r in results.values()):.3f} s, largest peak "
+          f"{max(r['peak_mb'] for r in results.values()):.1f} MB above the start, non-modelpress errors, network "
+          f"or prompts: {len(escaped)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=100_000)
@@ -268,7 +291,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--replay", type=int, help="run case I in this process and show its traceback")
+    ap.add_argument("--crafted", action="store_true", help="the crafted files of tests/attacks instead")
     args = ap.parse_args()
+    if args.crafted:
+        crafted()
+        return
     torch.set_num_threads(1)
     if args.worker:
         worker(*args.worker, seed=args.seed)
