@@ -114,4 +114,5 @@ def load_yaml(text: str) -> Any:
 
 
 def cut(text: str, limit: int = 200) -> str:
+    """`text`, cut to at most `limit` characters (ending in "...")."""
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -80,6 +80,14 @@ def test_non_finite_calibration_inputs_are_named(mlp, toy_data, value):
         mp.compress(mlp, {"stages": [{"quantize": {"bits": 8, "method": "gptq"}}]}, calib_data=[x])
 
 
+def test_non_finite_calibration_outputs_stop_per_layer_bits(mlp, toy_data):
+    x, _ = next(iter(toy_data))
+    x[3, 2] = float("nan")
+    with pytest.raises(ModelpressError, match=r"per-layer bits: the model's outputs on calib_data batch\(es\) \[0\] "
+                                              r"hold NaN or Inf"):
+        mp.compress(mlp, {"stages": [{"quantize": {"bits": 4, "avg_bits": 5.0}}]}, calib_data=[x])
+
+
 def test_a_stage_that_produces_nan_names_itself_and_the_layer(mlp, monkeypatch):
     def broken(model, state, cfg, run):
         with torch.no_grad():

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import ModelpressError
 from .finetune import call_model, logits_of, split_batch
 
 MAX_BITS = 8
@@ -26,6 +27,10 @@ def sensitivities(model: nn.Module, params: dict[str, nn.Parameter],
     model.eval()
     inputs = [split_batch(b)[0] for b in batches]
     refs = [logits_of(call_model(model, x)).float() for x in inputs]
+    bad = [i for i, r in enumerate(refs) if not bool(torch.isfinite(r).all())]
+    if bad:
+        raise ModelpressError(f"per-layer bits: the model's outputs on calib_data batch(es) {bad[:5]} hold NaN or "
+                              "Inf, so no sensitivity can be measured; check those batches for NaN or Inf")
     power = sum(float((r ** 2).mean()) for r in refs) / len(refs) or 1.0
     out = {}
     for i, (name, p) in enumerate(params.items()):
