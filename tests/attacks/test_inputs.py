@@ -162,3 +162,11 @@ def test_compare_without_out_dir_leaves_no_files(mlp, toy_data, tmp_path, monkey
     assert all(r.error is None and r.bytes and r.layers and r.artifact is None for r in c.rows[1:])
     c = compare(mlp, ["int8"], train_data=toy_data, repeats=1, out_dir=tmp_path / "out")
     assert (tmp_path / "out" / "int8.mpz").exists() and c.rows[1].artifact == str(tmp_path / "out" / "int8.mpz")
+
+
+def test_a_later_batch_of_another_form_is_named(mlp, toy_data):
+    batches = list(toy_data)
+    batches[2] = (batches[2][0][:, :7], batches[2][1])
+    with pytest.raises(ModelpressError, match=r"finetune: train_data batch 2 \(\(Tensor float32 \[64, 7\], Tensor int64 "
+                                              r"\[64\]\)\) failed: RuntimeError"):
+        mp.compress(mlp, {"stages": [{"finetune": {"epochs": 1}}]}, train_data=batches)

@@ -194,7 +194,13 @@ def train(model: nn.Module, state: CompressionState, ctx: TrainContext, *, epoch
             j = -1
             for j, batch in enumerate(data):
                 opt.zero_grad(set_to_none=True)
-                loss = batch_loss(model, batch, ctx)
+                try:
+                    loss = batch_loss(model, batch, ctx)
+                except ModelpressError:
+                    raise
+                except Exception as e:  # the first batch was tried up front: this one differs from it
+                    raise ModelpressError(f"{label}: train_data batch {j} ({summary(batch)}) failed: {type(e).__name__}: "
+                                          f"{e}. Every batch must have the form of the first") from e
                 if not torch.isfinite(loss):
                     raise ModelpressError(f"{label}: the loss became {loss.item()} on train_data batch {j} (step "
                                           f"{steps + 1} of {total}); lower the lr ({lr}) or check that batch for "
