@@ -95,6 +95,6 @@ def load(path: str | os.PathLike | bytes, model: nn.Module | None = None, *, max
     architecture is not made only of standard torch.nn layers; its weights are replaced.
 
     Every file is treated as hostile: nothing in it runs code or reaches the network, and it may decode to
-    at most `max_bytes` (default: 1024x the file's size, at least 16 MiB); raise it for a trusted file that
-    expands more."""
+    at most `max_bytes` (default: 1024x the bytes of its streams, about its size, and at least 16 MiB);
+    raise it for a trusted file that expands more."""
     return mpz.load(path, model=model, max_bytes=max_bytes)

@@ -234,7 +234,7 @@ def auto(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face mod
     console.print(f"wrote {out} ({result.save(out):,} bytes)")
 
 
-_MAX_BYTES_HELP = "decode limit in bytes for a trusted file that expands more than 1024x its size"
+_MAX_BYTES_HELP = "decode limit in bytes, for a trusted file that expands more than 1024x"
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import subprocess
 import sys
 
@@ -53,6 +54,7 @@ CRAFTED = {
     "huge_ans_skewed_table": lambda: huge_tensor("ans", HUGE),
     "huge_int8_constant": lambda: huge_tensor("ent", HUGE),
     "just_over_the_floor": lambda: huge_tensor("cb", [2048, 2049]),
+    "huge_behind_padded_header": lambda: _padded(huge_tensor("cb", [2 ** 14, 2 ** 14])),
     # 4. constructors as an allocation channel
     "ctor_device_cpu": lambda: linear_file(in_features=20000, out_features=20000, device="cpu"),
     "ctor_dtype": lambda: linear_file(dtype="float64"),
@@ -122,6 +124,13 @@ def _nest(depth: int, key: str | None = None):
     return v
 
 
+def _padded(file, chars: int = 3_000_000):
+    """Incompressible junk in the header: a 1.5 MB file whose streams are a few bytes."""
+    manifest, streams = file
+    manifest["meta"]["pad"] = f"{random.Random(0).getrandbits(4 * chars):x}"
+    return manifest, streams
+
+
 def _renamed(name: str):
     manifest, streams = linear_file()
     manifest["tensors"][name] = manifest["tensors"].pop("bias")
@@ -152,7 +161,8 @@ def test_crafted_file_is_refused_quickly_with_a_modelpress_error(results, name, 
 EXPECTED = {  # the error class says which defence caught it
     "huge_codebook_constant_codes": "LimitExceeded", "huge_all_zero_mask": "LimitExceeded",
     "huge_ans_skewed_table": "LimitExceeded", "huge_int8_constant": "LimitExceeded",
-    "just_over_the_floor": "LimitExceeded", "ctor_huge_meta_layer": "LimitExceeded",
+    "just_over_the_floor": "LimitExceeded",
+    "huge_behind_padded_header": "LimitExceeded", "ctor_huge_meta_layer": "LimitExceeded",
     "padding_beyond_kernel": lambda: _arch_edit({"t": "Conv2d", "a": {"in_channels": 1, "out_channels": 1,
                                                                      "kernel_size": 3, "padding": 50}}),
     "pool_padding_huge": lambda: _arch_edit({"t": "MaxPool2d", "a": {"kernel_size": 2 ** 20, "padding": 2 ** 19}}),

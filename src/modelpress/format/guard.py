@@ -1,7 +1,8 @@
 """Bounds on what a file can make the loader do: memory, module count, configs, network.
 
-A .mpz may come from a stranger. Its declared sizes are tied to the file's own size (at most
-`EXPANSION` times larger, or `FLOOR_BYTES`, unless the caller raises the limit), the model it
+A .mpz may come from a stranger. Its declared sizes are tied to the bytes of its streams (at most
+`EXPANSION` times more, or `FLOOR_BYTES`, unless the caller raises the limit; the header, up to 4 MiB
+of JSON, earns nothing), the model it
 describes is first built on the meta device with every registered module and tensor counted,
 and a transformers config is refused anything that reaches for code or the network.
 See the Security section of docs/format.md.
@@ -35,19 +36,19 @@ def decoded_bytes(numel: int, itemsize: int) -> int:
     return numel * max(4, itemsize)
 
 
-def max_bytes_for(file_size: int, max_bytes: int | None = None) -> int:
-    """The decode limit for a file of `file_size` bytes, or the caller's own."""
+def max_bytes_for(stream_bytes: int, max_bytes: int | None = None) -> int:
+    """The decode limit for a file whose streams hold `stream_bytes` bytes, or the caller's own."""
     if max_bytes is not None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
             raise ValueError(f"max_bytes must be a positive int. Got {max_bytes!r} instead.")
         return max_bytes
-    return max(FLOOR_BYTES, EXPANSION * file_size)
+    return max(FLOOR_BYTES, EXPANSION * stream_bytes)
 
 
 def over_limit(what: str, need: int, limit: int) -> LimitExceeded:
     """The error for a file that asks for more than the limit, saying how to raise it."""
     return LimitExceeded(
-        f"{what} needs {need:,} bytes, over the limit of {limit:,} for this file ({EXPANSION}x its size, at least "
+        f"{what} needs {need:,} bytes, over the limit of {limit:,} for this file ({EXPANSION}x the bytes of its streams, at least "
         f"{FLOOR_BYTES:,}). A file that honestly expands this much must come from a trusted source: pass "
         "load(path, max_bytes=...) or --max-bytes to raise the limit")
 

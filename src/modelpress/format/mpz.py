@@ -111,13 +111,13 @@ def save(path: str | os.PathLike, model: nn.Module, state: CompressionState, met
 
 
 def read(source: str | os.PathLike | bytes) -> tuple[dict, dict[str, bytes], int]:
-    """Read and check the container, and that it holds a modelpress model: (manifest, streams, file size)."""
+    """Read and check the container, and that it holds a modelpress model: (manifest, streams, the bytes of
+    the streams: what the decode limit is measured against)."""
     manifest, streams = read_container(source)
     if manifest.get("format") != FORMAT_NAME:
         raise FormatError(f"the file is a container but not a modelpress model "
                           f"(format={str(manifest.get('format'))[:40]!r})")
-    size = len(source) if isinstance(source, (bytes, bytearray, memoryview)) else os.path.getsize(source)
-    return manifest, streams, size
+    return manifest, streams, sum(len(s) for s in streams.values())
 
 
 def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_bytes: int | None = None
@@ -125,7 +125,7 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_
     """Rebuild the model (from its stored architecture, or into the skeleton `model`) with decoded weights.
 
     Everything is checked before it is decoded: the declared tensors fit `max_bytes` (default: 1024x the
-    file's size, at least 16 MiB), the architecture builds within the same bound and has exactly the
+    bytes of the file's streams, at least 16 MiB), the architecture builds within the same bound and has exactly the
     file's tensor names, shapes and dtypes."""
     manifest, streams, size = read(source)
     limit = guard.max_bytes_for(size, max_bytes)
