@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "attacks"))
-from hostile import file_bytes  # noqa: E402
+from hostile import cap_address_space, file_bytes, peak_mb_since, reset_peak  # noqa: E402
 
 import modelpress as mp  # noqa: E402
 from modelpress.errors import ModelpressError  # noqa: E402
@@ -177,7 +176,6 @@ def run_one(data: bytes, example) -> str:
 
 def worker(start: int, stop: int, seed: int) -> None:
     """Run cases [start, stop) and print one JSON line each (a 'begin' line first, so a death is located)."""
-    import resource
     import socket
 
     def no_network(*_a, **_k):
@@ -186,9 +184,7 @@ def worker(start: int, stop: int, seed: int) -> None:
     socket.socket.connect = socket.create_connection = socket.getaddrinfo = no_network
     arts = artifacts()
     names = sorted(arts)
-    page = os.sysconf("SC_PAGE_SIZE")
-    vm = int(open("/proc/self/statm").read().split()[0]) * page + (1 << 30)
-    resource.setrlimit(resource.RLIMIT_AS, (vm, vm))
+    cap_address_space()
     for i in range(start, stop):
         rng = random.Random(seed * 1_000_003 + i)
         name = names[i % len(names)]
@@ -199,15 +195,13 @@ def worker(start: int, stop: int, seed: int) -> None:
             print(json.dumps({"i": i, "art": name, "outcome": "unwritable"}), flush=True)
             continue
         print(json.dumps({"i": i, "begin": True}), flush=True)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = int(open("/proc/self/statm").read().split()[1]) * page
+        base = reset_peak()
         t = time.perf_counter()
         outcome = run_one(data, example)
         seconds = time.perf_counter() - t
-        peak = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) * 1024 - base
+        peak = peak_mb_since(base)
         print(json.dumps({"i": i, "art": name, "outcome": outcome, "s": round(seconds, 4),
-                          "mb": round(peak / 2 ** 20, 1)}), flush=True)
+                          "mb": round(peak, 1)}), flush=True)
 
 
 def drive(cases: int, workers: int, seed: int) -> dict:

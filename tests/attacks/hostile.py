@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -90,8 +92,28 @@ def remote_code_llava_config() -> dict:
     return json.loads(json.dumps({"model_type": "llava", "vision_config": vision, "text_config": text}))
 
 
+def cap_address_space(headroom: int = 1 << 30) -> None:
+    """Limit this process's address space to its current size plus `headroom`: an escape then fails
+    this process, never the machine running it."""
+    soft = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE") + headroom
+    resource.setrlimit(resource.RLIMIT_AS, (soft, soft))
+
+
+def reset_peak() -> int:
+    """Reset the peak resident size to the current one (Linux clear_refs); return the current one, in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_mb_since(base: int) -> float:
+    """MB of peak resident size above `base` (from `reset_peak`)."""
+    kib = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1])
+    return (kib * 1024 - base) / 2 ** 20
+
+
 WORKER = r'''
-import builtins, json, os, resource, socket, sys, time, traceback
+import builtins, json, socket, sys, time, traceback
 events = []
 def refuse_network(*a, **k):
     events.append("network")
@@ -104,20 +126,15 @@ def refuse_prompt(*a, **k):
     raise EOFError("no prompts in the test")
 builtins.input = refuse_prompt
 import torch, modelpress, modelpress.format.mpz as mpz
+sys.path.insert(0, sys.argv[1])
+from hostile import cap_address_space, peak_mb_since, reset_peak
 try:
     import transformers
 except ImportError:
     pass
 
-def vm_kib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1])
-
 def measure(fn):
-    with open("/proc/self/clear_refs", "w") as f:   # reset the peak RSS to the current RSS
-        f.write("5")
-    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    base = reset_peak()
     t = time.perf_counter()
     try:
         fn()
@@ -127,14 +144,12 @@ def measure(fn):
                "modelpress": isinstance(e, modelpress.errors.ModelpressError),
                "trace": traceback.format_exc()[-1500:]}
     out["seconds"] = time.perf_counter() - t
-    out["peak_mb"] = (vm_kib() - base) / 1024
+    out["peak_mb"] = peak_mb_since(base)
     out["events"] = list(events)
     events.clear()
     return out
 
-# a hard cap: an escape fails this process, never the machine running the tests
-soft = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE") + (1 << 30)
-resource.setrlimit(resource.RLIMIT_AS, (soft, soft))
+cap_address_space()
 results = {}
 cases = json.loads(sys.stdin.read())
 for case in cases + cases:  # the first round pays one-time imports (transformers' model modules)
@@ -153,7 +168,7 @@ print("RESULTS" + json.dumps(results))
 def run_cases(cases: list[dict], timeout: float = 300) -> dict[str, dict]:
     """Run each {name, path, op} in one child process (stdin closed to prompts, network blocked);
     returns name -> {error, module, message, modelpress, seconds, peak_mb, events}."""
-    proc = subprocess.run([sys.executable, "-c", WORKER], input=json.dumps(cases), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(Path(__file__).parent)], input=json.dumps(cases), capture_output=True,
                           text=True, timeout=timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")), None)
     if line is None:

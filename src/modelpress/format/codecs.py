@@ -127,7 +127,7 @@ def check_entry(name: str, entry: dict) -> tuple[tuple[int, ...], torch.dtype, i
 
 
 def _from_bytes(name: str, data: bytes, dtype: torch.dtype, count: int) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(data) != count * itemsize:
         raise CorruptStream(f"tensor {name!r}: {len(data)} bytes where {count} x {itemsize} were declared")
     if count == 0:

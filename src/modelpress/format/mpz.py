@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 import torch
@@ -59,7 +60,7 @@ def declared_tensors(manifest: dict, max_bytes: int | None = None) -> dict[str, 
             aliases[name] = entry
             continue
         shape, dtype, numel = check_entry(name, entry)
-        total += guard.decoded_bytes(numel, torch.empty((), dtype=dtype).element_size())
+        total += guard.decoded_bytes(numel, dtype.itemsize)
         if max_bytes is not None and total > max_bytes:
             raise guard.over_limit("decoding the tensors", total, max_bytes)
         out[name] = torch.empty(shape, dtype=dtype, device="meta")
@@ -125,8 +126,8 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_
     """Rebuild the model (from its stored architecture, or into the skeleton `model`) with decoded weights.
 
     Everything is checked before it is decoded: the declared tensors fit `max_bytes` (default: 1024x the
-    bytes of the file's streams, at least 16 MiB), the architecture builds within the same bound and has exactly the
-    file's tensor names, shapes and dtypes."""
+    bytes of the file's streams, at least 16 MiB), the architecture builds within the same bound and has
+    exactly the file's tensor names, shapes and dtypes."""
     manifest, streams, size = read(source)
     limit = guard.max_bytes_for(size, max_bytes)
     declared = declared_tensors(manifest, limit)
@@ -195,9 +196,9 @@ def describe_file(source: Any, max_bytes: int | None = None) -> list[dict]:
     manifest, streams, size = read(source)
     declared_tensors(manifest, guard.max_bytes_for(size, max_bytes))
     state = decode_state_dict(manifest, streams)
-    per_key: dict[str, int] = {}
+    per_key: Counter[str] = Counter()  # stream bytes per tensor index
     for k, v in streams.items():
-        per_key[k.rpartition("/")[0]] = per_key.get(k.rpartition("/")[0], 0) + len(v)
+        per_key[k.rpartition("/")[0]] += len(v)
     rows = []
     for i, name in enumerate(sorted(state)):
         entry, t = manifest["tensors"][name], state[name]
