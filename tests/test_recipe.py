@@ -1,24 +1,28 @@
 import pytest
 
 from modelpress.presets import PRESETS
-from modelpress.recipe import STAGES, Recipe
+from modelpress.recipe import Recipe
+from modelpress.stage import STAGES
 from modelpress.errors import RecipeError
 
+# one non-default example per registered config class: (its key, its settings)
 EXAMPLES = {
-    "prune": {"sparsity": 0.92, "criterion": "taylor", "schedule": "agp", "steps": 5, "epochs": 2.0,
-              "exclude": ["0"]},
-    "cluster": {"bits": 5, "include_bias": False},
-    "quantize": {"bits": 4, "per_channel": False, "group_size": 32, "method": "gptq", "avg_bits": 4.5,
-                 "embeddings": False},
-    "factorize": {"energy": 0.9},
-    "distill": {"epochs": 2.0, "temperature": 4.0, "hidden": True},
-    "finetune": {"epochs": 3.0, "lr": 0.0005},
+    "PruneConfig": ("prune", {"sparsity": 0.92, "criterion": "taylor", "schedule": "agp", "steps": 5, "epochs": 2.0,
+                              "exclude": ["0"]}),
+    "ChannelPruneConfig": ("prune", {"sparsity": 0.3, "granularity": "head", "criterion": "l2", "refit": False}),
+    "ClusterConfig": ("cluster", {"bits": 5, "include_bias": False}),
+    "QuantizeConfig": ("quantize", {"bits": 4, "group_size": 32, "method": "gptq", "avg_bits": 4.5,
+                                    "embeddings": False}),
+    "FactorizeConfig": ("factorize", {"energy": 0.9}),
+    "DistillConfig": ("distill", {"epochs": 2.0, "temperature": 4.0, "hidden": True}),
+    "FinetuneConfig": ("finetune", {"epochs": 3.0, "lr": 0.0005}),
 }
 
 
 def test_every_registered_stage_round_trips_through_yaml():
-    assert set(EXAMPLES) == set(STAGES)
-    recipe = Recipe.from_dict({"stages": [{k: v} for k, v in EXAMPLES.items()], "exclude": ["4"]})
+    assert set(EXAMPLES) == {c.__name__ for variants in STAGES.values() for c in variants}
+    recipe = Recipe.from_dict({"stages": [{k: v} for k, v in EXAMPLES.values()], "exclude": ["4"]})
+    assert [type(s).__name__ for s in recipe.stages] == list(EXAMPLES)  # each routed to its own config
     again = Recipe.from_yaml(recipe.to_yaml())
     assert again == recipe
     assert again.stages[0].sparsity == 0.92 and again.stages[0].exclude == ("0",)

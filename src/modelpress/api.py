@@ -3,33 +3,44 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from torch import nn
 
+from .batches import check_batches, reusable
+from .context import RunContext
 from .errors import ModelpressError, RecipeError
 from .format import mpz
 from .pipeline import check_weights, run_pipeline
 from .recipe import Recipe
 from .report import Report, StageRow
 from .state import CompressionState
-from .techniques.finetune import TrainContext, check_batches, reusable
 
 
 @dataclass
 class CompressionResult:
-    """The compressed model (runnable, weights exactly as the file holds them), its report, and save()."""
+    """The compressed model (runnable, weights exactly as the file holds them), its report, the file's
+    manifest and streams as the report measured them, and save()."""
 
     model: nn.Module
     report: Report
     state: CompressionState
     recipe: Recipe
+    manifest: dict = field(repr=False, default_factory=dict)
+    streams: dict[str, bytes] = field(repr=False, default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> int:
-        """Write the .mpz atomically; returns its size in bytes."""
-        return mpz.save(path, self.model, self.state, meta=file_meta(self.recipe))
+        """Write the .mpz atomically: exactly the bytes the report's last row measured (the model as
+        compress() returned it). Returns the file's size in bytes."""
+        if not self.manifest:
+            raise ModelpressError("this result holds no encoded file; build it with compress()")
+        return mpz.write(path, self.manifest, self.streams)
+
+    def layers(self) -> list[dict]:
+        """Per tensor of the file: kind, shape, bytes, sparsity and bits."""
+        return mpz.describe(self.manifest, self.streams)
 
 
 def file_meta(recipe: Recipe) -> dict:
@@ -82,11 +93,11 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
         p.requires_grad_(False)
     check_batches(teacher, train_data, "train_data")
     check_batches(teacher, calib_data, "calib_data")
-    ctx = TrainContext(train_data=train_data, teacher=teacher, loss_fn=loss_fn, progress=progress,
-                       calib_data=calib_data if calib_data is not None else train_data)
-    compressed, state, report = run_pipeline(model, recipe, ctx, eval_fn=eval_fn, on_stage=on_stage,
-                                                  meta=file_meta(recipe))
-    return CompressionResult(model=compressed, report=report, state=state, recipe=recipe)
+    run = RunContext(train_data=train_data, teacher=teacher, loss_fn=loss_fn, progress=progress,
+                     calib_data=calib_data if calib_data is not None else train_data)
+    out = run_pipeline(model, recipe, run, eval_fn=eval_fn, on_stage=on_stage, meta=file_meta(recipe))
+    return CompressionResult(model=out.model, report=out.report, state=out.state, recipe=recipe,
+                             manifest=out.manifest, streams=out.streams)
 
 
 def load(path: str | os.PathLike | bytes, model: nn.Module | None = None, *, max_bytes: int | None = None

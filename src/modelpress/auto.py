@@ -9,7 +9,6 @@ within `max_drop` of the original's metric wins. Where nothing fits, the result 
 closest candidate. Seeded, so a given seed and inputs give the same choice."""
 from __future__ import annotations
 
-import copy
 import functools
 import statistics
 import tempfile
@@ -21,12 +20,15 @@ import torch
 from torch import nn
 
 from .api import CompressionResult, compress
+from .batches import call_model, reusable, split_batch
 from .compare import Comparison, Row, compare, output_fidelity
 from .errors import ModelpressError
 from .measure import latencies
 from .pipeline import evaluate
 from .presets import has_attention
-from .techniques.finetune import call_model, reusable, split_batch
+from .recipe import (ChannelPruneConfig, ClusterConfig, DistillConfig, FactorizeConfig, FinetuneConfig, PruneConfig,
+                     QuantizeConfig, Recipe)
+from .stage import StageConfig
 
 
 @dataclass
@@ -64,60 +66,66 @@ class AutoResult(CompressionResult):
     tried: Comparison | None = None
 
 
-def search_space(model: nn.Module, budget: Budget, fp32_bytes: int, trainable: bool) -> list[tuple[str, dict]]:
+@dataclass(frozen=True)
+class Candidate:
+    """One recipe of the search space; `budget_mb` is set where the recipe is a quantization sized to a
+    file budget (the refill round scales it), and `family` names it without that budget."""
+
+    name: str
+    recipe: Recipe
+    budget_mb: float | None = None
+    family: str = ""
+
+
+def search_space(model: nn.Module, budget: Budget, fp32_bytes: int, trainable: bool) -> list[Candidate]:
     """Candidate recipes, named. Size budgets: mixed-precision weight quantization sized to the budget,
     and (with training data) pruning + weight sharing at several sparsities and widths. Latency
     budgets: channel pruning at several fractions, factorization, int8 activations."""
-    out: list[tuple[str, dict]] = []
+    out: list[Candidate] = []
+
+    def add(name: str, *stages: StageConfig, budget_mb: float | None = None, family: str = "") -> None:
+        out.append(Candidate(name, Recipe(stages=stages), budget_mb, family))
+
     size_targets = [b for b in (budget.max_mb * 1e6 if budget.max_mb else None,
                                 fp32_bytes / budget.min_ratio if budget.min_ratio else None) if b]
     if size_targets:
         mb = 0.97 * min(size_targets) / 1e6  # headroom for the header, which the allocation does not model
         for bits in (8, 4, 3, 2):  # uniform widths: the fallback, and the closest where a budget is out of reach
-            out.append((f"quantize {bits}-bit", {"stages": [{"quantize": {"bits": bits, "method": "gptq"}}]}))
+            add(f"quantize {bits}-bit", QuantizeConfig(bits=bits, method="gptq"))
             for group in (None, 64):
-                q = {"bits": bits, "method": "gptq", "budget_mb": round(mb, 6)}
-                if group:
-                    q["group_size"] = group
-                out.append((f"quantize {bits}-bit{' g' + str(group) if group else ''} to {mb:.3g} MB",
-                            {"stages": [{"quantize": q}]}))
+                family = f"quantize {bits}-bit{' g' + str(group) if group else ''}"
+                add(f"{family} to {mb:.3g} MB", _sized(QuantizeConfig(bits=bits, method="gptq", group_size=group), mb),
+                    budget_mb=mb, family=family)
         if trainable and not has_attention(model):
             for sparsity in (0.8, 0.9, 0.93, 0.95, 0.97):
                 for bits in (5, 4, 3):
-                    out.append((f"prune {sparsity:.0%} + cluster {bits}-bit", {"stages": [
-                        {"prune": {"sparsity": sparsity, "criterion": "taylor", "scope": "global", "schedule": "agp",
-                                   "steps": 8, "epochs": 8, "lr": 1e-3}},
-                        {"cluster": {"bits": bits}}, {"finetune": {"epochs": 4, "lr": 3e-4}}]}))
+                    add(f"prune {sparsity:.0%} + cluster {bits}-bit",
+                        PruneConfig(sparsity=sparsity, criterion="taylor", scope="global", schedule="agp", steps=8,
+                                    epochs=8, lr=1e-3),
+                        ClusterConfig(bits=bits), FinetuneConfig(epochs=4, lr=3e-4))
     if budget.max_latency_ms is not None:
-        recovery = [{"distill": {"epochs": 3, "lr": 1.5e-4, "hidden": True}} if has_attention(model)
-                    else {"distill": {"epochs": 10, "lr": 1e-3}}] if trainable else []
+        recovery = [DistillConfig(epochs=3, lr=1.5e-4, hidden=True) if has_attention(model)
+                    else DistillConfig(epochs=10, lr=1e-3)] if trainable else []
         for sparsity in (0.2, 0.4, 0.6, 0.75):
-            prune = {"prune": {"granularity": "channel", "sparsity": sparsity, "criterion": "activation"}}
-            out.append((f"channels -{sparsity:.0%}", {"stages": [prune, *recovery]}))
-            out.append((f"channels -{sparsity:.0%} + int8", {"stages": [prune, *recovery,
-                                                                       {"quantize": {"bits": 8, "activations": "int8"}}]}))
+            prune = ChannelPruneConfig(granularity="channel", sparsity=sparsity, criterion="activation")
+            add(f"channels -{sparsity:.0%}", prune, *recovery)
+            add(f"channels -{sparsity:.0%} + int8", prune, *recovery, QuantizeConfig(bits=8, activations="int8"))
         for ratio in (0.5, 0.25):
-            tune = [{"finetune": {"epochs": 4, "lr": 1e-3}}] if trainable else []
-            out.append((f"factorize {ratio}", {"stages": [{"factorize": {"rank_ratio": ratio}}, *tune]}))
-        out.append(("int8", {"stages": [{"quantize": {"bits": 8, "activations": "int8", "method": "gptq"}}]}))
+            tune = [FinetuneConfig(epochs=4, lr=1e-3)] if trainable else []
+            add(f"factorize {ratio}", FactorizeConfig(rank_ratio=ratio), *tune)
+        add("int8", QuantizeConfig(bits=8, activations="int8", method="gptq"))
     return out
 
 
-def without_training(recipe: dict) -> dict:
-    """The recipe's cheap form: no fine-tuning or distillation, one-shot pruning, round-to-nearest."""
-    stages = []
-    for stage in copy.deepcopy(recipe)["stages"]:
-        (key, cfg), = stage.items()
-        if key in ("finetune", "distill"):
-            continue
-        if key == "prune":
-            cfg.update(schedule="oneshot", epochs=0)
-            if cfg.get("criterion") == "taylor":
-                cfg["criterion"] = "magnitude"
-        if key == "quantize":
-            cfg["method"] = "rtn"
-        stages.append({key: cfg})
-    return {"stages": stages}
+def _sized(cfg: QuantizeConfig, mb: float) -> QuantizeConfig:
+    return cfg.model_copy(update={"budget_mb": round(mb, 6)})
+
+
+def without_training(recipe: Recipe) -> Recipe:
+    """The recipe's cheap form: every stage's `without_training()` (no fine-tuning or distillation,
+    one-shot magnitude pruning, round-to-nearest)."""
+    stages = tuple(c for c in (cfg.without_training() for cfg in recipe.stages) if c is not None)
+    return Recipe(stages=stages, exclude=recipe.exclude)
 
 
 def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float | None = None,
@@ -152,17 +160,17 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
         screen = functools.partial(_screen, model, train_data=train_data, calib_data=calib_data, eval_fn=eval_fn,
                                    example=example, budget=budget, path=Path(tmp) / "c.mpz", fp32=fp32, seed=seed,
                                    repeats=repeats)
-        for i, (name, recipe) in enumerate(space):
+        for i, c in enumerate(space):
             if progress:
-                progress(f"screening {i + 1}/{len(space)}: {name}", i / len(space))
-            proxies.append(screen(name, recipe))
+                progress(f"screening {i + 1}/{len(space)}: {c.name}", i / len(space))
+            proxies.append(screen(c.name, c.recipe))
         # the bit allocation's size model leaves out entropy coding, so its files come out smaller than
         # asked: ask again, scaled by what the first round measured, to use the whole budget
         refill = _refill(space, proxies)
-        for i, (name, recipe) in enumerate(refill):
+        for i, c in enumerate(refill):
             if progress:
-                progress(f"screening, sized to the budget {i + 1}/{len(refill)}: {name}", i / len(refill))
-            proxies.append(screen(name, recipe))
+                progress(f"screening, sized to the budget {i + 1}/{len(refill)}: {c.name}", i / len(refill))
+            proxies.append(screen(c.name, c.recipe))
         space += refill
     screened = [r for r in proxies if r.error is None and metric in r.metrics]
     if not screened:
@@ -171,8 +179,7 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
     fits = sorted((r for r in screened if budget.misses(r, fp32, slack=0.01) == 0),
                   key=lambda r: -r.metrics[metric])
     chosen = fits[:keep] if fits else sorted(screened, key=lambda r: budget.misses(r, fp32))[:1]
-    recipes = dict(space)
-    torch.manual_seed(seed)
+    recipes = {c.name: c.recipe for c in space}
     tried = compare(model, [recipes[r.name] for r in chosen], train_data=train_data, calib_data=calib_data,
                     eval_fn=eval_fn, example=example, metric=metric, repeats=repeats, out_dir=out_dir,
                     progress=progress, seed=seed, names=[r.name for r in chosen], keep_results=True)
@@ -200,24 +207,23 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
         message = f"no candidate met the budget ({budget}); the closest: {summary}"
     result = tried.results[best.name]
     return AutoResult(model=result.model, report=result.report, state=result.state, recipe=result.recipe,
-                      met=met, message=message, proxies=proxies, tried=tried)
+                      manifest=result.manifest, streams=result.streams, met=met, message=message, proxies=proxies, tried=tried)
 
 
-def _refill(space: list[tuple[str, dict]], proxies: list[Row]) -> list[tuple[str, dict]]:
+def _refill(space: list[Candidate], proxies: list[Row]) -> list[Candidate]:
     """The budget-sized quantization candidates again, their budgets scaled by the median ratio of
     asked to measured size in the first round (none if the files already came out at the budget)."""
-    asked = {name: r["stages"][0]["quantize"]["budget_mb"] for name, r in space
-             if len(r["stages"]) == 1 and "budget_mb" in r["stages"][0].get("quantize", {})}
+    asked = {c.name: c.budget_mb for c in space if c.budget_mb is not None}
     ratios = [asked[p.name] * 1e6 / p.bytes for p in proxies if p.name in asked and p.bytes]
     if not ratios or statistics.median(ratios) < 1.03:
         return []
     scale = 0.99 * statistics.median(ratios)  # aim just under
     out = []
-    for name, recipe in space:
-        if name in asked:
-            r = copy.deepcopy(recipe)
-            r["stages"][0]["quantize"]["budget_mb"] = round(asked[name] * scale, 6)
-            out.append((f"{name.rsplit(' to ', 1)[0]} to {asked[name] * scale:.3g} MB (asked)", r))
+    for c in space:
+        if c.budget_mb is not None:
+            mb = c.budget_mb * scale
+            stages = tuple(_sized(s, mb) if isinstance(s, QuantizeConfig) else s for s in c.recipe.stages)
+            out.append(Candidate(f"{c.family} to {mb:.3g} MB (asked)", Recipe(stages=stages), mb, c.family))
     return out
 
 
@@ -225,10 +231,11 @@ def _screen(model, name, recipe, *, train_data, calib_data, eval_fn, example, bu
             repeats) -> Row:
     """One candidate's cheap measurement: its untrained form's exact size, latency (if the budget
     has one) and metric."""
-    row = Row(name, recipe=recipe)
+    row = Row(name, recipe=recipe.to_dict())
     try:
-        torch.manual_seed(seed)
-        result = compress(model, without_training(recipe), train_data=train_data, calib_data=calib_data)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            result = compress(model, without_training(recipe), train_data=train_data, calib_data=calib_data)
         row.bytes = result.save(path)
         row.ratio = fp32 / row.bytes
         if budget.max_latency_ms is not None:

@@ -20,10 +20,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .api import as_recipe, compress
+from .batches import call_model, logits_of, reusable, split_batch
 from .errors import ModelpressError
+from .html import render
 from .measure import flops, latencies, machine_line, weights
+from .pipeline import evaluate
 from .report import fmt_metric
-from .techniques.finetune import call_model, logits_of, reusable, split_batch
 
 
 @dataclass
@@ -105,8 +108,6 @@ class Comparison:
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """results.json and report.html (self-contained) in `out_dir`; returns their paths."""
-        from .html import render
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "results.json", "html": out / "report.html"}
@@ -125,12 +126,11 @@ def recipe_label(spec: Any, i: int) -> str:
         return Path(spec).stem
     if isinstance(spec, str) and spec.strip() and not any(c in spec for c in ":\n{["):
         return spec
-    from .api import as_recipe
-
     try:
-        return "+".join(next(iter(s)) for s in as_recipe(spec).to_dict()["stages"]) or f"recipe {i + 1}"
-    except Exception:
+        recipe = as_recipe(spec)
+    except ModelpressError:  # an invalid recipe: its row reports the error, under a plain name
         return f"recipe {i + 1}"
+    return "+".join(s.key for s in recipe.stages)
 
 
 def output_fidelity(reference: nn.Module, batches: list) -> Callable[[nn.Module], dict[str, float]]:
@@ -169,9 +169,6 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
     names: the rows' names (default: preset names, file stems, or the stages' keys).
     keep_results: keep each recipe's `CompressionResult` in `Comparison.results`.
     """
-    from .api import as_recipe, compress
-    from .format.mpz import describe_file
-
     recipes = list(recipes)
     if not recipes:
         raise ModelpressError("compare needs at least one recipe (a preset name, a YAML file or a mapping)")
@@ -203,15 +200,16 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
         try:
             recipe = as_recipe(spec, model)
             row.recipe = recipe.to_dict()
-            if seed is not None:
-                torch.manual_seed(seed)
             t = time.perf_counter()
-            result = compress(model, recipe, train_data=train_data, calib_data=calib_data, progress=tell)
+            with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+                if seed is not None:
+                    torch.manual_seed(seed)
+                result = compress(model, recipe, train_data=train_data, calib_data=calib_data, progress=tell)
             row.compress_s = time.perf_counter() - t
             path = workdir / f"{_slug(name)}.mpz"
             row.bytes, row.artifact = result.save(path), str(path) if out_dir is not None else None
             row.ratio = fp32 / row.bytes
-            row.layers = describe_file(path)
+            row.layers = result.layers()
         except Exception as e:  # reported in the row; the other recipes still run
             row.error = _why(e)
             continue
@@ -241,8 +239,6 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
 
 
 def _measure(row: Row, model: nn.Module, example: Any, eval_fn: Callable) -> None:
-    from .pipeline import evaluate
-
     row.params = sum(w.numel() for w in weights(model))
     if isinstance(example, dict):
         row.macs = flops(model, **example)

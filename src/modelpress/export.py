@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ModelpressError
-from .techniques.finetune import logits_of
+from .batches import logits_of
 
 OPSET = 17
 

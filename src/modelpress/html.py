@@ -6,8 +6,10 @@ from __future__ import annotations
 import html
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .compare import Comparison
+if TYPE_CHECKING:  # compare imports this module to write its report
+    from .compare import Comparison
 
 _CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
@@ -23,7 +25,7 @@ details { margin: .4em 0; }
 """
 
 
-def render(comp: Comparison, title: str = "modelpress comparison") -> str:
+def render(comp: "Comparison", title: str = "modelpress comparison") -> str:
     """The page's HTML."""
     header, cells = comp.table()
     fronts = set(comp.front("bytes")) | set(comp.front("latency_ms"))

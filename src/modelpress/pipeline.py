@@ -1,6 +1,7 @@
 """Runs a recipe's stages in order and measures the model after each one.
 
-A stage plugs in through one handler registered for its config type. After every stage the
+A stage plugs in through one handler registered for its config type (`stage.py`); the pipeline
+knows no technique by name. After every stage the
 model is put in canonical form (encoded and decoded exactly as the file will hold it), so each
 row of the report describes what would be saved at that point, byte for byte.
 """
@@ -17,87 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from .context import RunContext
 from .errors import ModelpressError
 from .format.container import container_overhead
 from .format.mpz import decode_state_dict, encode_model
 from .measure import weights
-from .recipe import (ClusterConfig, DistillConfig, FactorizeConfig, FinetuneConfig, PruneConfig, QuantizeConfig,
-                     Recipe, StageConfig)
+from .recipe import Recipe
 from .report import Report, StageRow
+from .stage import handler_for
 from .state import CompressionState
-from .techniques.cluster import cluster
 from .techniques.common import linearize
-from .techniques.finetune import TrainContext, train
-from .techniques.lowrank import factorize
-from .techniques.prune import prune
-from .techniques.structured import prune_channels
-from .techniques.quantize import quantize
 
 log = logging.getLogger(__name__)
-Handler = Callable[[nn.Module, CompressionState, Any, "Run"], None]
-HANDLERS: dict[type, Handler] = {}
-
-
-def handles(config_type: type[StageConfig]) -> Callable[[Handler], Handler]:
-    """Register the function that applies stages of `config_type`."""
-    def deco(fn: Handler) -> Handler:
-        HANDLERS[config_type] = fn
-        return fn
-    return deco
-
-
-class Run:
-    """What handlers share during one compress() call."""
-
-    def __init__(self, recipe: Recipe, ctx: TrainContext):
-        self.recipe, self.ctx = recipe, ctx
-
-    def exclude(self, cfg: StageConfig) -> tuple[str, ...]:
-        return tuple(self.recipe.exclude) + tuple(cfg.exclude)
-
-
-@handles(PruneConfig)
-def _prune(model: nn.Module, state: CompressionState, cfg: PruneConfig, run: Run) -> None:
-    if cfg.granularity != "element":  # channel: filters, neurons and whole heads; filter/neuron; head
-        criterion = "l1" if cfg.criterion == "magnitude" else cfg.criterion
-        units = {"channel": "all", "head": "heads"}.get(cfg.granularity, "channels")
-        prune_channels(model, state, sparsity=cfg.sparsity, criterion=criterion, scope=cfg.scope,
-                       exclude=run.exclude(cfg), ctx=run.ctx, units=units, refit=cfg.refit)
-        return
-    prune(model, state, sparsity=cfg.sparsity, criterion=cfg.criterion, scope=cfg.scope,
-          schedule=cfg.schedule, steps=cfg.steps, epochs=cfg.epochs, lr=cfg.lr,
-          max_sparsity=cfg.max_sparsity, tolerance=cfg.tolerance, exclude=run.exclude(cfg), ctx=run.ctx)
-
-
-@handles(ClusterConfig)
-def _cluster(model: nn.Module, state: CompressionState, cfg: ClusterConfig, run: Run) -> None:
-    cluster(model, state, bits=cfg.bits, include_bias=cfg.include_bias, exclude=run.exclude(cfg))
-
-
-@handles(QuantizeConfig)
-def _quantize(model: nn.Module, state: CompressionState, cfg: QuantizeConfig, run: Run) -> None:
-    quantize(model, state, bits=cfg.bits, per_channel=cfg.per_channel, group_size=cfg.group_size,
-             method=cfg.method, activations=cfg.activations, embeddings=cfg.embeddings,
-             avg_bits=cfg.avg_bits, budget_mb=cfg.budget_mb,
-             include_bias=cfg.include_bias, exclude=run.exclude(cfg), calib_data=run.ctx.calib_data,
-             progress=run.ctx.progress)
-
-
-@handles(FactorizeConfig)
-def _factorize(model: nn.Module, state: CompressionState, cfg: FactorizeConfig, run: Run) -> None:
-    factorize(model, state, rank=cfg.rank, rank_ratio=cfg.rank_ratio, energy=cfg.energy, min_rank=cfg.min_rank,
-              exclude=run.exclude(cfg))
-
-
-@handles(DistillConfig)
-def _distill(model: nn.Module, state: CompressionState, cfg: DistillConfig, run: Run) -> None:
-    ctx = dataclasses.replace(run.ctx, distill=True, hidden=cfg.hidden, temperature=cfg.temperature)
-    train(model, state, ctx, epochs=cfg.epochs, lr=cfg.lr, label="distill")
-
-
-@handles(FinetuneConfig)
-def _finetune(model: nn.Module, state: CompressionState, cfg: FinetuneConfig, run: Run) -> None:
-    train(model, state, run.ctx, epochs=cfg.epochs, lr=cfg.lr, label="finetune")
 
 
 def canonicalize(model: nn.Module, state: CompressionState, meta: dict | None = None
@@ -182,9 +114,19 @@ def _first(names: list[str], k: int = 5) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-def run_pipeline(model: nn.Module, recipe: Recipe, ctx: TrainContext, eval_fn: Callable | None = None,
-                 on_stage: Callable[[StageRow], None] | None = None, meta: dict | None = None
-                 ) -> tuple[nn.Module, CompressionState, Report]:
+@dataclasses.dataclass
+class Outcome:
+    """The compressed model, its state, the report, and the file as the last row measured it."""
+
+    model: nn.Module
+    state: CompressionState
+    report: Report
+    manifest: dict
+    streams: dict[str, bytes]
+
+
+def run_pipeline(model: nn.Module, recipe: Recipe, run: RunContext, eval_fn: Callable | None = None,
+                 on_stage: Callable[[StageRow], None] | None = None, meta: dict | None = None) -> Outcome:
     """Apply every stage to a copy of `model`; the original is left untouched. `meta` goes into the
     file, so each row's bytes are the exact size of the file saved at that point."""
     student = copy.deepcopy(model).float().cpu().eval()
@@ -202,12 +144,9 @@ def run_pipeline(model: nn.Module, recipe: Recipe, ctx: TrainContext, eval_fn: C
     report.rows.append(row)
     if on_stage:
         on_stage(row)
-    run = Run(recipe, ctx)
+    run = dataclasses.replace(run, exclude=tuple(recipe.exclude))
     for i, cfg in enumerate(recipe.stages, 1):
-        handler = HANDLERS.get(type(cfg))
-        if handler is None:
-            raise ModelpressError(f"stage {i} ({cfg.key}) has no registered handler; register one with "
-                                  f"@modelpress.pipeline.handles({type(cfg).__name__})")
+        handler = handler_for(cfg)
         t = time.perf_counter()
         log.info("stage %d/%d: %s", i, len(recipe.stages), cfg.key)
         handler(student, state, cfg, run)
@@ -223,7 +162,7 @@ def run_pipeline(model: nn.Module, recipe: Recipe, ctx: TrainContext, eval_fn: C
     if converted:
         report.notes.append(f"{converted} transformers Conv1D layers became equivalent nn.Linear layers")
     report.notes.append(f"total {time.perf_counter() - t0:.1f} s")
-    return student, state, report
+    return Outcome(student, state, report, manifest, streams)
 
 
 def _sparsity(model: nn.Module) -> float:

@@ -1,7 +1,7 @@
 """Recipes: an ordered list of stage configs plus what to keep out, validated as a whole.
 
-Each stage is a frozen pydantic config registered under its YAML key; the config classes are the
-single source of truth and YAML is only their serialisation. Every problem in a recipe is listed
+Each stage is a frozen pydantic config that its technique registers under its YAML key (`stage.py`);
+the config classes are the single source of truth and YAML is only their serialisation. Every problem in a recipe is listed
 at once, naming the stage, the field and the bad value.
 
 Recipe files may be careless or hostile: text is capped at 1 MiB, YAML aliases and nesting are
@@ -11,157 +11,25 @@ RecipeError.
 from __future__ import annotations
 
 import reprlib
-import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from . import techniques  # noqa: F401  (registers every technique's stage config)
 from .errors import RecipeError
 from .safe_yaml import MAX_BYTES, cut, load_yaml, read_recipe_file
+from .stage import STAGES, RouteError, StageConfig, variant_for
+from .techniques.cluster import ClusterConfig  # noqa: F401  (the configs, for recipes built in Python)
+from .techniques.distill import DistillConfig  # noqa: F401
+from .techniques.finetune import FinetuneConfig  # noqa: F401
+from .techniques.lowrank import FactorizeConfig  # noqa: F401
+from .techniques.prune import PruneConfig  # noqa: F401
+from .techniques.quantize import QuantizeConfig  # noqa: F401
+from .techniques.structured import ChannelPruneConfig  # noqa: F401
 
 MAX_PROBLEMS = 20     # listed in one message
-
-STAGES: dict[str, type["StageConfig"]] = {}
-
-
-def register_stage(cls: type["StageConfig"]) -> type["StageConfig"]:
-    """Class decorator: make a config usable as a recipe stage under `cls.key`."""
-    STAGES[cls.key] = cls
-    return cls
-
-
-class StageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    key: ClassVar[str] = ""
-    exclude: tuple[str, ...] = ()  # extra layer-name patterns kept out of this stage only
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
-        """true / false are not 1 / 0 where a number is expected."""
-        annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(v, bool) and {int, float} & {annotation, *typing.get_args(annotation)}:
-            raise ValueError("must be a number, not true or false")
-        return v
-
-
-@register_stage
-class PruneConfig(StageConfig):
-    """Pruning to `sparsity`: of single weights (granularity: element, with recovery training spread
-    over the schedule), or of whole channels, neurons and attention heads, so layers shrink (channel:
-    all of them; filter or neuron: conv filters and Linear neurons; head: attention heads). With
-    `refit`, a Linear that loses inputs is refitted to its calibration outputs."""
-
-    key: ClassVar[str] = "prune"
-    sparsity: Union[float, Literal["auto"]]
-    max_sparsity: float = Field(default=0.99, gt=0.0, lt=1.0)  # for sparsity: auto
-    tolerance: float = Field(default=1.5, gt=0.0, le=100.0)    # points of top-1 agreement, for auto
-    granularity: Literal["element", "channel", "filter", "neuron", "head"] = "element"
-    criterion: Literal["magnitude", "taylor", "l1", "l2", "bn_scale", "activation"] = "magnitude"
-    scope: Literal["global", "layer"] = "global"
-    schedule: Literal["oneshot", "agp"] = "oneshot"
-    steps: int = Field(default=10, ge=1, le=1000)
-    epochs: float = Field(default=0.0, ge=0.0, le=1000)
-    lr: float = Field(default=1e-3, gt=0.0, lt=1.0)
-    refit: bool = True  # structured only
-
-    @field_validator("sparsity", mode="before")
-    @classmethod
-    def _sparsity(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
-            return v
-        raise ValueError("must be a float in [0, 1) or 'auto'")
-
-    @model_validator(mode="after")
-    def _structured(self) -> "PruneConfig":
-        if self.granularity == "element" and self.criterion in ("l1", "l2", "bn_scale", "activation"):
-            raise ValueError(f"criterion {self.criterion!r} ranks whole channels; with granularity: element use "
-                             "'magnitude' or 'taylor'")
-        if self.granularity != "element" and self.sparsity == "auto":
-            raise ValueError("sparsity: auto is for granularity: element; give structured pruning a number")
-        return self
-
-
-@register_stage
-class ClusterConfig(StageConfig):
-    """Weight sharing: per-layer k-means codebook of 2**bits values."""
-
-    key: ClassVar[str] = "cluster"
-    bits: int = Field(ge=1, le=8)
-    include_bias: bool = True
-
-
-@register_stage
-class QuantizeConfig(StageConfig):
-    """Uniform symmetric weight quantization (per output channel, or per group of `group_size` inputs),
-    round-to-nearest or GPTQ; `activations: int8` runs 8-bit Linear layers as int8 x int8 products."""
-
-    key: ClassVar[str] = "quantize"
-    bits: int = Field(ge=2, le=8)
-    group_size: Optional[int] = Field(default=None, ge=8, le=65536)
-    method: Literal["rtn", "gptq"] = "rtn"
-    activations: Literal["none", "int8"] = "none"
-    embeddings: bool = True
-    per_channel: bool = True
-    include_bias: bool = False
-    avg_bits: Optional[float] = Field(default=None, gt=0.0, le=8.0)    # per-layer bits: mean code bits per weight
-    budget_mb: Optional[float] = Field(default=None, gt=0.0, le=10**7)  # per-layer bits: file size budget
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "QuantizeConfig":
-        if self.activations == "int8" and (self.bits != 8 or self.group_size is not None or not self.per_channel):
-            raise ValueError("activations: int8 needs bits: 8, per_channel: true and no group_size "
-                             f"(got bits={self.bits}, group_size={self.group_size}, per_channel={self.per_channel})")
-        if self.avg_bits is not None and self.avg_bits < self.bits:
-            raise ValueError(f"avg_bits ({self.avg_bits}) must be at least bits ({self.bits}): "
-                             "'bits' is the lowest width any layer gets")
-        if (self.avg_bits is not None or self.budget_mb is not None) and self.activations == "int8":
-            raise ValueError("per-layer bits (avg_bits / budget_mb) are for weight-only quantization; "
-                             "drop them or use activations: none")
-        return self
-
-
-@register_stage
-class FactorizeConfig(StageConfig):
-    """Low-rank factorization of Linear (SVD) and Conv2d (Tucker-2) layers; give exactly one of
-    `rank`, `rank_ratio` (of each layer's full rank) or `energy` (share of squared singular values)."""
-
-    key: ClassVar[str] = "factorize"
-    rank: Optional[int] = Field(default=None, ge=1, le=2**20)
-    rank_ratio: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    energy: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    min_rank: int = Field(default=8, ge=1, le=2**20)  # no layer goes below this rank
-
-    @model_validator(mode="after")
-    def _one_rule(self) -> "FactorizeConfig":
-        given = [k for k in ("rank", "rank_ratio", "energy") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of rank, rank_ratio or energy (got {given or 'none'})")
-        return self
-
-
-@register_stage
-class DistillConfig(StageConfig):
-    """Recovery by distillation from the uncompressed model: label-free (targets are ignored), with
-    softened logits at `temperature`, and with `hidden` the outputs of shared blocks matched too."""
-
-    key: ClassVar[str] = "distill"
-    epochs: float = Field(gt=0.0, le=1000)
-    lr: float = Field(default=1e-4, gt=0.0, lt=1.0)
-    temperature: float = Field(default=2.0, gt=0.0, le=100.0)
-    hidden: bool = False
-
-
-@register_stage
-class FinetuneConfig(StageConfig):
-    """Recovery training under the current masks / codebooks / grids (distillation if data has no labels)."""
-
-    key: ClassVar[str] = "finetune"
-    epochs: float = Field(gt=0.0, le=1000)
-    lr: float = Field(default=1e-4, gt=0.0, lt=1.0)
 
 
 class Recipe(BaseModel):
@@ -269,15 +137,21 @@ def _parse_stage(i: int, item: Any) -> tuple[StageConfig | None, list[str]]:
     if not isinstance(settings, dict):
         return None, [f"The settings of stage {i} ({key}) must be a mapping. Got {_short(settings)} instead."]
     try:
-        return STAGES[key].model_validate(settings), []
+        config = variant_for(key, settings)
+    except RouteError as e:
+        if e.field is None:
+            return None, [f"Stage {i} ({key}) {e.phrase}."]
+        return None, [f"The {e.field!r} of stage {i} ({key}) {e.phrase}. Got {_short(settings[e.field])} instead."]
+    try:
+        return config.model_validate(settings), []
     except ValidationError as e:
-        return None, [_describe(i, key, err) for err in e.errors()]
+        return None, [_describe(i, key, config, err) for err in e.errors()]
 
 
-def _describe(i: int, key: str, err: dict) -> str:
+def _describe(i: int, key: str, config: type[StageConfig], err: dict) -> str:
     field = cut(".".join(str(x) for x in err["loc"])) or "settings"
     if err["type"] == "extra_forbidden":
-        allowed = sorted(f for f in STAGES[key].model_fields)
+        allowed = sorted(f for f in config.model_fields)
         return f"Stage {i} ({key}) has unknown field {field!r}. Allowed fields: {allowed}."
     if err["type"] == "missing":
         return f"The {field!r} of stage {i} ({key}) is required."

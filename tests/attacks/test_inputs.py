@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 import modelpress as mp
-from modelpress import pipeline
+from modelpress import pipeline, stage
 from modelpress.compare import compare
 from modelpress.errors import ModelpressError
 from modelpress.recipe import ClusterConfig
 from modelpress.state import CompressionState
-from modelpress.techniques.finetune import TrainContext, train
+from modelpress.context import RunContext
+from modelpress.techniques.finetune import train
 
 FINETUNE = {"stages": [{"finetune": {"epochs": 2, "lr": 1e-3}}]}
 ONE_SHOT = {
@@ -54,7 +55,7 @@ def test_one_shot_calib_data_and_compare(mlp, toy_data, kind):
 
 
 def test_a_pass_that_gives_no_batch_is_an_error_not_a_hang(mlp, toy_data):
-    ctx = TrainContext(train_data=(b for b in toy_data))  # bypasses compress(): the count uses it up
+    ctx = RunContext(train_data=(b for b in toy_data))  # bypasses compress(): the count uses it up
     with pytest.raises(ModelpressError, match="finetune: a pass over train_data gave no batch.*one-shot iterator"):
         train(mlp, CompressionState(), ctx, epochs=1, lr=1e-3)
 
@@ -93,7 +94,7 @@ def test_a_stage_that_produces_nan_names_itself_and_the_layer(mlp, monkeypatch):
         with torch.no_grad():
             model[2].weight[0, 0] = float("nan")
 
-    monkeypatch.setitem(pipeline.HANDLERS, ClusterConfig, broken)
+    monkeypatch.setitem(stage.HANDLERS, ClusterConfig, broken)
     with pytest.raises(ModelpressError, match=r"stage 1 \(cluster\) produced non-finite values.*2\.weight \(1 NaN\)"):
         mp.compress(mlp, {"stages": [{"cluster": {"bits": 4}}]})
 

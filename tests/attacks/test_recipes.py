@@ -282,7 +282,7 @@ def test_numbers_are_finite_bounded_and_not_booleans(stage, phrase):
 def test_honest_numbers_still_pass():
     r = Recipe.from_yaml("stages: [{cluster: {bits: 3.0}}, {finetune: {epochs: 1000, lr: 0.5}}, "
                          "{distill: {epochs: 2, temperature: 100}}, {factorize: {rank: 1048576}}, "
-                         "{quantize: {bits: 4, budget_mb: 1.0e7}}, {prune: {sparsity: 0, refit: false}}]")
+                         "{quantize: {bits: 4, budget_mb: 1.0e7}}, {prune: {sparsity: 0, granularity: channel, refit: false}}]")
     assert r.stages[0].bits == 3 and r.stages[1].epochs == 1000.0 and r.stages[5].refit is False
     assert Recipe.from_yaml(r.to_yaml()) == r
     for text in [*PRESETS.values(), *TRANSFORMER_PRESETS.values()]:

@@ -3,7 +3,8 @@ from torch import nn
 
 from modelpress.state import CompressionState
 from modelpress.techniques.cluster import cluster, kmeans_1d
-from modelpress.techniques.finetune import TrainContext, train
+from modelpress.context import RunContext
+from modelpress.techniques.finetune import train
 from modelpress.techniques.prune import prune
 from modelpress.techniques.quantize import quantize, symmetric_scale
 
@@ -18,7 +19,7 @@ def test_kmeans_finds_well_separated_clusters():
 
 def test_cluster_keeps_zeros_and_uses_at_most_2_pow_bits_values(mlp, toy_data):
     state = CompressionState()
-    prune(mlp, state, sparsity=0.7, scope="layer", ctx=TrainContext(toy_data))
+    prune(mlp, state, sparsity=0.7, scope="layer", run=RunContext(train_data=toy_data))
     cluster(mlp, state, bits=3)
     w = mlp[0].weight
     assert int((w == 0).sum()) == round(0.7 * w.numel())
@@ -30,11 +31,11 @@ def test_cluster_keeps_zeros_and_uses_at_most_2_pow_bits_values(mlp, toy_data):
 
 def test_centroid_finetuning_moves_shared_values_together(mlp, toy_data):
     state = CompressionState()
-    prune(mlp, state, sparsity=0.5, ctx=TrainContext(toy_data))
+    prune(mlp, state, sparsity=0.5, run=RunContext(train_data=toy_data))
     cluster(mlp, state, bits=2)
     codes = state.params["0.weight"].codes.clone()
     before = state.params["0.weight"].codebook.clone()
-    train(mlp, state, TrainContext(toy_data), epochs=2, lr=1e-2)
+    train(mlp, state, RunContext(train_data=toy_data), epochs=2, lr=1e-2)
     st = state.params["0.weight"]
     assert not torch.equal(st.codebook, before)
     assert torch.equal(st.codes, codes)
@@ -64,7 +65,7 @@ def test_quantize_per_channel_error_bound(mlp):
 def test_quantization_aware_finetuning_stays_on_grid(mlp, toy_data):
     state = CompressionState()
     quantize(mlp, state, bits=4)
-    train(mlp, state, TrainContext(toy_data), epochs=1, lr=1e-2)
+    train(mlp, state, RunContext(train_data=toy_data), epochs=1, lr=1e-2)
     st = state.params["0.weight"]
     w = mlp[0].weight.detach()
     assert torch.equal(w, st.codes.float() * st.scale[:, None])

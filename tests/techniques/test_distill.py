@@ -4,8 +4,7 @@ import torch
 from torch import nn
 
 import modelpress as mp
-from modelpress.techniques.distill import block_names, capture, distill_batch_loss, relative_mse
-from modelpress.techniques.finetune import TrainContext
+from modelpress.techniques.losses import Objective, block_names, capture, distill_batch_loss, relative_mse
 
 
 def test_block_names_are_root_children_and_module_list_items():
@@ -21,15 +20,14 @@ def test_block_names_are_root_children_and_module_list_items():
 def test_identical_student_has_zero_loss_and_a_perturbed_one_does_not(mlp):
     teacher = copy.deepcopy(mlp).eval()
     x = torch.randn(16, 20)
-    ctx = TrainContext(None, teacher=teacher)
-    assert distill_batch_loss(mlp, x, ctx, hidden=True).item() < 1e-6
+    assert distill_batch_loss(mlp, x, teacher, Objective(hidden=True)).item() < 1e-6
     with torch.no_grad():
         mlp[0].weight.add_(0.1 * torch.randn_like(mlp[0].weight))
     with capture(mlp, ["0", "2"]) as seen:
         mlp(x)
     assert set(seen) == {"0", "2"}
-    logits_only = distill_batch_loss(mlp, x, ctx).item()
-    with_hidden = distill_batch_loss(mlp, x, ctx, hidden=True).item()
+    logits_only = distill_batch_loss(mlp, x, teacher).item()
+    with_hidden = distill_batch_loss(mlp, x, teacher, Objective(hidden=True)).item()
     assert 0 < logits_only < with_hidden  # block 0's output differs too
 
 

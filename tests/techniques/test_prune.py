@@ -2,7 +2,8 @@ import torch
 from torch import nn
 
 from modelpress.state import CompressionState
-from modelpress.techniques.finetune import TrainContext, train
+from modelpress.context import RunContext
+from modelpress.techniques.finetune import train
 from modelpress.techniques.prune import agp_schedule, masks_from_scores, prune
 
 
@@ -43,8 +44,8 @@ def test_pruned_weights_stay_pruned_in_later_steps():
 
 def test_agp_with_finetuning_reaches_sparsity_and_keeps_it(mlp, toy_data):
     state = CompressionState()
-    ctx = TrainContext(toy_data)
-    prune(mlp, state, sparsity=0.8, schedule="agp", steps=4, epochs=2, ctx=ctx)
+    ctx = RunContext(train_data=toy_data)
+    prune(mlp, state, sparsity=0.8, schedule="agp", steps=4, epochs=2, run=ctx)
     w = [mlp[0].weight, mlp[2].weight]
     total = sum(p.numel() for p in w)
     zeros = sum(int((p == 0).sum()) for p in w)
@@ -62,5 +63,5 @@ def test_taylor_criterion_prunes_weights_of_a_dead_input(toy_data):
     with torch.no_grad():
         model[0].weight[:, 19] = 5.0  # large, but its input is always zero
     state = CompressionState()
-    prune(model, state, sparsity=0.25, criterion="taylor", scope="layer", ctx=TrainContext(batches))
+    prune(model, state, sparsity=0.25, criterion="taylor", scope="layer", run=RunContext(train_data=batches))
     assert not state.params["0.weight"].mask[:, 19].any()

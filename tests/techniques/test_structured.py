@@ -7,7 +7,7 @@ from modelpress.errors import ModelpressError
 from modelpress.data import TinyResNet
 from modelpress.graph import trace
 from modelpress.state import CompressionState
-from modelpress.techniques.finetune import TrainContext
+from modelpress.context import RunContext
 from modelpress.techniques.structured import InputStats, compensate, prune_channels
 
 
@@ -66,7 +66,7 @@ def test_an_operation_the_tracer_cannot_follow_keeps_its_channels():
 
     model = Odd()
     with pytest.raises(ModelpressError, match="no channels it can remove.*roll"):
-        prune_channels(model, CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(4, 8)]))
+        prune_channels(model, CompressionState(), sparsity=0.5, run=RunContext(train_data=[torch.randn(4, 8)]))
     assert model.a.out_features == 8
 
 
@@ -80,7 +80,7 @@ def test_untraceable_model_gets_a_clear_message():
             return self.a(x) if x.sum() > 0 else x
 
     with pytest.raises(ModelpressError, match="could not trace"):
-        prune_channels(Branchy(), CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(2, 4)]))
+        prune_channels(Branchy(), CompressionState(), sparsity=0.5, run=RunContext(train_data=[torch.randn(2, 4)]))
 
 
 def test_a_per_channel_parameter_keeps_its_channels():
@@ -95,7 +95,7 @@ def test_a_per_channel_parameter_keeps_its_channels():
             return self.c(self.b(self.a(x) * self.gamma))
 
     model = Scaled()
-    prune_channels(model, CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(4, 8)]))
+    prune_channels(model, CompressionState(), sparsity=0.5, run=RunContext(train_data=[torch.randn(4, 8)]))
     assert model.a.out_features == 8 and model.b.out_features == 2  # a's channels meet gamma: kept
     assert model(torch.randn(3, 8)).shape == (3, 6)
 
@@ -112,7 +112,7 @@ def test_a_linear_over_the_width_of_a_conv_map_keeps_the_conv_channels():
 
     model = WidthMix()
     with pytest.raises(ModelpressError, match="no channels it can remove"):
-        prune_channels(model, CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(2, 1, 6, 6)]))
+        prune_channels(model, CompressionState(), sparsity=0.5, run=RunContext(train_data=[torch.randn(2, 1, 6, 6)]))
     assert model.conv.out_channels == 6
 
 
@@ -126,7 +126,7 @@ def test_global_average_pooling_by_mean_keeps_the_channel_axis():
             return self.fc(self.conv(x).mean((2, 3)))
 
     model = Pooled()
-    prune_channels(model, CompressionState(), sparsity=0.5, ctx=TrainContext([torch.randn(2, 3, 8, 8)]))
+    prune_channels(model, CompressionState(), sparsity=0.5, run=RunContext(train_data=[torch.randn(2, 3, 8, 8)]))
     assert model.conv.out_channels == model.fc.in_features == 6
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 5)
 

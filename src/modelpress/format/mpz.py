@@ -106,8 +106,12 @@ def _owners(sd: dict[str, torch.Tensor], state: CompressionState) -> dict[str, s
 
 
 def save(path: str | os.PathLike, model: nn.Module, state: CompressionState, meta: dict | None = None) -> int:
-    """Write atomically; returns the file's size in bytes."""
-    manifest, streams = encode_model(model, state, meta)
+    """Encode and write atomically; returns the file's size in bytes."""
+    return write(path, *encode_model(model, state, meta))
+
+
+def write(path: str | os.PathLike, manifest: dict, streams: dict[str, bytes]) -> int:
+    """Write an encoded model atomically; returns the file's size in bytes."""
     return write_container(path, manifest, streams)
 
 
@@ -191,10 +195,15 @@ def _check_against(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def describe_file(source: Any, max_bytes: int | None = None) -> list[dict]:
-    """Per tensor: kind, shape, bytes, sparsity and bits (stored bits per parameter) for `inspect`;
-    decodes under the same limit as `load`."""
+    """`describe` of a file's tensors, decoded under the same limit as `load`."""
     manifest, streams, size = read(source)
     declared_tensors(manifest, guard.max_bytes_for(size, max_bytes))
+    return describe(manifest, streams)
+
+
+def describe(manifest: dict, streams: dict[str, bytes]) -> list[dict]:
+    """Per tensor: kind, shape, bytes, sparsity and bits (stored bits per parameter), for `inspect` and
+    compare's per-layer table."""
     state = decode_state_dict(manifest, streams)
     per_key: Counter[str] = Counter()  # stream bytes per tensor index
     for k, v in streams.items():

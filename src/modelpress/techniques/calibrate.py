@@ -10,8 +10,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..batches import call_model, split_batch
 from ..errors import ModelpressError
-from .finetune import call_model, split_batch
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,31 @@ best initialisation); pruned zeros stay zero and are not clustered. Centroids ar
 float16 so the file stores them exactly in half the bytes."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..context import RunContext
 from ..errors import ModelpressError
+from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import target_params
+
+
+@register_stage
+class ClusterConfig(StageConfig):
+    """Weight sharing: per-layer k-means codebook of 2**bits values."""
+
+    key: ClassVar[str] = "cluster"
+    bits: int = Field(ge=1, le=8)
+    include_bias: bool = True
+
+
+@handles(ClusterConfig)
+def _apply(model: nn.Module, state: CompressionState, cfg: ClusterConfig, run: RunContext) -> None:
+    cluster(model, state, bits=cfg.bits, include_bias=cfg.include_bias, exclude=run.excluded(cfg))
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:

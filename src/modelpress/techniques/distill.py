@@ -1,4 +1,5 @@
-"""Knowledge distillation: the compressed student learns the uncompressed teacher's outputs.
+"""Knowledge distillation: the compressed student learns the uncompressed teacher's outputs (the
+losses are in `losses.py`, shared with every training stage).
 
 Label-free, so any `train_data` of inputs works (targets in the batches are ignored). Class scores
 (a plain tensor or `.logits`) are matched by Hinton's softened KL; other outputs (an encoder's
@@ -8,81 +9,32 @@ children of the root and of every ModuleList: a Sequential's layers, a transform
 matched too."""
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from ..errors import ModelpressError
-from .finetune import TrainContext, call_model, logits_of
+from ..context import RunContext
+from ..stage import StageConfig, handles, register_stage
+from ..state import CompressionState
+from .finetune import train
+from .losses import Objective
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's softened-logit KL, scaled by T^2 so its gradients match cross-entropy's."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
-                    log_target=True, reduction="batchmean") * t * t
+@register_stage
+class DistillConfig(StageConfig):
+    """Recovery by distillation from the uncompressed model: label-free (targets are ignored), with
+    softened logits at `temperature`, and with `hidden` the outputs of shared blocks matched too."""
+
+    key: ClassVar[str] = "distill"
+    trains: ClassVar[bool] = True
+    epochs: float = Field(gt=0.0, le=1000)
+    lr: float = Field(default=1e-4, gt=0.0, lt=1.0)
+    temperature: float = Field(default=2.0, gt=0.0, le=100.0)
+    hidden: bool = False
 
 
-def relative_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error relative to the teacher's mean square; with a token `mask` ([batch, tokens],
-    a tokenizer's attention_mask), only the real tokens count, not the padding."""
-    if mask is None or tuple(mask.shape) != tuple(teacher.shape[:2]) or teacher.dim() < 3:
-        return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
-    w = mask.to(teacher.dtype).unsqueeze(-1)
-    return ((student - teacher).pow(2) * w).sum() / (teacher.pow(2) * w).sum().clamp_min(1e-12)
-
-
-def block_names(model: nn.Module) -> list[str]:
-    """Children of the root and of every ModuleList: the natural hand-off points between blocks."""
-    names = [n for n, _ in model.named_children()]
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList):
-            names += [f"{name}.{c}" for c, _ in m.named_children()]
-    return names
-
-
-@contextlib.contextmanager
-def capture(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the (first tensor) output of each named module during the forward passes inside."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(module, args, output):
-            t = output[0] if isinstance(output, (tuple, list)) and output else output
-            if isinstance(t, torch.Tensor):
-                seen[name] = t
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _has_logits(output: Any) -> bool:
-    return isinstance(output, torch.Tensor) or hasattr(output, "logits") or \
-        (isinstance(output, dict) and "logits" in output)
-
-
-def distill_batch_loss(model: nn.Module, inputs: Any, ctx: TrainContext, hidden: bool = False) -> torch.Tensor:
-    """The distillation loss of one batch of inputs against `ctx.teacher`."""
-    if ctx.teacher is None:
-        raise ModelpressError("distillation needs the teacher model; none was given")
-    names = [n for n in block_names(model) if n in set(block_names(ctx.teacher))] if hidden else []
-    with capture(model, names) as s_blocks:
-        out = call_model(model, inputs)
-    with torch.no_grad(), capture(ctx.teacher, names) as t_blocks:
-        t_out = call_model(ctx.teacher, inputs)
-    s, t = logits_of(out), logits_of(t_out)
-    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-    loss = distill_loss(s, t, ctx.temperature) if _has_logits(t_out) else relative_mse(s, t, mask)
-    pairs = [(s_blocks[n], t_blocks[n]) for n in names if n in s_blocks and n in t_blocks
-             and s_blocks[n].shape == t_blocks[n].shape and s_blocks[n].is_floating_point()]
-    if pairs:
-        loss = loss + sum(relative_mse(a, b, mask) for a, b in pairs) / len(pairs)
-    return loss
+@handles(DistillConfig)
+def _apply(model: nn.Module, state: CompressionState, cfg: DistillConfig, run: RunContext) -> None:
+    train(model, state, run, epochs=cfg.epochs, lr=cfg.lr, label="distill",
+          objective=Objective(distill=True, hidden=cfg.hidden, temperature=cfg.temperature))

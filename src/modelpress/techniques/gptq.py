@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from .grid import row_scale
+
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *, mask: torch.Tensor | None = None,
          block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int32 like w, scales (out,) or (out, groups)) for a 2-D weight and its (in, in) Hessian."""
-    from .quantize import row_scale  # the grid is shared with round-to-nearest
 
     qmax = 2 ** (bits - 1) - 1
     W = w.detach().float().clone()

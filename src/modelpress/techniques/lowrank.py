@@ -7,16 +7,45 @@ would not have fewer parameters is left as it is."""
 from __future__ import annotations
 
 import logging
+from typing import ClassVar, Optional
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from ..context import RunContext
 from ..errors import ModelpressError
 from ..runtime.lowrank import LowRankLinear, TuckerConv2d
+from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import excluded, replace_module
 
 log = logging.getLogger(__name__)
+
+
+@register_stage
+class FactorizeConfig(StageConfig):
+    """Low-rank factorization of Linear (SVD) and Conv2d (Tucker-2) layers; give exactly one of
+    `rank`, `rank_ratio` (of each layer's full rank) or `energy` (share of squared singular values)."""
+
+    key: ClassVar[str] = "factorize"
+    rank: Optional[int] = Field(default=None, ge=1, le=2**20)
+    rank_ratio: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    energy: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    min_rank: int = Field(default=8, ge=1, le=2**20)  # no layer goes below this rank
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "FactorizeConfig":
+        given = [k for k in ("rank", "rank_ratio", "energy") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of rank, rank_ratio or energy (got {given or 'none'})")
+        return self
+
+
+@handles(FactorizeConfig)
+def _apply(model: nn.Module, state: CompressionState, cfg: FactorizeConfig, run: RunContext) -> None:
+    factorize(model, state, rank=cfg.rank, rank_ratio=cfg.rank_ratio, energy=cfg.energy, min_rank=cfg.min_rank,
+              exclude=run.excluded(cfg))
 
 
 def choose_rank(singular: torch.Tensor, *, rank: int | None = None, rank_ratio: float | None = None,

@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..batches import call_model, logits_of, split_batch
 from ..errors import ModelpressError
-from .finetune import call_model, logits_of, split_batch
 
 MAX_BITS = 8
 

@@ -5,33 +5,73 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any, ClassVar, Literal, Union
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
+from ..context import RunContext
 from ..errors import ModelpressError
+from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import target_params
-from .finetune import TrainContext, agreement, batch_loss, require_data, train
+from .finetune import agreement, train
+from .losses import batch_loss
 
 log = logging.getLogger(__name__)
+
+
+@register_stage
+class PruneConfig(StageConfig):
+    """Pruning single weights to `sparsity` (granularity: element, the default), with recovery training
+    spread over the schedule; `sparsity: auto` stops where the model stops agreeing with the original."""
+
+    key: ClassVar[str] = "prune"
+    sparsity: Union[float, Literal["auto"]]
+    granularity: Literal["element"] = "element"
+    max_sparsity: float = Field(default=0.99, gt=0.0, lt=1.0)  # for sparsity: auto
+    tolerance: float = Field(default=1.5, gt=0.0, le=100.0)    # points of top-1 agreement, for auto
+    criterion: Literal["magnitude", "taylor"] = "magnitude"
+    scope: Literal["global", "layer"] = "global"
+    schedule: Literal["oneshot", "agp"] = "oneshot"
+    steps: int = Field(default=10, ge=1, le=1000)
+    epochs: float = Field(default=0.0, ge=0.0, le=1000)
+    lr: float = Field(default=1e-3, gt=0.0, lt=1.0)
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
+            return v
+        raise ValueError("must be a float in [0, 1) or 'auto'")
+
+    def without_training(self) -> "PruneConfig":
+        return self.model_copy(update={"schedule": "oneshot", "epochs": 0.0, "criterion": "magnitude"})
+
+
+@handles(PruneConfig)
+def _apply(model: nn.Module, state: CompressionState, cfg: PruneConfig, run: RunContext) -> None:
+    prune(model, state, sparsity=cfg.sparsity, criterion=cfg.criterion, scope=cfg.scope, schedule=cfg.schedule,
+          steps=cfg.steps, epochs=cfg.epochs, lr=cfg.lr, max_sparsity=cfg.max_sparsity, tolerance=cfg.tolerance,
+          exclude=run.excluded(cfg), run=run)
 
 
 def magnitude_scores(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {n: p.detach().abs() for n, p in params.items()}
 
 
-def taylor_scores(model: nn.Module, params: dict[str, nn.Parameter], ctx: TrainContext,
+def taylor_scores(model: nn.Module, params: dict[str, nn.Parameter], run: RunContext,
                   max_batches: int = 32) -> dict[str, torch.Tensor]:
     """|w * dL/dw| accumulated over up to `max_batches` batches: the first-order loss change of removing w."""
-    data = require_data(ctx, "the taylor criterion")
+    data = run.require_train_data("the taylor criterion")
     scores = {n: torch.zeros_like(p) for n, p in params.items()}
     model.eval()
     for i, batch in enumerate(data):
         if i >= max_batches:
             break
         model.zero_grad(set_to_none=True)
-        batch_loss(model, batch, ctx).backward()
+        batch_loss(model, batch, run).backward()
         for n, p in params.items():
             if p.grad is not None:
                 scores[n] += (p.detach() * p.grad).abs()
@@ -102,7 +142,7 @@ def agp_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
 def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, criterion: str = "magnitude",
           scope: str = "global", schedule: str = "oneshot", steps: int = 10, epochs: float = 0.0,
           lr: float = 1e-3, max_sparsity: float = 0.99, tolerance: float = 1.5,
-          exclude: tuple[str, ...] = (), ctx: TrainContext | None = None) -> float:
+          exclude: tuple[str, ...] = (), run: RunContext | None = None) -> float:
     """Prune Linear/Conv weights to `sparsity`, training `epochs` in all (spread over the AGP steps).
 
     `sparsity="auto"` follows the AGP schedule towards `max_sparsity` and stops at the last step whose
@@ -112,25 +152,25 @@ def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, c
     params = target_params(model, exclude)
     if not params:
         raise ModelpressError("prune: the model has no Linear or Conv layer left after 'exclude'")
-    ctx = ctx or TrainContext(None)
+    run = run or RunContext()
     auto = sparsity == "auto"
     if epochs > 0 or auto:
-        require_data(ctx, "pruning with fine-tuning or sparsity 'auto'")
+        run.require_train_data("pruning with fine-tuning or sparsity 'auto'")
     final = max_sparsity if auto else float(sparsity)
     targets = agp_schedule(final, steps) if schedule == "agp" or auto else [final]
     reached = 0.0
     for i, s in enumerate(targets):
         saved = _snapshot(model, state, params) if auto else None
-        scores = taylor_scores(model, params, ctx) if criterion == "taylor" else magnitude_scores(params)
+        scores = taylor_scores(model, params, run) if criterion == "taylor" else magnitude_scores(params)
         with torch.no_grad():
             masks = masks_from_scores(scores, s, scope, {n: state.get(n).mask for n in params})
             for n, p in params.items():
                 state.get(n).mask = masks[n]
                 p.mul_(masks[n])
         if epochs > 0:
-            train(model, state, ctx, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}")
+            train(model, state, run, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}")
         if auto:
-            fidelity = agreement(model, ctx.teacher, ctx.train_data)
+            fidelity = agreement(model, run.teacher, run.train_data)
             log.info("prune step %d: sparsity %.4f, top-1 agreement %.2f%%", i + 1, s, fidelity)
             if fidelity < 100.0 - tolerance:
                 _restore(model, state, params, saved)

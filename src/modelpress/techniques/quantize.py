@@ -1,78 +1,72 @@
-"""Uniform symmetric weight quantization: per tensor, per output channel or per group of inputs,
-`bits` bits, zero exactly representable (so pruned weights stay zero). Scales are float16-exact
-so the file stores them losslessly. Below 8 bits each scale is the one, among shrunken copies of
-max|w|, that minimises the squared error of its group (clipping the rare largest weights is worth
-the finer grid). `method="gptq"` compensates each column's rounding error in the columns not yet
+"""Uniform symmetric weight quantization (the grids are in `grid.py`): per tensor, per output channel
+or per group of inputs, round-to-nearest or error-compensating. `method="gptq"` compensates each column's rounding error in the columns not yet
 quantized, weighted by the layer's input Hessian from calibration data. On a clustered tensor the
 codebook itself is snapped to a per-tensor grid, so codes stay shared. With `activations="int8"`,
 8-bit Linear layers become `runtime.Int8Linear` (int8 x int8 products, activations per token)."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable, Literal, Optional
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from ..context import RunContext
 from ..errors import ModelpressError
 from ..runtime.int8 import Int8Linear
+from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState, broadcast_scale, split_name
 from .calibrate import calibration_batches, collect_hessians
 from .common import excluded, replace_module, target_params
 from .gptq import gptq
+from .grid import group_scale, quantize_tensor, symmetric_scale
 from .mixed import allocate, sensitivities
 
 log = logging.getLogger(__name__)
-_SHRINK = torch.linspace(1.0, 0.5, 11)  # candidate clip ratios of max|w| below 8 bits
 
 
-def symmetric_scale(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
-    """max|w| / qmax per output channel (or per tensor), float16-representable and never zero."""
-    qmax = 2 ** (bits - 1) - 1
-    amax = w.abs().flatten(1).amax(1) if per_channel and w.dim() > 1 else w.abs().max().reshape(1)
-    return _f16_scale(amax / qmax)
+@register_stage
+class QuantizeConfig(StageConfig):
+    """Uniform symmetric weight quantization (per output channel, or per group of `group_size` inputs),
+    round-to-nearest or GPTQ; `activations: int8` runs 8-bit Linear layers as int8 x int8 products."""
+
+    key: ClassVar[str] = "quantize"
+    bits: int = Field(ge=2, le=8)
+    group_size: Optional[int] = Field(default=None, ge=8, le=65536)
+    method: Literal["rtn", "gptq"] = "rtn"
+    activations: Literal["none", "int8"] = "none"
+    embeddings: bool = True
+    per_channel: bool = True
+    include_bias: bool = False
+    avg_bits: Optional[float] = Field(default=None, gt=0.0, le=8.0)    # per-layer bits: mean code bits per weight
+    budget_mb: Optional[float] = Field(default=None, gt=0.0, le=10**7)  # per-layer bits: file size budget
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "QuantizeConfig":
+        if self.activations == "int8" and (self.bits != 8 or self.group_size is not None or not self.per_channel):
+            raise ValueError("activations: int8 needs bits: 8, per_channel: true and no group_size "
+                             f"(got bits={self.bits}, group_size={self.group_size}, per_channel={self.per_channel})")
+        if self.method == "gptq" and not self.per_channel:
+            raise ValueError("method: gptq solves per output channel; with per_channel: false use method: rtn")
+        if self.avg_bits is not None and self.avg_bits < self.bits:
+            raise ValueError(f"avg_bits ({self.avg_bits}) must be at least bits ({self.bits}): "
+                             "'bits' is the lowest width any layer gets")
+        if (self.avg_bits is not None or self.budget_mb is not None) and self.activations == "int8":
+            raise ValueError("per-layer bits (avg_bits / budget_mb) are for weight-only quantization; "
+                             "drop them or use activations: none")
+        return self
+
+    def without_training(self) -> "QuantizeConfig":
+        return self.model_copy(update={"method": "rtn"})
 
 
-def _f16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Round to 8 significant bits (0.4% steps: no measurable loss) inside float16, so that the
-    file's entropy coder stores a scale in about half of float16's 16 bits."""
-    mantissa, exponent = torch.frexp(scale)
-    scale = torch.ldexp(torch.round(mantissa * 256) / 256, exponent).half().float()
-    tiny = torch.finfo(torch.float16).tiny
-    return torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min(tiny)
-
-
-def row_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """One scale per row of a 2-D tensor; below 8 bits the clip ratio with the least squared error."""
-    qmax = 2 ** (bits - 1) - 1
-    amax = w.abs().amax(1)
-    if bits >= 8:
-        return _f16_scale(amax / qmax)
-    cands = _f16_scale((amax.unsqueeze(0) * _SHRINK.unsqueeze(1)) / qmax)  # (ratios, rows)
-    best = torch.empty_like(amax)
-    step = max(1, 2 ** 22 // (len(_SHRINK) * max(1, w.shape[1])))  # bounded memory on big tables
-    for r in range(0, w.shape[0], step):
-        c, x = cands[:, r:r + step].unsqueeze(2), w[r:r + step].unsqueeze(0)
-        err = ((torch.round(x / c).clamp(-qmax, qmax) * c - x) ** 2).sum(2)
-        best[r:r + step] = c.squeeze(2).gather(0, err.argmin(0, keepdim=True)).squeeze(0)
-    return best
-
-
-def group_scale(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
-    """Scales of a weight per output channel (`group` None) or (out, groups) per `group` flattened inputs."""
-    w2 = w.detach().flatten(1).float()
-    if group is None:
-        return row_scale(w2, bits)
-    out, cols = w2.shape
-    n = -(-cols // group)
-    padded = torch.nn.functional.pad(w2, (0, n * group - cols))  # zero padding never raises a max
-    return row_scale(padded.reshape(out * n, group), bits).reshape(out, n)
-
-
-def quantize_tensor(w: torch.Tensor, scale: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
-    """Integer codes of w on the grid `scale`, clamped to the signed `bits` range."""
-    qmax = 2 ** (bits - 1) - 1
-    return torch.round(w / broadcast_scale(scale, w, group)).clamp(-qmax, qmax).to(torch.int32)
+@handles(QuantizeConfig)
+def _apply(model: nn.Module, state: CompressionState, cfg: QuantizeConfig, run: RunContext) -> None:
+    quantize(model, state, bits=cfg.bits, per_channel=cfg.per_channel, group_size=cfg.group_size,
+             method=cfg.method, activations=cfg.activations, embeddings=cfg.embeddings,
+             avg_bits=cfg.avg_bits, budget_mb=cfg.budget_mb, include_bias=cfg.include_bias,
+             exclude=run.excluded(cfg), calib_data=run.calib_data, progress=run.progress)
 
 
 def quant_targets(model: nn.Module, exclude: Iterable[str], *, bias: bool, embeddings: bool) -> dict[str, nn.Parameter]:
@@ -106,8 +100,15 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
         widths = mixed_bits(model, params, bits, group_size, avg_bits, budget_mb, calib_data, progress)
     hessians = {}
     if method == "gptq":
+        if not per_channel:
+            raise ModelpressError("quantize: method 'gptq' solves per output channel; with per_channel=False use "
+                                  "method 'rtn'")
         owners = {n: model.get_submodule(split_name(n)[0]) for n in params if n.endswith(".weight")}
         linears = {n: m for n, m in owners.items() if isinstance(m, nn.Linear)}
+        rest = [n for n in params if n not in linears and state.get(n).kind != "codebook"]
+        if rest:
+            log.warning("quantize: GPTQ solves Linear layers; %d other tensor(s) are rounded to nearest: %s",
+                        len(rest), ", ".join(rest[:6]) + (", ..." if len(rest) > 6 else ""))
         hessians = collect_hessians(model, linears, calib_data, progress=progress)
     with torch.no_grad():
         for i, (name, p) in enumerate(params.items()):

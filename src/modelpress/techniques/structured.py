@@ -8,26 +8,52 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..batches import call_model, split_batch
+from ..context import RunContext
 from ..errors import ModelpressError
 from ..graph import ChannelGraph, Layout, trace
+from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import excluded
-from .finetune import TrainContext, batch_loss, call_model, split_batch
+from .losses import batch_loss
 
 log = logging.getLogger(__name__)
+UNITS = {"channel": "all", "filter": "channels", "neuron": "channels", "head": "heads"}
+
+
+@register_stage
+class ChannelPruneConfig(StageConfig):
+    """Pruning whole channels, neurons and attention heads to `sparsity`, so layers shrink (channel: all of
+    them; filter or neuron: conv filters and Linear neurons; head: attention heads). With `refit`, a
+    Linear that loses inputs is refitted to its calibration outputs."""
+
+    key: ClassVar[str] = "prune"
+    route: ClassVar[dict] = {"granularity": tuple(UNITS)}
+    sparsity: float = Field(ge=0.0, lt=1.0)
+    granularity: Literal["channel", "filter", "neuron", "head"]
+    criterion: Literal["magnitude", "taylor", "l1", "l2", "bn_scale", "activation"] = "magnitude"
+    scope: Literal["global", "layer"] = "global"
+    refit: bool = True
+
+
+@handles(ChannelPruneConfig)
+def _apply(model: nn.Module, state: CompressionState, cfg: ChannelPruneConfig, run: RunContext) -> None:
+    prune_channels(model, state, sparsity=cfg.sparsity, criterion=cfg.criterion, scope=cfg.scope,
+                   exclude=run.excluded(cfg), run=run, units=UNITS[cfg.granularity], refit=cfg.refit)
 
 
 def channel_importance(model: nn.Module, graph: ChannelGraph, criterion: str,
                        grads: dict[str, torch.Tensor] | None = None,
                        inputs: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
     """Per group, one score per channel, summed over the weights the channel owns: its producers' rows
-    and its consumers' columns. |w . grad| (taylor), norms (l1, l2; also taylor's fallback where a layer
-    has no gradient), BatchNorm |gamma| (bn_scale), or, for `activation`, what removing the channel
+    and its consumers' columns. |w . grad| (taylor), norms (l1 or magnitude, l2; also taylor's fallback
+    where a layer has no gradient), BatchNorm |gamma| (bn_scale), or, for `activation`, what removing the channel
     takes from each consumer's output: the column's norm times the input's RMS on calibration data."""
     grads, inputs = grads or {}, inputs or {}
 
@@ -73,7 +99,7 @@ class InputStats:
 
 
 @torch.no_grad()
-def input_stats(model: nn.Module, ctx: TrainContext, names: list[str], batches: int = 8) -> dict[str, InputStats]:
+def input_stats(model: nn.Module, run: RunContext, names: list[str], batches: int = 8) -> dict[str, InputStats]:
     """`InputStats` of the named layers over up to `batches` calibration (else training) batches."""
     acc: dict[str, list] = {}
 
@@ -89,7 +115,7 @@ def input_stats(model: nn.Module, ctx: TrainContext, names: list[str], batches: 
                 a[2], a[3] = a[2] + x.sum(0), a[3] + x.T @ x
         return fn
 
-    data = ctx.calib_data if ctx.calib_data is not None else ctx.train_data
+    data = run.calib_data if run.calib_data is not None else run.train_data
     if data is None:
         raise ModelpressError("structured pruning needs calib_data or train_data (a few batches of inputs) to "
                               "measure what each layer receives")
@@ -124,14 +150,14 @@ def compensate(m: nn.Linear, cols: torch.Tensor, stats: InputStats, damp: float 
     m.in_features = len(cols)
 
 
-def _taylor_grads(model: nn.Module, ctx: TrainContext, names: list[str], batches: int = 8) -> dict[str, torch.Tensor]:
-    if ctx.train_data is None:
+def _taylor_grads(model: nn.Module, run: RunContext, names: list[str], batches: int = 8) -> dict[str, torch.Tensor]:
+    if run.train_data is None:
         raise ModelpressError("criterion: taylor needs train_data (a few batches give the gradients)")
     model.zero_grad(set_to_none=True)
-    for i, batch in enumerate(ctx.train_data):
+    for i, batch in enumerate(run.train_data):
         if i >= batches:
             break
-        batch_loss(model, batch, ctx).backward()
+        batch_loss(model, batch, run).backward()
     grads = {n: model.get_submodule(n).weight.grad.detach().clone() for n in names
              if model.get_submodule(n).weight.grad is not None}
     # label-free data gives no gradient before anything changed (the student is the teacher): such
@@ -167,8 +193,8 @@ def _top(s: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(s, k).indices.sort().values
 
 
-def example_input(ctx: TrainContext) -> Any:
-    for batch in ctx.calib_data if ctx.calib_data is not None else (ctx.train_data or []):
+def example_input(run: RunContext) -> Any:
+    for batch in run.calib_data if run.calib_data is not None else (run.train_data or []):
         inputs, _ = split_batch(batch)
         if isinstance(inputs, dict):
             return {k: v[:2] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -177,7 +203,7 @@ def example_input(ctx: TrainContext) -> Any:
 
 
 def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float, criterion: str = "l1",
-                   scope: str = "global", exclude: Iterable[str] = (), ctx: TrainContext,
+                   scope: str = "global", exclude: Iterable[str] = (), run: RunContext,
                    units: str = "all", refit: bool = True) -> dict[str, Any]:
     """Remove `sparsity` of the prunable channels; returns a summary (channels before/after, notes).
 
@@ -189,7 +215,7 @@ def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float
     if state.params:
         raise ModelpressError("structured pruning must come before unstructured pruning, clustering or "
                               "quantization in the recipe")
-    graph = trace(model, example_input(ctx))
+    graph = trace(model, example_input(run))
     exclude = list(exclude)
     for g in graph.groups.values():
         if any(excluded(n, exclude) for n in g.producers + g.coupled) or \
@@ -204,10 +230,14 @@ def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float
         raise ModelpressError(f"structured pruning found no {what} it can remove" +
                               (": " + "; ".join(graph.notes[:3]) if graph.notes else ""))
     names = [n for g in live.values() for n in g.producers] + list(graph.consumers)
-    grads = _taylor_grads(model, ctx, names) if criterion == "taylor" else None
+    grads = _taylor_grads(model, run, names) if criterion == "taylor" else None
     touched = [n for n, layout in graph.consumers.items() if any(s.group in live for s in layout)]
-    stats = input_stats(model, ctx, touched) if criterion == "activation" or refit else {}
+    stats = input_stats(model, run, touched) if criterion == "activation" or refit else {}
     inputs = {n: st.mean_square.sqrt().float() for n, st in stats.items()}
+    unseen = [n for n in touched if n not in inputs]
+    if criterion == "activation" and unseen:
+        log.warning("criterion activation: %d layer(s) received no calibration input, so their input channels "
+                    "score as their other uses alone: %s", len(unseen), ", ".join(unseen[:6]))
     scores = channel_importance(model, ChannelGraph(live, graph.consumers), criterion, grads, inputs)
     kept = choose_kept(scores, sparsity, scope, {gid: g.block for gid, g in live.items()})
     before = sum(g.size for g in live.values())

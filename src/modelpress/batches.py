@@ -1,0 +1,106 @@
+"""Batches as users give them: `(inputs, targets)` pairs or inputs alone, where inputs are a tensor,
+a tuple of positional inputs or a dict of keyword inputs. Shared by the techniques, the pipeline,
+compare and export; depends on nothing of modelpress but its errors."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import ModelpressError
+
+log = logging.getLogger(__name__)
+
+
+def split_batch(batch: Any) -> tuple[Any, Any | None]:
+    """(inputs, targets) pairs -> both; anything else -> (inputs, None)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:
+        return batch[0], None
+    return batch, None
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call a model on a batch's inputs: a dict is passed as keywords, a tuple as positionals."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The main output tensor of a model: the tensor itself, `.logits`, or the first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "last_hidden_state"):
+        if hasattr(output, key):
+            return getattr(output, key)
+        if isinstance(output, dict) and key in output:
+            return output[key]
+    if isinstance(output, (tuple, list)) and output:
+        return logits_of(output[0])
+    raise ModelpressError(f"cannot find an output tensor in a model output of type {type(output).__name__}")
+
+
+def summary(x: Any) -> str:
+    """A short type and shape summary of a batch: "Tensor float32 [64, 20]", "(Tensor ..., int)"."""
+    if isinstance(x, torch.Tensor):
+        return f"Tensor {str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+    if isinstance(x, dict):
+        items = [f"{k}: {summary(v)}" for k, v in list(x.items())[:6]]
+        return "{" + ", ".join(items + ["..."] * (len(x) > 6)) + "}"
+    if isinstance(x, (tuple, list)):
+        items = [summary(v) for v in x[:6]] + ["..."] * (len(x) > 6)
+        return ("(%s)" if isinstance(x, tuple) else "[%s]") % ", ".join(items)
+    return type(x).__name__
+
+
+def reusable(data: Iterable | None, name: str) -> Iterable | None:
+    """`data` in a form that can be read more than once: a one-shot iterator (a generator, a `map`,
+    `iter(...)`) is read into a list, once. A clear error for what is not an iterable of batches."""
+    if data is None:
+        return None
+    if isinstance(data, (torch.Tensor, dict)) or not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
+        raise ModelpressError(f"{name} must be an iterable of batches (a list, a DataLoader, a generator), not "
+                              f"one {type(data).__name__}; to pass a single batch, wrap it in a list: {name}=[batch]")
+    if isinstance(data, Iterator):
+        data = list(data)
+        log.info("%s is a one-shot iterator: read its %d batches into a list, to use them more than once",
+                 name, len(data))
+    return data
+
+
+@torch.no_grad()
+def check_batches(model: nn.Module, data: Iterable | None, name: str) -> None:
+    """Call `model` on the inputs of the first batch of `data`: a clear error now if it can't take them.
+    Random states are left as they were (a shuffling DataLoader draws from its generator, or torch's),
+    so that the check changes no result."""
+    if data is None:
+        return
+    gens = {g for g in (getattr(data, "generator", None), getattr(getattr(data, "sampler", None), "generator", None))
+            if isinstance(g, torch.Generator)}
+    states = [(g, g.get_state()) for g in gens]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(data), None)
+            if batch is not None:  # empty: the stage that needs the data says so
+                _call_first(model, batch, name)
+    finally:
+        for g, state in states:
+            g.set_state(state)
+
+
+def _call_first(model: nn.Module, batch: Any, name: str) -> None:
+    inputs, _ = split_batch(batch)
+    try:
+        call_model(model, inputs)
+    except Exception as e:
+        raise ModelpressError(
+            f"{name} batch 0: the model could not be called on its inputs ({summary(inputs)}): "
+            f"{type(e).__name__}: {e}. Batches must be (inputs, targets) pairs or model inputs: a tensor, a "
+            "tuple of positional inputs or a dict of keyword inputs, exactly what the model's forward takes") from e

@@ -1,0 +1,61 @@
+"""Uniform symmetric grids: per tensor, per output channel or per group of inputs, `bits` bits, zero
+exactly representable (so pruned weights stay zero). Scales are float16-exact so the file stores them
+losslessly. Below 8 bits each scale is the one, among shrunken copies of max|w|, that minimises the
+squared error of its group (clipping the rare largest weights is worth the finer grid). Shared by
+round-to-nearest, GPTQ and per-layer bit allocation."""
+from __future__ import annotations
+
+import torch
+
+from ..state import broadcast_scale
+
+_SHRINK = torch.linspace(1.0, 0.5, 11)  # candidate clip ratios of max|w| below 8 bits
+
+
+def symmetric_scale(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
+    """max|w| / qmax per output channel (or per tensor), float16-representable and never zero."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = w.abs().flatten(1).amax(1) if per_channel and w.dim() > 1 else w.abs().max().reshape(1)
+    return _f16_scale(amax / qmax)
+
+
+def _f16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round to 8 significant bits (0.4% steps: no measurable loss) inside float16, so that the
+    file's entropy coder stores a scale in about half of float16's 16 bits."""
+    mantissa, exponent = torch.frexp(scale)
+    scale = torch.ldexp(torch.round(mantissa * 256) / 256, exponent).half().float()
+    tiny = torch.finfo(torch.float16).tiny
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min(tiny)
+
+
+def row_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """One scale per row of a 2-D tensor; below 8 bits the clip ratio with the least squared error."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = w.abs().amax(1)
+    if bits >= 8:
+        return _f16_scale(amax / qmax)
+    cands = _f16_scale((amax.unsqueeze(0) * _SHRINK.unsqueeze(1)) / qmax)  # (ratios, rows)
+    best = torch.empty_like(amax)
+    step = max(1, 2 ** 22 // (len(_SHRINK) * max(1, w.shape[1])))  # bounded memory on big tables
+    for r in range(0, w.shape[0], step):
+        c, x = cands[:, r:r + step].unsqueeze(2), w[r:r + step].unsqueeze(0)
+        err = ((torch.round(x / c).clamp(-qmax, qmax) * c - x) ** 2).sum(2)
+        best[r:r + step] = c.squeeze(2).gather(0, err.argmin(0, keepdim=True)).squeeze(0)
+    return best
+
+
+def group_scale(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
+    """Scales of a weight per output channel (`group` None) or (out, groups) per `group` flattened inputs."""
+    w2 = w.detach().flatten(1).float()
+    if group is None:
+        return row_scale(w2, bits)
+    out, cols = w2.shape
+    n = -(-cols // group)
+    padded = torch.nn.functional.pad(w2, (0, n * group - cols))  # zero padding never raises a max
+    return row_scale(padded.reshape(out * n, group), bits).reshape(out, n)
+
+
+def quantize_tensor(w: torch.Tensor, scale: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
+    """Integer codes of w on the grid `scale`, clamped to the signed `bits` range."""
+    qmax = 2 ** (bits - 1) - 1
+    return torch.round(w / broadcast_scale(scale, w, group)).clamp(-qmax, qmax).to(torch.int32)
