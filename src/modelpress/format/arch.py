@@ -27,11 +27,19 @@ _ALLOWED = {cls.__name__: cls for cls in (
     nn.Hardswish, nn.ELU, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
     nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Dropout,
     nn.Dropout2d, nn.Identity, nn.Embedding,
-)} | RUNTIME_MODULES
+)}
 # layers that may stand in for a transformers layer (a runtime layer, Conv1D as Linear, or a pruned,
 # smaller layer of the same type)
-_SWAPPABLE = {"Linear": nn.Linear, "LayerNorm": nn.LayerNorm, "Conv2d": nn.Conv2d, "Conv1d": nn.Conv1d,
-              "BatchNorm2d": nn.BatchNorm2d, "BatchNorm1d": nn.BatchNorm1d} | RUNTIME_MODULES
+_STANDARD_SWAPS = {"Linear": nn.Linear, "LayerNorm": nn.LayerNorm, "Conv2d": nn.Conv2d, "Conv1d": nn.Conv1d,
+                   "BatchNorm2d": nn.BatchNorm2d, "BatchNorm1d": nn.BatchNorm1d}
+
+
+def _allowed() -> dict[str, type]:
+    return _ALLOWED | RUNTIME_MODULES  # read at use: techniques register runtime layers at import
+
+
+def _swappable() -> dict[str, type]:
+    return _STANDARD_SWAPS | RUNTIME_MODULES
 _SKIP_ARGS = {"self", "device", "dtype", "args", "kwargs", "_weight", "_freeze"}
 _MAX_DEPTH = 64
 
@@ -108,7 +116,7 @@ def _describe_hf(model: nn.Module) -> dict | None:
         if ref is not None and type(ref) is type(m) and (len(list(m.children())) or _ctor_args(ref) == _ctor_args(m)) \
                 or any(name.startswith(s + ".") for s in spec["swaps"]):
             continue  # unchanged, or a part of a swapped-in layer (its constructor builds it)
-        if _SWAPPABLE.get(type(m).__name__) is not type(m) or (len(list(m.children())) and type(m).__name__
+        if _swappable().get(type(m).__name__) is not type(m) or (len(list(m.children())) and type(m).__name__
                                                                   not in RUNTIME_MODULES):
             return None
         args = _ctor_args(m)
@@ -121,7 +129,7 @@ def _describe_hf(model: nn.Module) -> dict | None:
 def _describe_tree(model: nn.Module) -> dict | None:
     def node(m: nn.Module) -> dict | None:
         cls = type(m).__name__
-        if _ALLOWED.get(cls) is not type(m):
+        if _allowed().get(cls) is not type(m):
             return None
         if isinstance(m, nn.Sequential):
             kids = [node(c) for c in m]
@@ -191,7 +199,7 @@ def _build_hf(spec: dict, device: str) -> nn.Module:
         raise CorruptStream(f"architecture: cannot build {hf['class']} from its config: {str(e)[:300]}") from None
     for name, sub in sorted(swaps.items()):
         owner, child = _swap_target(model, hf["class"], name)
-        if not isinstance(sub, dict) or not isinstance(sub.get("t"), str) or sub["t"] not in _SWAPPABLE:
+        if not isinstance(sub, dict) or not isinstance(sub.get("t"), str) or sub["t"] not in _swappable():
             raise CorruptStream(f"architecture: layer {name!r} has a replacement that is not allowed")
         setattr(owner, child, _build_tree(sub))  # on meta: the file supplies all its tensors
     return model
@@ -213,7 +221,7 @@ def _swap_target(model: nn.Module, cls: str, name: str) -> tuple[nn.Module, str]
 def _build_tree(spec: Any, depth: int = 0) -> nn.Module:
     if depth > _MAX_DEPTH or not isinstance(spec, dict) or not isinstance(spec.get("t"), str):
         raise CorruptStream("architecture: malformed layer description")
-    cls = _ALLOWED.get(spec["t"])
+    cls = _allowed().get(spec["t"])
     if cls is None:
         raise CorruptStream(f"architecture: layer type {spec['t']!r} is not allowed")
     if cls is nn.Sequential:

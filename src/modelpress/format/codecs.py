@@ -5,7 +5,9 @@ kinds:  raw  - the tensor's bytes as they are (any dtype)
         q    - uniform grid: float16 per-channel scales + entropy-coded integer codes (+ mask)
         sp   - sparse float32: mask + the kept values
         ent  - an integer tensor (int8 weights of a runtime layer) as entropy-coded symbols
-A mask is stored only where it makes the tensor smaller. Decoding checks every declared size
+A mask is stored only where it makes the tensor smaller, by the cheapest registered mask coder
+(`register_mask_coder`: the adaptive bit coder is the default; a technique whose masks have a
+structure, such as N:M, registers a coder that stores them at that structure's entropy). Decoding checks every declared size
 against the manifest before allocating, and recomputes weights with the same float32 operations
 the pipeline used, so a loaded model is bitwise identical to the one compressed.
 """
@@ -13,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +29,48 @@ DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f
           "i64": torch.int64, "i32": torch.int32, "i8": torch.int8, "u8": torch.uint8, "bool": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_ELEMENTS = 2 ** 34  # a declared tensor larger than this is refused before anything is allocated
+
+
+@dataclass(frozen=True)
+class MaskCoder:
+    """A way to store a 2-D bool mask (output channels, rest): `encode` returns None where the mask
+    lacks the coder's structure; `decode` rebuilds it for a (rows, cols) shape or raises."""
+
+    encode: Callable[[np.ndarray], bytes | None]
+    decode: Callable[[bytes, tuple[int, int]], np.ndarray]
+
+
+DEFAULT_MASK_CODER = "bits"
+MASK_CODERS: dict[str, MaskCoder] = {DEFAULT_MASK_CODER: MaskCoder(encode_mask, decode_mask)}
+
+
+def register_mask_coder(name: str, coder: MaskCoder) -> None:
+    """Make `coder` a candidate for every mask; files name it in the tensor's entry (`mask_coder`)."""
+    MASK_CODERS[name] = coder
+
+
+def _encode_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> tuple[str, bytes]:
+    """(coder name, bytes) of the cheapest coder for `mask`; the default wins ties."""
+    m = mask.reshape(mask_2d(shape)).numpy()
+    best = (DEFAULT_MASK_CODER, MASK_CODERS[DEFAULT_MASK_CODER].encode(m))
+    for name, coder in MASK_CODERS.items():
+        data = coder.encode(m) if name != DEFAULT_MASK_CODER else None
+        if data is not None and len(data) < len(best[1]):
+            best = (name, data)
+    return best
+
+
+def _decode_mask(name: str, entry: dict, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    coder_name = entry.get("mask_coder", DEFAULT_MASK_CODER)
+    coder = MASK_CODERS.get(coder_name) if isinstance(coder_name, str) else None
+    if coder is None:
+        raise CorruptStream(f"tensor {name!r}: unknown mask coder {str(coder_name)[:40]!r}")
+    rows_cols = mask_2d(shape)
+    with _decoding(name, "mask does not decode"):
+        m = coder.decode(data, rows_cols)
+    if not isinstance(m, np.ndarray) or m.dtype != np.bool_ or m.shape != rows_cols:
+        raise CorruptStream(f"tensor {name!r}: the mask decodes to the wrong shape")
+    return torch.from_numpy(m.copy()).reshape(shape)
 
 
 def mask_2d(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -51,8 +96,10 @@ def encode_tensor(name: str, t: torch.Tensor, st: ParamState | None, key: str | 
         return {**entry, "kind": "raw"}, {f"{name}/data": raw}
     if kind == "masked":
         entry["kind"], values = "sp", t[st.mask].contiguous().numpy().tobytes()
-        return entry, {f"{name}/mask": encode_mask(st.mask.reshape(mask_2d(t.shape)).numpy()),
-                       f"{name}/values": values}
+        coder, data = _encode_mask(st.mask, tuple(t.shape))
+        if coder != DEFAULT_MASK_CODER:
+            entry["mask_coder"] = coder
+        return entry, {f"{name}/mask": data, f"{name}/values": values}
     mask = st.mask if st.mask is not None and not bool(st.mask.all()) else None
     if kind == "codebook":
         # without a mask, pruned positions take an extra code whose table value is 0
@@ -72,16 +119,18 @@ def encode_tensor(name: str, t: torch.Tensor, st: ParamState | None, key: str | 
         whole = {"scale": st.scale.half().flatten(), "codes": codes}
         side_key = "scale"
     candidates = [(False, whole)] + ([(True, split)] if mask is not None else [])
-    best = None
+    best, coder = None, DEFAULT_MASK_CODER
     for masked, parts in candidates:
         streams = {f"{name}/codes": encode_symbols(parts["codes"].flatten().numpy()),
                    f"{name}/{side_key}": parts[side_key].numpy().tobytes()}
         if masked:
-            streams[f"{name}/mask"] = encode_mask(mask.reshape(mask_2d(t.shape)).numpy())
+            coder, streams[f"{name}/mask"] = _encode_mask(mask, tuple(t.shape))
         if best is None or sum(map(len, streams.values())) < sum(map(len, best[1].values())):
             best = (masked, streams, len(parts[side_key]))
     masked, streams, n_side = best
     entry["masked"] = masked
+    if masked and coder != DEFAULT_MASK_CODER:
+        entry["mask_coder"] = coder
     if entry["kind"] == "q" and n_side >= _PLANE_MIN:  # many scales: code their two byte planes
         raw = streams[f"{name}/scale"]
         planes = _encode_planes(st.scale.half().flatten())
@@ -158,9 +207,7 @@ def decode_tensor(name: str, entry: dict, streams: dict[str, bytes], key: str | 
     masked = entry.get("masked", kind == "sp")
     mask = None
     if masked:
-        with _decoding(name, "mask does not decode"):
-            mask = torch.from_numpy(decode_mask(_stream(streams, f"{key}/mask"), mask_2d(shape)).copy())
-        mask = mask.reshape(shape)
+        mask = _decode_mask(name, entry, _stream(streams, f"{key}/mask"), shape)
     n = int(mask.sum()) if mask is not None else numel
     if kind == "sp":
         w = torch.zeros(shape, dtype=torch.float32)
