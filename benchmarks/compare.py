@@ -68,7 +68,7 @@ def lenet5(out: Path, repeats: int, with_auto: bool) -> None:
                  example=split.x_test[:256], repeats=repeats)
     browser = shutil.which("chromium")
     if browser:
-        from modelpress.html import screenshot
+        from screenshot import screenshot  # benchmarks/screenshot.py, beside this script
 
         errors = screenshot(out / "lenet5" / "report.html", HERE / "compare-lenet5.png", browser=browser)
         print(f"screenshot: {HERE / 'compare-lenet5.png'}; console errors: {errors or 'none'}")

@@ -23,12 +23,12 @@ import modelpress as mp
 from modelpress import data
 import functools
 
-from modelpress.measure import flops, latencies, machine_line, weights
+from modelpress.measure import latencies, machine_line, macs, weights
 
 
 def row(name: str, model, *inputs, **kw) -> dict:
     return {"name": name, "model": model, "params": sum(w.numel() for w in weights(model)),
-            "macs": flops(model.eval(), *inputs, **kw)}
+            "macs": macs(model.eval(), *inputs, **kw)}
 
 
 def classifier_case(title: str, make, split, recipe: str, epochs: int, repeats: int, label: str = "") -> list[dict]:

@@ -108,6 +108,7 @@ def test_sigkill_during_save_leaves_the_previous_file_loadable(tmp_path):
 import torch, modelpress as mp
 from modelpress.state import CompressionState
 from modelpress.format import mpz
+torch.manual_seed(0)
 m = torch.nn.Sequential(torch.nn.Linear(1500, 1500))
 mpz.save({str(target)!r}, m, CompressionState())
 print("ready", flush=True)
@@ -116,6 +117,8 @@ while True:
         m[0].weight.add_(1.0)
     mpz.save({str(target)!r}, m, CompressionState())
 """
+    torch.manual_seed(0)
+    first = torch.nn.Linear(1500, 1500).weight.detach()  # what the child saves first, then +1 per save
     for i in range(6):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
         assert proc.stdout.readline().strip() == b"ready"
@@ -123,9 +126,10 @@ while True:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         model = mp.load(target)
-        w = model[0].weight
-        assert torch.equal(w - w[0, 0], w - w[0, 0])  # loads, and is one consistent save
         assert model[0].weight.shape == (1500, 1500)
+        added = model[0].weight.detach() - first  # one consistent save: the same whole number everywhere
+        k = round(float(added[0, 0]))
+        assert k >= 0 and float((added - k).abs().max()) < 1e-3
 
 
 def test_bad_arguments_give_clear_errors(mlp, toy_data):
@@ -141,15 +145,15 @@ def test_bad_arguments_give_clear_errors(mlp, toy_data):
         mp.compress(mlp, "missing.yaml", train_data=toy_data)
 
 
-def test_flops_count_linear_conv_and_int8_layers():
-    from modelpress.measure import flops
+def test_macs_count_linear_conv_and_int8_layers():
+    from modelpress.measure import macs
     from modelpress.runtime import Int8Linear
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, groups=1), torch.nn.Conv2d(8, 8, 3, groups=8),
                               torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
     x = torch.randn(2, 3, 6, 6)
     expected = 2 * (8 * 36 * 27 + 8 * 16 * 9 + 10 * 128)
-    assert flops(net, x) == expected
+    assert macs(net, x) == expected
     w = torch.randint(-127, 128, (10, 128)).float()
     net[3] = Int8Linear.from_codes(w, torch.ones(10), None)
-    assert flops(net, x) == expected
+    assert macs(net, x) == expected

@@ -24,7 +24,7 @@ from .api import as_recipe, compress
 from .batches import call_model, logits_of, reusable, split_batch
 from .errors import ModelpressError
 from .html import render
-from .measure import flops, latencies, machine_line, weights
+from .measure import latencies, macs, machine_line, weights
 from .pipeline import evaluate
 from .report import fmt_metric
 
@@ -241,9 +241,9 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
 def _measure(row: Row, model: nn.Module, example: Any, eval_fn: Callable) -> None:
     row.params = sum(w.numel() for w in weights(model))
     if isinstance(example, dict):
-        row.macs = flops(model, **example)
+        row.macs = macs(model, **example)
     else:
-        row.macs = flops(model, *(example if isinstance(example, (tuple, list)) else (example,)))
+        row.macs = macs(model, *(example if isinstance(example, (tuple, list)) else (example,)))
     row.metrics = evaluate(model, eval_fn)
 
 

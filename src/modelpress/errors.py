@@ -57,6 +57,3 @@ class UnsafeArchitecture(FormatError):
 class ModelMismatch(ModelpressError):
     """The skeleton model given to load() does not match the file."""
 
-
-class UnsupportedLayer(ModelpressError):
-    """A technique cannot handle a layer it was asked to change."""

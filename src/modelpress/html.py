@@ -64,15 +64,13 @@ def render(comp: "Comparison", title: str = "modelpress comparison") -> str:
 def _plot(comp: Comparison, key: str, label: str, log: bool) -> str:
     """An inline SVG scatter of `key` against the metric: one point per result (SVG group id
     `<key>-point-<i>`), the Pareto front drawn as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot state, no backend switch
 
     pts = [(i, getattr(r, key), r.metrics[comp.metric], r.name) for i, r in enumerate(comp.rows)
            if r.error is None and getattr(r, key) is not None and comp.metric in r.metrics]
     front = set(comp.front(key))
-    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=100)
+    fig = Figure(figsize=(5.6, 4.0), dpi=100)
+    ax = fig.subplots()
     for i, x, y, name in pts:
         on = name in front
         ax.scatter([x], [y], s=46 if on else 30, color="#c0392b" if on else "#2c7fb8", zorder=3,
@@ -91,28 +89,5 @@ def _plot(comp: Comparison, key: str, label: str, log: bool) -> str:
     fig.tight_layout()
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
-    plt.close(fig)
     svg = buf.getvalue()
     return svg[svg.index("<svg"):]  # drop the XML prolog and doctype: the SVG sits inside HTML
-
-
-def screenshot(page: str | Path, png: str | Path, browser: str = "/usr/bin/chromium") -> list[str]:
-    """Open `page` in headless Chromium (Playwright), save a full-page PNG, and return the console
-    errors and page errors seen while it loaded (an empty list for a clean page)."""
-    from playwright.sync_api import sync_playwright
-
-    errors: list[str] = []
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(browser), args=args, headless=True)
-        try:
-            tab = b.new_page(viewport={"width": 1280, "height": 900})
-            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            tab.on("pageerror", lambda e: errors.append(str(e)))
-            tab.goto(Path(page).resolve().as_uri())
-            tab.wait_for_load_state("load")
-            tab.screenshot(path=str(png), full_page=True)
-        finally:
-            b.close()
-    return errors

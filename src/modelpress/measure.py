@@ -27,7 +27,7 @@ def machine_line() -> str:
 
 
 @torch.no_grad()
-def flops(model: torch.nn.Module, *inputs, **kw_inputs) -> int:
+def macs(model: torch.nn.Module, *inputs, **kw_inputs) -> int:
     """Multiply-accumulates of the Conv and Linear layers for one forward pass on these inputs
     (the layers that dominate; elementwise work and attention products are not counted)."""
     from .runtime import Int8Linear

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modelpress.runtime.int8 import Int8Linear, available_kernels, quantize_rows
+from modelpress.runtime.int8 import Int8Linear, KernelCache, available_kernels, quantize_rows
 
 
 def make_layer(bias=True):
@@ -23,9 +23,9 @@ def reference(m, x):
 
 @pytest.mark.parametrize("kernel", available_kernels())
 @pytest.mark.parametrize("bias", [True, False])
-def test_every_kernel_computes_the_int8_product(kernel, bias, monkeypatch):
-    monkeypatch.setenv("MODELPRESS_INT8_KERNEL", kernel)
+def test_every_kernel_computes_the_int8_product(kernel, bias):
     m = make_layer(bias)
+    m.kernel = kernel
     x = torch.randn(3, 7, 40)
     with torch.no_grad():
         y = m(x)
@@ -43,15 +43,14 @@ def test_per_token_quantization_error_is_within_half_a_step():
     assert ((q * s[:, None] - x).abs() <= s[:, None] / 2 * (1 + 1e-5)).all()
 
 
-def test_automatic_choice_matches_the_reference_and_is_cached(monkeypatch):
-    monkeypatch.delenv("MODELPRESS_INT8_KERNEL", raising=False)
-    from modelpress.runtime import int8
-
+def test_automatic_choice_matches_the_reference_and_is_cached():
     m = make_layer()
+    m.kernel, m.cache = None, KernelCache()  # a cache of its own: nothing measured yet
     x = torch.randn(100, 40)
     with torch.no_grad():
         y = m(x)
-    chosen = int8._CHOICE[(40, 48, 128)]
+    assert list(m.cache.choices) == [(40, 48, 128)]
+    chosen = m.cache.choices[(40, 48, 128)]
     assert chosen in available_kernels()
     expected = F.linear(x, m.dequantized(), m.bias) if chosen == "dequant" else reference(m, x)
     assert torch.allclose(y, expected, rtol=1e-5, atol=1e-4)

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 from ..errors import CorruptStream, ModelpressError, UnsafeArchitecture
 from ..runtime import RUNTIME_MODULES
 from . import guard
+
+log = logging.getLogger(__name__)
 
 _ALLOWED = {cls.__name__: cls for cls in (
     nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d,
@@ -85,9 +88,15 @@ def describe(model: nn.Module) -> dict | None:
         return None
     try:  # trust the description only if it rebuilds the same parameter and buffer shapes
         rebuilt = build(spec, device="meta")
-    except Exception:
+    except Exception as e:  # any failure means the same thing: the file can't rebuild this model alone
+        log.warning("the file will not hold the model's architecture (it does not rebuild: %s: %s); load it "
+                    "with a skeleton: modelpress.load(path, model=...)", type(e).__name__, str(e)[:200])
         return None
-    return spec if _shapes(rebuilt) == _shapes(model) else None
+    if _shapes(rebuilt) != _shapes(model):
+        log.warning("the file will not hold the model's architecture (it rebuilds with other tensor shapes); "
+                    "load it with a skeleton: modelpress.load(path, model=...)")
+        return None
+    return spec
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -203,6 +212,36 @@ def _build_hf(spec: dict, device: str) -> nn.Module:
             raise CorruptStream(f"architecture: layer {name!r} has a replacement that is not allowed")
         setattr(owner, child, _build_tree(sub))  # on meta: the file supplies all its tensors
     return model
+
+
+def describe_swaps(model: nn.Module) -> dict:
+    """The runtime layers (int8, factorized...) of a model whose architecture the file can't hold, by
+    name: `load` rebuilds them inside the user's skeleton of the original class."""
+    swaps: dict = {}
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(s + ".") for s in swaps) or RUNTIME_MODULES.get(type(m).__name__) is not type(m):
+            continue
+        args = _ctor_args(m)
+        if args is None:
+            log.warning("layer %s (%s) can't be described in the file: a skeleton won't rebuild it", name,
+                        type(m).__name__)
+            continue
+        swaps[name] = {"t": type(m).__name__, "a": args}
+    return swaps
+
+
+def apply_swaps(model: nn.Module, swaps: Any, max_modules: int | None = None, max_bytes: int | None = None) -> None:
+    """Put the file's layers (runtime layers, or standard layers of other shapes) in place of the
+    skeleton's layers of the same names, on the meta device (the file supplies every tensor)."""
+    if not isinstance(swaps, dict):
+        raise CorruptStream("architecture: malformed layer replacements")
+    cls = type(model).__name__
+    with guard.bounded_construction(max_modules, max_bytes):
+        for name, sub in sorted(swaps.items()):
+            owner, child = _swap_target(model, cls, name)
+            if not isinstance(sub, dict) or not isinstance(sub.get("t"), str) or sub["t"] not in _swappable():
+                raise CorruptStream(f"architecture: layer {name[:200]!r} has a replacement that is not allowed")
+            setattr(owner, child, _build_tree(sub))
 
 
 def _swap_target(model: nn.Module, cls: str, name: str) -> tuple[nn.Module, str]:

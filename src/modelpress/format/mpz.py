@@ -31,7 +31,11 @@ def encode_model(model: nn.Module, state: CompressionState, meta: dict | None = 
         entry, s = encode_tensor(name, t.detach().cpu(), state.params.get(name), key=str(i))
         tensors[name] = entry
         streams.update(s)
-    manifest = {"format": FORMAT_NAME, "arch": arch.describe(model), "tensors": tensors, "meta": meta or {}}
+    spec = arch.describe(model)
+    manifest = {"format": FORMAT_NAME, "arch": spec, "tensors": tensors, "meta": meta or {}}
+    swaps = arch.describe_swaps(model) if spec is None else None
+    if swaps:  # a user's class with runtime layers: load rebuilds them inside the user's skeleton
+        manifest["swaps"] = swaps
     return manifest, streams
 
 
@@ -127,7 +131,8 @@ def read(source: str | os.PathLike | bytes) -> tuple[dict, dict[str, bytes], int
 
 def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_bytes: int | None = None
          ) -> nn.Module:
-    """Rebuild the model (from its stored architecture, or into the skeleton `model`) with decoded weights.
+    """Rebuild the model (from its stored architecture, or into the skeleton `model`, where the file's runtime
+    layers and resized layers take the place of the skeleton's) with decoded weights.
 
     Everything is checked before it is decoded: the declared tensors fit `max_bytes` (default: 1024x the
     bytes of the file's streams, at least 16 MiB), the architecture builds within the same bound and has
@@ -143,6 +148,10 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_
                 "of standard torch.nn layers); pass a skeleton: modelpress.load(path, model=MyModel())")
         model = arch.build(spec, device="cpu", max_modules=guard.max_modules_for(len(declared)), max_bytes=limit)
     else:
+        spec = manifest.get("arch")
+        swaps = spec.get("swaps") if isinstance(spec, dict) and "hf" in spec else manifest.get("swaps")
+        if swaps:
+            arch.apply_swaps(model, swaps, max_modules=guard.max_modules_for(len(declared)), max_bytes=limit)
         _resize_layers(model, declared)
     _check_against(model, declared)
     model.load_state_dict(decode_state_dict(manifest, streams), assign=True)

@@ -5,13 +5,14 @@ The integer matrix multiply has several CPU implementations and none is fastest 
 oneDNN's u8 x s8 kernel is fast on both). Each layer shape picks its kernel the first time it runs,
 by timing the candidates on this CPU, so it is never slower than the fp32 layer it replaces
 (the dequantized fp32 weight is one candidate). All integer kernels accumulate exactly, so the
-choice changes speed, not results beyond float rounding. `MODELPRESS_INT8_KERNEL` forces one.
+choice changes speed, not results beyond float rounding. The choices live in a `KernelCache` (one
+shared by default, keyed by layer shape; give a layer its own to keep it apart); a layer's `kernel`
+attribute, or `MODELPRESS_INT8_KERNEL` in the environment when the module is imported, forces one.
 """
 from __future__ import annotations
 
 import os
 import time
-import weakref
 from typing import Callable
 
 import torch
@@ -19,8 +20,25 @@ import torch.nn.functional as F
 from torch import nn
 
 KERNELS = ("int_mm", "onednn", "dequant")
-_CHOICE: dict[tuple[int, int, int], str] = {}  # (in, out, rows bucket) -> kernel, per process
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+FORCED_KERNEL = os.environ.get("MODELPRESS_INT8_KERNEL") or None  # read once, at import
+
+
+class KernelCache:
+    """The fastest kernel measured for each (in, out, rows bucket), so that layers of one shape time
+    the candidates once."""
+
+    def __init__(self) -> None:
+        self.choices: dict[tuple[int, int, int], str] = {}
+
+    def choose(self, m: "Int8Linear", x: torch.Tensor) -> str:
+        bucket = 1 << max(0, (x.shape[0] - 1).bit_length())
+        key = (m.in_features, m.out_features, min(bucket, 4096))
+        if key not in self.choices:
+            self.choices[key] = _time_kernels(m, x)
+        return self.choices[key]
+
+
+DEFAULT_CACHE = KernelCache()
 
 
 def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +71,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.kernel: str | None = FORCED_KERNEL  # None: the fastest measured on this CPU
+        self.cache = DEFAULT_CACHE
+        self._packed: tuple | None = None       # (key, weight in the layout of the kernel that ran last)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
@@ -80,7 +101,7 @@ class Int8Linear(nn.Module):
         if torch.is_grad_enabled() and (x2.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             kernel = "dequant"  # training through the layer: a differentiable float path
         else:
-            kernel = os.environ.get("MODELPRESS_INT8_KERNEL") or _choose(self, x2)
+            kernel = self.kernel or self.cache.choose(self, x2)
         y = _run(self, kernel, x2)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
@@ -113,7 +134,7 @@ def _const(g, value: float):
 def _packed(m: Int8Linear, kernel: str):
     """The weight in the layout `kernel` wants, built once and rebuilt if the weight changes."""
     key = (kernel, m.weight.data_ptr(), m.weight._version, m.weight_scale.data_ptr())
-    cached = _PACKED.get(m)
+    cached = getattr(m, "_packed", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     if kernel == "int_mm":
@@ -122,7 +143,7 @@ def _packed(m: Int8Linear, kernel: str):
         packed = torch.ops.onednn.qlinear_prepack(m.weight, None)
     else:
         packed = m.dequantized()
-    _PACKED[m] = (key, packed)
+    m._packed = (key, packed)
     return packed
 
 
@@ -142,15 +163,6 @@ def _run(m: Int8Linear, kernel: str, x: torch.Tensor) -> torch.Tensor:
                                                1.0, 0, torch.float32, "none", [None], "")
     y.mul_(sx.unsqueeze(1))
     return y.add_(m.bias) if m.bias is not None else y
-
-
-def _choose(m: Int8Linear, x: torch.Tensor) -> str:
-    rows = x.shape[0]
-    bucket = 1 << max(0, (rows - 1).bit_length())
-    key = (m.in_features, m.out_features, min(bucket, 4096))
-    if key not in _CHOICE:
-        _CHOICE[key] = _time_kernels(m, x)
-    return _CHOICE[key]
 
 
 def _time_kernels(m: Int8Linear, x: torch.Tensor) -> str:
