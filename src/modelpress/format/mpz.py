@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import surgery
 from ..errors import CorruptStream, FormatError, ModelMismatch
 from ..state import CompressionState
 from . import arch, guard
@@ -161,30 +162,11 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_
 def _resize_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Give a skeleton's standard layers the channel counts stored in the file (a model whose channels
     were pruned loads into a skeleton of its original class)."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
     for name, m in model.named_modules():
-        w = state.get(f"{name}.weight" if name else "weight")
-        if w is None or getattr(m, "weight", None) is None or tuple(m.weight.shape) == tuple(w.shape):
-            continue
-        if isinstance(m, nn.Conv2d) and w.dim() == 4:
-            if m.groups > 1 and m.groups == m.in_channels == m.out_channels:  # depthwise stays depthwise
-                m.groups = m.in_channels = w.shape[0]
-            else:
-                m.in_channels = w.shape[1] * m.groups
-            m.out_channels = w.shape[0]
-        elif isinstance(m, nn.Linear) and w.dim() == 2:
-            m.out_features, m.in_features = w.shape
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and w.dim() == 1:
-            m.num_features = w.shape[0]
-        elif isinstance(m, nn.LayerNorm) and w.dim() == 1:
-            m.normalized_shape = (w.shape[0],)
-        else:
-            continue
-        prefix = f"{name}." if name else ""
-        for table in (m._parameters, m._buffers):  # placeholders of the file's shapes; load assigns the data
-            for k, t in table.items():
-                if t is not None and prefix + k in state:
-                    new = torch.empty(state[prefix + k].shape, dtype=t.dtype, device="meta")
-                    table[k] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+        w = shapes.get(f"{name}.weight" if name else "weight")
+        if w is not None and getattr(m, "weight", None) is not None and tuple(m.weight.shape) != w:
+            surgery.resize_to(m, f"{name}." if name else "", shapes)
 
 
 def _check_against(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

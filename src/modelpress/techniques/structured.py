@@ -20,6 +20,7 @@ from ..errors import ModelpressError
 from ..graph import ChannelGraph, Layout, trace
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
+from ..surgery import keep_inputs, keep_outputs
 from .common import excluded
 from .losses import batch_loss
 
@@ -243,17 +244,15 @@ def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float
     before = sum(g.size for g in live.values())
     with torch.no_grad():
         for gid, idx in kept.items():
-            for name in live[gid].producers:
-                _slice_out(model.get_submodule(name), idx)
-            for name in live[gid].coupled:
-                _slice_out(model.get_submodule(name), idx)
+            for name in live[gid].producers + live[gid].coupled:
+                keep_outputs(model.get_submodule(name), idx)
         for name, layout in graph.consumers.items():
             cols, m = _kept_columns(layout, kept), model.get_submodule(name)
             st = stats.get(name)
             if cols is not None and refit and isinstance(m, nn.Linear) and st is not None and st.moment is not None:
                 compensate(m, cols, st)
             elif cols is not None:
-                _slice_in(m, cols)
+                keep_inputs(m, cols)
     after = sum(int(k.numel()) for k in kept.values())
     return {"channels_before": before, "channels_after": after, "notes": graph.notes}
 
@@ -270,38 +269,3 @@ def _kept_columns(layout: Layout, kept: dict[int, torch.Tensor]) -> torch.Tensor
         parts.append(offset + (idx[:, None] * s.inner + torch.arange(s.inner)[None, :]).flatten())
         offset += s.length * s.inner
     return torch.cat(parts) if changed else None
-
-
-def _keep(p: nn.Parameter | torch.Tensor | None, idx: torch.Tensor, dim: int):
-    if p is None:
-        return None
-    t = p.detach().index_select(dim, idx).clone()
-    return nn.Parameter(t, requires_grad=p.requires_grad) if isinstance(p, nn.Parameter) else t
-
-
-def _slice_out(m: nn.Module, idx: torch.Tensor) -> None:
-    """Keep output channels `idx` of a producer or coupled layer (and its parameters and buffers)."""
-    n = int(idx.numel())
-    m.weight = _keep(m.weight, idx, 0)
-    if getattr(m, "bias", None) is not None:
-        m.bias = _keep(m.bias, idx, 0)
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        if m.groups > 1:  # depthwise: one input channel per output channel
-            m.in_channels = m.groups = n
-        m.out_channels = n
-    elif isinstance(m, nn.Linear):
-        m.out_features = n
-    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        m.running_mean = _keep(m.running_mean, idx, 0)
-        m.running_var = _keep(m.running_var, idx, 0)
-        m.num_features = n
-    elif isinstance(m, nn.LayerNorm):
-        m.normalized_shape = (n,)
-
-
-def _slice_in(m: nn.Module, cols: torch.Tensor) -> None:
-    m.weight = _keep(m.weight, cols, 1)
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        m.in_channels = int(cols.numel())
-    else:
-        m.in_features = int(cols.numel())
