@@ -2,7 +2,8 @@
 
 A compressed model stays a plain `nn.Module` with dense float weights; beside it, a
 `CompressionState` records per parameter the mask, codebook or quantization grid the weights
-must stay on. Training loops wrap the model in `constrained(...)`, which registers a
+must stay on. Each kind of state has a stored form (`modelpress/forms/`) that writes, reads and
+trains it. Training loops wrap the model in `constrained(...)`, which registers the form's
 parametrization per constrained parameter so that gradients flow to what may still change:
 the kept weights of a pruned tensor, the centroids of a clustered one (the gradients of all
 weights that share a centroid are summed by autograd), the latent weights of a quantized one
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 from torch import nn
@@ -55,56 +56,6 @@ def split_name(name: str) -> tuple[str, str]:
     return module, attr
 
 
-class _Masked(nn.Module):
-    def __init__(self, mask: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mask", mask, persistent=False)
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return v * self.mask
-
-
-class _Codebook(nn.Module):
-    """W = codebook[codes] (masked). The trainable tensor is the codebook itself."""
-
-    def __init__(self, codes: torch.Tensor, mask: torch.Tensor | None, codebook: torch.Tensor):
-        super().__init__()
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("mask", mask if mask is not None else torch.ones_like(codes, dtype=torch.bool),
-                             persistent=False)
-        self._init = codebook
-
-    def forward(self, c: torch.Tensor) -> torch.Tensor:
-        return c[self.codes] * self.mask
-
-    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
-        return self._init.clone()
-
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # noqa: D401
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-class _Quant(nn.Module):
-    """W = round(V / s).clamp(-qmax, qmax) * s (masked), straight-through for the rounding."""
-
-    def __init__(self, scale: torch.Tensor, bits: int, mask: torch.Tensor | None):
-        super().__init__()
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("mask", mask, persistent=False)
-        self.qmax = 2 ** (bits - 1) - 1
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        w = _RoundSTE.apply(v / self.scale).clamp(-self.qmax, self.qmax) * self.scale
-        return w if self.mask is None else w * self.mask
-
-
 def broadcast_scale(scale: torch.Tensor, weight: torch.Tensor, group: int | None = None) -> torch.Tensor:
     """A per-tensor, per-channel (dim 0) or per-group (out, groups) scale shaped to broadcast against
     `weight`; groups run along the flattened input dims, `group` inputs each (the last may be short)."""
@@ -114,14 +65,38 @@ def broadcast_scale(scale: torch.Tensor, weight: torch.Tensor, group: int | None
     return scale.reshape(-1, *([1] * (weight.dim() - 1))) if scale.numel() > 1 else scale.reshape(())
 
 
-def _parametrization(st: ParamState, weight: torch.Tensor) -> nn.Module | None:
-    if st.kind == "codebook":
-        return _Codebook(st.codes, st.mask, st.codebook)
-    if st.kind == "quant":
-        return _Quant(broadcast_scale(st.scale, weight, st.group), st.bits, st.mask)
-    if st.kind == "masked":
-        return _Masked(st.mask)
-    return None
+class Form(Protocol):
+    """A stored form: how a parameter whose state has this `name` (`ParamState.kind`) is written to the
+    file as one of its `file_kinds`, read back exactly, and trained under its constraint. The forms
+    live in `modelpress/forms/`, one module each, and register with `register_form`."""
+
+    name: str
+    file_kinds: tuple[str, ...]
+
+    def encode(self, key: str, t: torch.Tensor, st: ParamState | None, entry: dict
+               ) -> tuple[dict, dict[str, bytes]]: ...
+
+    def decode(self, name: str, entry: dict, streams: dict[str, bytes], key: str, shape: tuple[int, ...],
+               dtype: torch.dtype, numel: int) -> torch.Tensor: ...
+
+    def parametrize(self, st: ParamState, weight: torch.Tensor) -> nn.Module | None: ...
+
+    def learned(self, st: ParamState, module: nn.Module, attr: str) -> None: ...
+
+
+FORMS: dict[str, Form] = {}
+
+
+def register_form(form: Form) -> Form:
+    FORMS[form.name] = form
+    return form
+
+
+def form_of(st: ParamState) -> Form:
+    form = FORMS.get(st.kind)
+    if form is None:
+        raise KeyError(f"no stored form is registered for {st.kind!r} (modelpress.forms registers them)")
+    return form
 
 
 @contextlib.contextmanager
@@ -133,7 +108,7 @@ def constrained(model: nn.Module, state: CompressionState) -> Iterator[nn.Module
         mod_name, attr = split_name(name)
         module = model.get_submodule(mod_name)
         original = getattr(module, attr)
-        p = _parametrization(st, original)
+        p = form_of(st).parametrize(st, original)
         if p is not None:
             parametrize.register_parametrization(module, attr, p, unsafe=True)
             registered.append((name, module, attr, original))
@@ -142,12 +117,9 @@ def constrained(model: nn.Module, state: CompressionState) -> Iterator[nn.Module
     finally:
         for name, module, attr, original in registered:
             st = state.params[name]
-            if st.kind == "codebook":
-                st.codebook = module.parametrizations[attr].original.detach().clone()
+            with torch.no_grad():
+                form_of(st).learned(st, module, attr)  # read what training changed into the state
             parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
             with torch.no_grad():  # keep the caller's Parameter object: optimizers and references stay valid
                 original.copy_(getattr(module, attr))
             module._parameters[attr] = original
-            if st.kind == "quant":
-                w = original.detach()
-                st.codes = torch.round(w / broadcast_scale(st.scale, w, st.group)).to(torch.int32)

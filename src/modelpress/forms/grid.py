@@ -1,0 +1,99 @@
+"""Quantized grid (`q`): integer codes times float16 scales per tensor, per output channel or per
+group of inputs (the scales' two byte planes entropy-coded where there are many), plus a mask where
+storing it apart is smaller. Training moves latent weights; rounding is straight-through."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import CorruptStream
+from ..format.codecs import (DEFAULT_MASK_CODER, PLANE_MIN, cheapest_split, decode_codes, decode_planes,
+                             encode_planes, from_bytes, int_field, scatter, stream)
+from ..state import ParamState, broadcast_scale, register_form
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: D401
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Quant(nn.Module):
+    """W = round(V / s).clamp(-qmax, qmax) * s (masked), straight-through for the rounding."""
+
+    def __init__(self, scale: torch.Tensor, bits: int, mask: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        self.qmax = 2 ** (bits - 1) - 1
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        w = _RoundSTE.apply(v / self.scale).clamp(-self.qmax, self.qmax) * self.scale
+        return w if self.mask is None else w * self.mask
+
+
+class Grid:
+    name = "quant"
+    file_kinds = ("q",)
+
+    def encode(self, key: str, t: torch.Tensor, st: ParamState, entry: dict) -> tuple[dict, dict[str, bytes]]:
+        mask = st.mask if st.mask is not None and not bool(st.mask.all()) else None
+        qmax = 2 ** (st.bits - 1) - 1
+        codes = st.codes.to(torch.int64) + qmax  # non-negative symbols; qmax means 0
+        entry.update(kind="q", bits=int(st.bits), nscale=int(st.scale.numel()))
+        if st.group is not None and st.scale.dim() == 2:
+            entry["group"] = int(st.group)
+        scale = st.scale.half().flatten()
+        whole = {"scale": scale, "codes": codes}
+        split = {"scale": scale, "codes": codes[mask] if mask is not None else None}
+        masked, streams, n_side, coder = cheapest_split(key, tuple(t.shape), mask, whole, split, "scale")
+        entry["masked"] = masked
+        if masked and coder != DEFAULT_MASK_CODER:
+            entry["mask_coder"] = coder
+        if n_side >= PLANE_MIN:  # many scales: code their two byte planes
+            planes = encode_planes(scale)
+            if sum(map(len, planes)) < len(streams[f"{key}/scale"]):
+                del streams[f"{key}/scale"]
+                streams[f"{key}/scale_hi"], streams[f"{key}/scale_lo"] = planes
+                entry["scale_planes"] = True
+        return entry, streams
+
+    def decode(self, name: str, entry: dict, streams: dict[str, bytes], key: str, shape: tuple[int, ...],
+               dtype: torch.dtype, numel: int) -> torch.Tensor:
+        mask, codes = decode_codes(name, entry, streams, key, shape, dtype, numel)
+        bits = int_field(name, entry, "bits", 1, 16)
+        rows = shape[0] if shape else 1
+        group, allowed = None, {1, rows}
+        if "group" in entry:
+            group = int_field(name, entry, "group", 1, 2 ** 31)
+            cols = numel // rows if rows else 0
+            allowed = {rows * -(-cols // group)}
+        nscale = int_field(name, entry, "nscale", 1, max(1, numel))
+        if nscale not in allowed:
+            raise CorruptStream(f"tensor {name!r}: {nscale} scales for shape {list(shape)}")
+        if entry.get("scale_planes"):
+            scale = decode_planes(name, streams, key, nscale).float()
+        else:
+            scale = from_bytes(name, stream(streams, f"{key}/scale"), torch.float16, nscale).float()
+        if group is not None:
+            scale = scale.reshape(rows, -1)
+        qmax = 2 ** (bits - 1) - 1
+        if codes.numel() and int(codes.max()) > 2 * qmax:
+            raise CorruptStream(f"tensor {name!r}: a code is outside the {bits}-bit range")
+        q = (scatter(codes, mask, shape, fill=qmax) - qmax).to(torch.int32)
+        w = q.float() * broadcast_scale(scale, q, group)
+        return w if mask is None else w * mask
+
+    def parametrize(self, st: ParamState, weight: torch.Tensor) -> nn.Module | None:
+        return _Quant(broadcast_scale(st.scale, weight, st.group), st.bits, st.mask)
+
+    def learned(self, st: ParamState, module: nn.Module, attr: str) -> None:
+        w = getattr(module, attr).detach()
+        st.codes = torch.round(w / broadcast_scale(st.scale, w, st.group)).to(torch.int32)
+
+
+register_form(Grid())
