@@ -15,6 +15,7 @@ def digits_mlp():
     return data.train_classifier(net, split, epochs=30), split
 
 
+@pytest.mark.slow
 def test_auto_meets_a_ratio_within_the_drop(digits_mlp, tmp_path):
     model, split = digits_mlp
     acc = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731

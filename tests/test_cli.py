@@ -26,6 +26,7 @@ def test_inspect_refuses_a_damaged_file(tmp_path):
     assert out.exit_code != 0 and isinstance(out.exception, mp.FormatError)
 
 
+@pytest.mark.slow
 def test_demo_writes_a_loadable_artifact(tmp_path):
     path = tmp_path / "demo.mpz"
     recipe = tmp_path / "quick.yaml"
@@ -38,7 +39,7 @@ def test_demo_writes_a_loadable_artifact(tmp_path):
     assert model(torch.zeros(1, 784)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("recipe", ["int8", "fast"])
+@pytest.mark.parametrize("recipe", ["int8", pytest.param("fast", marks=pytest.mark.slow)])
 def test_hugging_face_folder_compresses_loads_and_exports(recipe, tmp_path):
     transformers = pytest.importorskip("transformers")
     from test_transformers import bert

@@ -32,6 +32,7 @@ def digits_model(tmp_path, monkeypatch):
     return "digits_cnn:model"
 
 
+@pytest.mark.slow
 def test_compare_writes_the_table_json_and_a_page_a_browser_opens_cleanly(digits_model, tmp_path):
     (tmp_path / "lowrank.yaml").write_text("stages:\n  - factorize: {rank_ratio: 0.5}\n  - finetune: {epochs: 2}\n")
     (tmp_path / "shared.yaml").write_text("stages:\n  - prune: {sparsity: 0.8}\n  - cluster: {bits: 4}\n")

@@ -105,7 +105,7 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
                                   "method 'rtn'")
         owners = {n: model.get_submodule(split_name(n)[0]) for n in params if n.endswith(".weight")}
         linears = {n: m for n, m in owners.items() if isinstance(m, nn.Linear)}
-        rest = [n for n in params if n not in linears and state.get(n).kind != "codebook"]
+        rest = [n for n in params if n not in linears and state.get(n).codebook is None]
         if rest:
             log.warning("quantize: GPTQ solves Linear layers; %d other tensor(s) are rounded to nearest: %s",
                         len(rest), ", ".join(rest[:6]) + (", ..." if len(rest) > 6 else ""))
@@ -113,7 +113,7 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
     with torch.no_grad():
         for i, (name, p) in enumerate(params.items()):
             st = state.get(name)
-            if st.kind == "codebook":
+            if st.codebook is not None:  # clustered: snap the shared values, so codes stay shared
                 s = symmetric_scale(st.codebook, bits, per_channel=False)
                 st.codebook = quantize_tensor(st.codebook, s, bits).float() * s
                 p.copy_(st.codebook[st.codes] * (st.mask if st.mask is not None else 1))
@@ -185,7 +185,7 @@ def to_int8_linear(model: nn.Module, state: CompressionState) -> int:
     swapped = 0
     for name, module in list(model.named_modules()):
         st = state.params.get(f"{name}.weight")
-        if not isinstance(module, nn.Linear) or st is None or st.kind != "quant" or st.bits != 8 \
+        if not isinstance(module, nn.Linear) or st is None or st.scale is None or st.codebook is not None or st.bits != 8 \
                 or st.group is not None or st.scale.numel() != module.out_features:
             continue
         codes = st.codes if st.mask is None else st.codes * st.mask
