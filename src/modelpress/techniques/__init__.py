@@ -7,3 +7,4 @@ from . import lowrank  # noqa: F401
 from . import prune  # noqa: F401
 from . import quantize  # noqa: F401
 from . import structured  # noqa: F401
+from . import nm  # noqa: F401
