@@ -102,6 +102,7 @@ def test_truncated_and_foreign_files_are_refused(result, tmp_path):
         mp.load(tmp_path / "x.pt")
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_the_previous_file_loadable(tmp_path):
     target = tmp_path / "big.mpz"
     script = f"""
