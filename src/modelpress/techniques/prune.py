@@ -16,8 +16,8 @@ from ..errors import ModelpressError
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import target_params
+from .criteria import CRITERIA, gradients
 from .finetune import agreement, train
-from .losses import batch_loss
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +58,19 @@ def _apply(model: nn.Module, state: CompressionState, cfg: PruneConfig, run: Run
 
 
 def magnitude_scores(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().abs() for n, p in params.items()}
+    score = CRITERIA["magnitude"].weight
+    return {n: score(p, None) for n, p in params.items()}
 
 
 def taylor_scores(model: nn.Module, params: dict[str, nn.Parameter], run: RunContext,
                   max_batches: int = 32) -> dict[str, torch.Tensor]:
-    """|w * dL/dw| accumulated over up to `max_batches` batches: the first-order loss change of removing w."""
-    data = run.require_train_data("the taylor criterion")
+    """|w * dL/dw| summed over up to `max_batches` batches: the first-order loss change of removing w."""
+    score = CRITERIA["taylor"].weight
     scores = {n: torch.zeros_like(p) for n, p in params.items()}
-    model.eval()
-    for i, batch in enumerate(data):
-        if i >= max_batches:
-            break
-        model.zero_grad(set_to_none=True)
-        batch_loss(model, batch, run).backward()
+    for _ in gradients(model, run, max_batches):
         for n, p in params.items():
             if p.grad is not None:
-                scores[n] += (p.detach() * p.grad).abs()
-    model.zero_grad(set_to_none=True)
+                scores[n] += score(p, p.grad)
     return scores
 
 

@@ -22,7 +22,7 @@ from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from ..surgery import keep_inputs, keep_outputs
 from .common import excluded
-from .losses import batch_loss
+from .criteria import CRITERIA, gradients
 
 log = logging.getLogger(__name__)
 UNITS = {"channel": "all", "filter": "channels", "neuron": "channels", "head": "heads"}
@@ -57,15 +57,12 @@ def channel_importance(model: nn.Module, graph: ChannelGraph, criterion: str,
     where a layer has no gradient), BatchNorm |gamma| (bn_scale), or, for `activation`, what removing the channel
     takes from each consumer's output: the column's norm times the input's RMS on calibration data."""
     grads, inputs = grads or {}, inputs or {}
+    channel = CRITERIA[criterion].channel
 
     def per_index(w: torch.Tensor, name: str, dim: int) -> torch.Tensor:  # one score per index of `dim`
-        w = w.detach().transpose(0, dim).flatten(1)
         g = grads.get(name)
-        if criterion == "activation":
-            return w.pow(2).sum(1).sqrt() * inputs[name] if dim == 1 and name in inputs else torch.zeros(len(w))
-        if criterion == "taylor" and g is not None:
-            return (w * g.transpose(0, dim).flatten(1)).abs().sum(1)
-        return w.pow(2).sum(1).sqrt() if criterion == "l2" else w.abs().sum(1)
+        return channel(w.detach().transpose(0, dim).flatten(1),
+                       None if g is None else g.transpose(0, dim).flatten(1), inputs.get(name), dim)
 
     scores = {gid: torch.zeros(g.size) for gid, g in graph.groups.items()}
     for gid, g in graph.groups.items():
@@ -152,21 +149,18 @@ def compensate(m: nn.Linear, cols: torch.Tensor, stats: InputStats, damp: float 
 
 
 def _taylor_grads(model: nn.Module, run: RunContext, names: list[str], batches: int = 8) -> dict[str, torch.Tensor]:
-    if run.train_data is None:
-        raise ModelpressError("criterion: taylor needs train_data (a few batches give the gradients)")
-    model.zero_grad(set_to_none=True)
-    for i, batch in enumerate(run.train_data):
-        if i >= batches:
-            break
-        batch_loss(model, batch, run).backward()
-    grads = {n: model.get_submodule(n).weight.grad.detach().clone() for n in names
-             if model.get_submodule(n).weight.grad is not None}
+    """Each named layer's weight gradient summed over up to `batches` training batches."""
+    weights = {n: model.get_submodule(n).weight for n in names}
+    grads: dict[str, torch.Tensor] = {}
+    for _ in gradients(model, run, batches):
+        for n, w in weights.items():
+            if w.grad is not None:
+                grads[n] = w.grad.detach().clone() if n not in grads else grads[n].add_(w.grad)
     # label-free data gives no gradient before anything changed (the student is the teacher): such
     # layers fall back to l1 magnitude
     grads = {n: g for n, g in grads.items() if bool(g.abs().sum() > 0)}
     if not grads:
         log.warning("criterion taylor: no gradient signal (label-free data?); ranking channels by l1 instead")
-    model.zero_grad(set_to_none=True)
     return grads
 
 
