@@ -8,3 +8,4 @@ from . import prune  # noqa: F401
 from . import quantize  # noqa: F401
 from . import structured  # noqa: F401
 from . import nm  # noqa: F401
+from . import blocks  # noqa: F401

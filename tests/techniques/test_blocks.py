@@ -1,0 +1,139 @@
+"""Block removal: the cheapest blocks go, the file rebuilds the shorter model, bad asks are refused."""
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.errors import ModelpressError
+from modelpress.techniques.blocks import BlockPruneConfig, candidates
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_bert(layers=4):
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).eval()
+
+
+def batches(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 200, (4, 16), generator=g)} for _ in range(n)]
+
+
+def make_passthrough(layer):
+    """A BERT layer whose two residual branches add nothing: it only re-normalises its input."""
+    with torch.no_grad():
+        for lin in (layer.attention.output.dense, layer.output.dense):
+            lin.weight.zero_()
+            lin.bias.zero_()
+
+
+def drop(model, recipe_settings, **kw):
+    return mp.compress(model, {"stages": [{"prune": {"granularity": "block", **recipe_settings}}]}, **kw)
+
+
+def test_the_recipe_routes_to_block_removal_and_checks_the_amount():
+    r = mp.Recipe.from_yaml("stages: [{prune: {granularity: block, blocks: 2}}]")
+    assert isinstance(r.stages[0], BlockPruneConfig) and r.stages[0].blocks == 2
+    assert mp.Recipe.from_yaml(r.to_yaml()) == r
+    for bad, field in [("{granularity: block}", "exactly one"), ("{granularity: block, blocks: 1, sparsity: 0.5}",
+                                                                  "exactly one"),
+                       ("{granularity: block, blocks: 0}", "blocks"), ("{granularity: block, sparsity: 1.0}", "sparsity")]:
+        with pytest.raises(mp.RecipeError, match=field):
+            mp.Recipe.from_yaml(f"stages: [{{prune: {bad}}}]")
+
+
+def test_the_cheapest_layer_goes_and_the_file_rebuilds_the_shorter_model(tmp_path, caplog):
+    model = tiny_bert()
+    make_passthrough(model.encoder.layer[2])
+    with caplog.at_level(logging.INFO, logger="modelpress.techniques.blocks"):
+        result = drop(model, {"blocks": 1}, calib_data=batches())
+    assert "encoder.layer.2 " in caplog.text  # the pass-through layer, not another
+    out = result.model
+    assert out.config.num_hidden_layers == 3 and len(out.encoder.layer) == 3
+    assert [layer.attention.self.layer_idx for layer in out.encoder.layer] == [0, 1, 2]
+    # the kept layers are the original 0, 1 and 3, in order
+    assert torch.equal(out.encoder.layer[2].output.dense.weight, model.encoder.layer[3].output.dense.weight)
+    path = tmp_path / "m.mpz"
+    result.save(path)
+    loaded = mp.load(path)
+    x = batches(1)[0]
+    assert len(loaded.encoder.layer) == 3
+    assert torch.equal(loaded(**x).last_hidden_state, out(**x).last_hidden_state)
+    assert result.report.rows[-1].params < result.report.rows[0].params
+
+
+def test_sparsity_counts_a_share_of_the_blocks_and_exclude_keeps_one():
+    model = tiny_bert()
+    make_passthrough(model.encoder.layer[1])
+    result = mp.compress(model, {"stages": [{"prune": {"granularity": "block", "sparsity": 0.5,
+                                                       "exclude": ["encoder.layer.1"]}}]}, calib_data=batches())
+    assert result.model.config.num_hidden_layers == 2
+    kept = [result.model.encoder.layer[i].output.dense.weight for i in range(2)]
+    assert any(torch.equal(w, model.encoder.layer[1].output.dense.weight) for w in kept)  # excluded: still there
+
+
+def test_a_decoder_llm_round_trips_too(tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).eval()
+    result = drop(model, {"blocks": 1}, calib_data=batches())
+    assert result.model.config.num_hidden_layers == 2
+    path = tmp_path / "llama.mpz"
+    result.save(path)
+    x = batches(1)[0]
+    assert torch.equal(mp.load(path)(**x).last_hidden_state, result.model(**x).last_hidden_state)
+
+
+class Block(nn.Module):
+    """A user's residual block."""
+
+    def __init__(self, width, scale=1.0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+        with torch.no_grad():
+            self.body[2].weight.mul_(scale)
+            self.body[2].bias.mul_(scale)
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(10, 32)
+        self.stage = nn.Sequential(Block(32), Block(32, scale=1e-4), Block(32))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.stage(torch.relu(self.stem(x))))
+
+
+def test_a_user_model_loses_its_cheapest_residual_block_and_loads_into_its_skeleton(tmp_path):
+    torch.manual_seed(0)
+    model = Net().eval()
+    assert candidates(model) == ["stage.0", "stage.1", "stage.2"]  # composite children: blocks, not layers
+    x = torch.randn(32, 10)
+    result = drop(model, {"blocks": 1}, calib_data=[x])
+    assert isinstance(result.model.stage[1], nn.Identity)
+    assert result.manifest["swaps"] == {"stage.1": {"t": "Identity", "a": {}}}
+    path = tmp_path / "net.mpz"
+    result.save(path)
+    loaded = mp.load(path, model=Net())
+    assert isinstance(loaded.stage[1], nn.Identity) and torch.equal(loaded(x), result.model(x))
+
+
+def test_no_candidates_or_too_many_is_a_clear_error():
+    mlp = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ModelpressError, match="found no block"):
+        drop(mlp, {"blocks": 1}, calib_data=[torch.randn(4, 10)])
+    with pytest.raises(ModelpressError, match="fewer than all"):
+        drop(tiny_bert(2), {"blocks": 2}, calib_data=batches())
+    with pytest.raises(ModelpressError, match="calib_data or train_data"):
+        drop(tiny_bert(2), {"blocks": 1})
