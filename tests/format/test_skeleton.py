@@ -50,6 +50,17 @@ def test_files_without_runtime_layers_record_no_swaps(batch):
     assert seq.manifest["arch"] is not None and "swaps" not in seq.manifest  # the tree already says it
 
 
+def test_a_skeleton_of_a_sequential_file_gets_its_runtime_layers(tmp_path, batch):
+    x, y = batch
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 64), nn.ReLU()), nn.Linear(64, 4))
+    result = mp.compress(model, "int8", train_data=[(x, y)])
+    path = tmp_path / "seq.mpz"
+    result.save(path)
+    skeleton = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 64), nn.ReLU()), nn.Linear(64, 4))
+    loaded = mp.load(path, model=skeleton)
+    assert isinstance(loaded[2][0], Int8Linear) and torch.equal(loaded(x), result.model(x))
+
+
 def test_a_transformers_skeleton_gets_the_description_swaps(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -230,6 +230,29 @@ def describe_swaps(model: nn.Module) -> dict:
     return swaps
 
 
+def swaps_of(spec: Any) -> dict:
+    """The layers a skeleton must take from a stored architecture: a transformers description's swaps, or
+    the runtime layers of a torch.nn tree, by name."""
+    if not isinstance(spec, dict):
+        return {}
+    if "hf" in spec:
+        swaps = spec.get("swaps")
+        return swaps if isinstance(swaps, dict) else {}
+    out: dict = {}
+
+    def walk(node: Any, prefix: str, depth: int) -> None:
+        if depth > _MAX_DEPTH or not isinstance(node, dict):
+            raise CorruptStream("architecture: malformed layer description")
+        if node.get("t") == "Sequential" and isinstance(node.get("c"), list):
+            for i, child in enumerate(node["c"]):
+                walk(child, f"{prefix}.{i}" if prefix else str(i), depth + 1)
+        elif node.get("t") in RUNTIME_MODULES and prefix:
+            out[prefix] = node
+
+    walk(spec, "", 0)
+    return out
+
+
 def apply_swaps(model: nn.Module, swaps: Any, max_modules: int | None = None, max_bytes: int | None = None) -> None:
     """Put the file's layers (runtime layers, or standard layers of other shapes) in place of the
     skeleton's layers of the same names, on the meta device (the file supplies every tensor)."""

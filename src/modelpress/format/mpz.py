@@ -150,8 +150,7 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_
                 "of standard torch.nn layers); pass a skeleton: modelpress.load(path, model=MyModel())")
         model = arch.build(spec, device="cpu", max_modules=guard.max_modules_for(len(declared)), max_bytes=limit)
     else:
-        spec = manifest.get("arch")
-        swaps = spec.get("swaps") if isinstance(spec, dict) and "hf" in spec else manifest.get("swaps")
+        swaps = arch.swaps_of(manifest.get("arch")) or manifest.get("swaps")
         if swaps:
             arch.apply_swaps(model, swaps, max_modules=guard.max_modules_for(len(declared)), max_bytes=limit)
         _resize_layers(model, declared)

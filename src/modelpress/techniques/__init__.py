@@ -9,3 +9,4 @@ from . import quantize  # noqa: F401
 from . import structured  # noqa: F401
 from . import nm  # noqa: F401
 from . import blocks  # noqa: F401
+from . import qat  # noqa: F401
