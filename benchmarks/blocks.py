@@ -7,7 +7,7 @@ out for the metrics: mean and min cosine of each sentence embedding to fp32's, t
 10 nearest neighbours kept, and the latency of one batch of 64 paragraphs padded to 128 tokens (median
 of round-by-round timings, 2 threads), as a ratio to fp32. Each model is the one loaded back from its file.
 
-Run: python benchmarks/blocks.py [--blocks 2] [--epochs 3] [--repeats 15]
+Run: python benchmarks/blocks.py [--blocks 2] [--epochs 6] [--lr 3e-4] [--repeats 15]
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from modelpress.measure import latencies, machine_line
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=2)
-    ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--lr", type=float, default=1.5e-4)
+    ap.add_argument("--epochs", type=float, default=6.0)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--skip-fast", action="store_true")
     args = ap.parse_args()

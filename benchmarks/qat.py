@@ -4,10 +4,10 @@ LeNet-300-100 (whose QAT settings were not tuned).
 
 Per model: fp32 test accuracy; the `int8` preset (post-training: GPTQ int8 weights, Linear inputs
 quantized per token at run time, conv inputs left in float); `qat` (int8 weights and int8 inputs at a
-static per-tensor scale for every Linear and Conv2d, trained with the quantization in the loop) with
-calibrated and with learned input ranges. Accuracies are of the models loaded back from their files.
+static per-tensor scale for every Linear and Conv2d, distilled from the fp32 model with the quantization
+in the loop) with calibrated and with learned input ranges. Accuracies are of the models loaded back from their files.
 
-Run: python benchmarks/qat.py [--epochs 2]
+Run: python benchmarks/qat.py [--epochs 3] [--lr 3e-5]
 """
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def run(name: str, epochs: float, lr: float, repeats: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--models", nargs="*", default=list(CASES))
     args = ap.parse_args()

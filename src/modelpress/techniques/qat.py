@@ -3,14 +3,14 @@
 Every Linear and Conv2d gets int8 weights (a per-output-channel grid held in the compression state, so
 training moves latent weights through straight-through rounding) and int8 inputs: a per-tensor
 symmetric scale, first chosen on calibration batches as the clip of max|x| with the least squared
-error, then learned with the weights (LSQ: the scale's gradient through the rounding, scaled by
+error, then learned with the weights by distillation from the original model (LSQ: the scale's gradient through the rounding, scaled by
 1/sqrt(elements x 127)), or kept as calibrated (`ranges: calibrated`). After training the layers are
 exported as `StaticInt8Linear` / `StaticInt8Conv2d`: int8 weight codes, their scales and the learned
 input scale, quantizing their input at run time exactly as trained.
 
-The runtime layers compute the int8 x int8 products as float32 sums of the integer codes, which are
-exact while a sum has fewer than 2**24 / 127**2 = 1,040 terms and within float rounding beyond; they
-run at fp32 speed (static-scale integer kernels are a separate piece of work).
+The Linear layer multiplies int8 x int8 into int32 with `torch._int_mm` on CPUs with VNNI or AMX (and
+for more than 16 rows); elsewhere, and in the conv layer, the products are float32 sums of the integer
+codes, exact while a sum has fewer than 2**24 / 127**2 = 1,040 terms and within float rounding beyond.
 """
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ from ..batches import call_model, split_batch
 from ..context import RunContext
 from ..errors import ModelpressError
 from ..runtime import register_runtime_module
+from ..runtime.int8 import available_kernels
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState, broadcast_scale
 from .common import excluded, replace_module
 from .finetune import train
 from .grid import group_scale, quantize_tensor
+from .losses import Objective
 
 log = logging.getLogger(__name__)
 QMAX = 127
@@ -40,13 +42,14 @@ _CLIPS = torch.linspace(1.0, 0.3, 15)  # candidate clips of max|x| for the calib
 @register_stage
 class QATConfig(StageConfig):
     """int8 weights and inputs for Linear and Conv2d layers, trained `epochs` with the quantization in
-    the loop (labels: cross-entropy; none: distillation from the original); input ranges `learned`
-    (initialised by calibration) or `calibrated` (fixed)."""
+    the loop, by distillation from the original model (`distill: false`: from the batches' labels where
+    they have them); input ranges `learned` (initialised by calibration) or `calibrated` (fixed)."""
 
     key: ClassVar[str] = "qat"
     bits: Literal[8] = 8
     epochs: float = Field(ge=0.0, le=1000)
-    lr: float = Field(default=1e-4, gt=0.0, lt=1.0)
+    lr: float = Field(default=3e-5, gt=0.0, lt=1.0)
+    distill: bool = True
     ranges: Literal["learned", "calibrated"] = "learned"
     calib_batches: int = Field(default=8, ge=1, le=10_000)
 
@@ -57,7 +60,7 @@ class QATConfig(StageConfig):
 @handles(QATConfig)
 def _apply(model: nn.Module, state: CompressionState, cfg: QATConfig, run: RunContext) -> None:
     qat(model, state, epochs=cfg.epochs, lr=cfg.lr, ranges=cfg.ranges, calib_batches=cfg.calib_batches,
-        exclude=run.excluded(cfg), run=run)
+        distill=cfg.distill, exclude=run.excluded(cfg), run=run)
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -110,7 +113,12 @@ class StaticInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.round(x.float() / self.input_scale).clamp_(-QMAX, QMAX)
-        y = F.linear(q, self.weight.float()) * (self.input_scale * self.weight_scale)
+        q2 = q.reshape(-1, self.in_features)
+        if _INT_MM and q2.shape[0] > 16 and not torch.is_grad_enabled():  # int8 x int8 -> int32 (VNNI / AMX)
+            y = torch._int_mm(q2.to(torch.int8), _cached(self, "t", lambda: self.weight.t().contiguous())).float()
+        else:
+            y = F.linear(q2, _cached(self, "f", self.weight.float))
+        y = y.reshape(*q.shape[:-1], self.out_features) * (self.input_scale * self.weight_scale)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
 
@@ -137,9 +145,21 @@ class StaticInt8Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.round(x.float() / self.input_scale).clamp_(-QMAX, QMAX)
-        y = F.conv2d(q, self.weight.float(), None, self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(q, _cached(self, "f", self.weight.float), None, self.stride, self.padding, self.dilation, self.groups)
         y = y * (self.input_scale * self.weight_scale).view(1, -1, 1, 1)
         return (y if self.bias is None else y + self.bias.view(1, -1, 1, 1)).to(x.dtype)
+
+
+_INT_MM = hasattr(torch, "_int_mm") and "int_mm" in available_kernels()  # fast only with VNNI / AMX
+
+
+def _cached(m: nn.Module, kind: str, make) -> torch.Tensor:
+    """The int8 weight in another layout, rebuilt only when the weight changes."""
+    key = (kind, m.weight.data_ptr(), m.weight._version)
+    cache = m.__dict__.setdefault("_layouts", {})
+    if cache.get(kind, (None,))[0] != key:
+        cache[kind] = (key, make())
+    return cache[kind][1]
 
 
 def targets(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
@@ -161,8 +181,8 @@ def targets(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Modul
     return out
 
 
-def qat(model: nn.Module, state: CompressionState, *, epochs: float, lr: float = 1e-4, ranges: str = "learned",
-        calib_batches: int = 8, exclude: Iterable[str] = (), run: RunContext) -> dict[str, float]:
+def qat(model: nn.Module, state: CompressionState, *, epochs: float, lr: float = 3e-5, ranges: str = "learned",
+        calib_batches: int = 8, distill: bool = True, exclude: Iterable[str] = (), run: RunContext) -> dict[str, float]:
     """Quantize, train with the quantization in the loop, export to the static int8 runtime layers.
     Returns each layer's input scale."""
     layers = targets(model, exclude)
@@ -188,7 +208,7 @@ def qat(model: nn.Module, state: CompressionState, *, epochs: float, lr: float =
         hooks.append(m.register_forward_pre_hook(_fake_quant_input))
     try:
         if epochs > 0:
-            train(model, state, run, epochs=epochs, lr=lr, label="qat")
+            train(model, state, run, epochs=epochs, lr=lr, label="qat", objective=Objective(distill=distill))
         learned = {n: float(m.input_quant.scale.detach().abs().clamp_min(1e-12)) for n, m in layers.items()}
     finally:
         for h in hooks:
