@@ -1,4 +1,5 @@
 """modelpress: make trained PyTorch models smaller and faster, and prove it with measurements."""
+from . import forms  # noqa: F401  (registers the stored forms first: every import of modelpress runs this)
 from .api import CompressionResult, compress, load
 from .errors import FormatError, ModelpressError, RecipeError
 from .recipe import Recipe

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import html
 import io
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # compare imports this module to write its report
-    from .compare import Comparison
+from typing import Any
 
 _CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
@@ -25,8 +21,8 @@ details { margin: .4em 0; }
 """
 
 
-def render(comp: "Comparison", title: str = "modelpress comparison") -> str:
-    """The page's HTML."""
+def render(comp: Any, title: str = "modelpress comparison") -> str:
+    """The page's HTML for a `compare.Comparison` (compare imports this module, not the other way)."""
     header, cells = comp.table()
     fronts = set(comp.front("bytes")) | set(comp.front("latency_ms"))
     body = [f"<h1>{html.escape(title)}</h1>",
@@ -61,7 +57,7 @@ def render(comp: "Comparison", title: str = "modelpress comparison") -> str:
             f"</title><style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
 
 
-def _plot(comp: Comparison, key: str, label: str, log: bool) -> str:
+def _plot(comp: Any, key: str, label: str, log: bool) -> str:
     """An inline SVG scatter of `key` against the metric: one point per result (SVG group id
     `<key>-point-<i>`), the Pareto front drawn as a line."""
     from matplotlib.figure import Figure  # a Figure of its own: no pyplot state, no backend switch

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import forms  # noqa: F401  (registers the stored forms the codecs dispatch to)
 from .. import surgery
 from ..errors import CorruptStream, FormatError, ModelMismatch
 from ..state import CompressionState
