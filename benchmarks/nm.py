@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from common import trained_lenet  # benchmarks/common.py
 import modelpress as mp
 from modelpress import data
 from modelpress.measure import cpu_name
@@ -38,13 +39,7 @@ def mask_bits(result: mp.CompressionResult) -> tuple[float, int, int]:
 
 
 def run(name: str, epochs: float, seed: int) -> dict:
-    torch.manual_seed(seed)
-    image = name == "lenet5"
-    split = data.mnist5k(image=image)
-    model = data.lenet5() if image else data.lenet_300_100()
-    t = time.perf_counter()
-    data.train_classifier(model, split, epochs=20 if image else 30, seed=seed)
-    train_s = time.perf_counter() - t
+    model, split, train_s = trained_lenet(name, seed)
     evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
     untuned = mp.compress(model, recipe(0), train_data=split.loader(64, seed=seed))  # the mask alone
     acc_mask_only = data.accuracy(untuned.model, split.x_test, split.y_test)

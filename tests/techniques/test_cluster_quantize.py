@@ -1,5 +1,4 @@
 import torch
-from torch import nn
 
 from modelpress.state import CompressionState
 from modelpress.techniques.cluster import cluster, kmeans_1d

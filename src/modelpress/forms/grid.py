@@ -12,7 +12,9 @@ from ..format.codecs import (DEFAULT_MASK_CODER, PLANE_MIN, cheapest_split, deco
 from ..state import ParamState, broadcast_scale, register_form
 
 
-class _RoundSTE(torch.autograd.Function):
+class RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward (the straight-through estimator)."""
+
     @staticmethod
     def forward(ctx, x):  # noqa: D401
         return torch.round(x)
@@ -32,7 +34,7 @@ class _Quant(nn.Module):
         self.qmax = 2 ** (bits - 1) - 1
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        w = _RoundSTE.apply(v / self.scale).clamp(-self.qmax, self.qmax) * self.scale
+        w = RoundSTE.apply(v / self.scale).clamp(-self.qmax, self.qmax) * self.scale
         return w if self.mask is None else w * self.mask
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from ..batches import call_model, split_batch
 from ..context import RunContext
 from ..errors import ModelpressError
+from ..forms.grid import RoundSTE
 from ..runtime import register_runtime_module
 from ..runtime.int8 import available_kernels
 from ..stage import StageConfig, handles, register_stage
@@ -63,16 +64,6 @@ def _apply(model: nn.Module, state: CompressionState, cfg: QATConfig, run: RunCo
         distill=cfg.distill, exclude=run.excluded(cfg), run=run)
 
 
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # noqa: D401
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
 class InputQuant(nn.Module):
     """Fake int8 quantization of a layer's input with one scale (trainable when `learned`)."""
 
@@ -89,7 +80,7 @@ class InputQuant(nn.Module):
         if self.scale.requires_grad:  # LSQ's gradient scale: the step size learns at the weights' pace
             g = (x.numel() * QMAX) ** -0.5
             s = s * g + (s - s * g).detach()
-        return _RoundSTE.apply(x / s).clamp(-QMAX, QMAX) * s
+        return RoundSTE.apply(x / s).clamp(-QMAX, QMAX) * s
 
 
 def _fake_quant_input(module: nn.Module, args: tuple) -> tuple:
