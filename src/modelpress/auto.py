@@ -207,7 +207,8 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
         message = f"no candidate met the budget ({budget}); the closest: {summary}"
     result = tried.results[best.name]
     return AutoResult(model=result.model, report=result.report, state=result.state, recipe=result.recipe,
-                      manifest=result.manifest, streams=result.streams, met=met, message=message, proxies=proxies, tried=tried)
+                      manifest=result.manifest, streams=result.streams, met=met, message=message, proxies=proxies,
+                      tried=tried)
 
 
 def _refill(space: list[Candidate], proxies: list[Row]) -> list[Candidate]:

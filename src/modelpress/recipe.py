@@ -1,8 +1,8 @@
 """Recipes: an ordered list of stage configs plus what to keep out, validated as a whole.
 
 Each stage is a frozen pydantic config that its technique registers under its YAML key (`stage.py`);
-the config classes are the single source of truth and YAML is only their serialisation. Every problem in a recipe is listed
-at once, naming the stage, the field and the bad value.
+the config classes are the single source of truth and YAML is only their serialisation. Every problem
+in a recipe is listed at once, naming the stage, the field and the bad value.
 
 Recipe files may be careless or hostile: text is capped at 1 MiB, YAML aliases and nesting are
 bounded while parsing, and every numeric field is finite and bounded, so each failure is a quick

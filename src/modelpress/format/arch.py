@@ -219,7 +219,8 @@ def describe_swaps(model: nn.Module) -> dict:
     name: `load` rebuilds them inside the user's skeleton of the original class."""
     swaps: dict = {}
     for name, m in model.named_modules():
-        if not name or any(name.startswith(s + ".") for s in swaps) or RUNTIME_MODULES.get(type(m).__name__) is not type(m):
+        inside = any(name.startswith(s + ".") for s in swaps)  # a part of a runtime layer already listed
+        if not name or inside or RUNTIME_MODULES.get(type(m).__name__) is not type(m):
             continue
         args = _ctor_args(m)
         if args is None:

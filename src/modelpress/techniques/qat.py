@@ -3,10 +3,11 @@
 Every Linear and Conv2d gets int8 weights (a per-output-channel grid held in the compression state, so
 training moves latent weights through straight-through rounding) and int8 inputs: a per-tensor
 symmetric scale, first chosen on calibration batches as the clip of max|x| with the least squared
-error, then learned with the weights by distillation from the original model (LSQ: the scale's gradient through the rounding, scaled by
-1/sqrt(elements x 127)), or kept as calibrated (`ranges: calibrated`). After training the layers are
-exported as `StaticInt8Linear` / `StaticInt8Conv2d`: int8 weight codes, their scales and the learned
-input scale, quantizing their input at run time exactly as trained.
+error, then learned with the weights by distillation from the original model (LSQ: the scale's
+gradient through the rounding, scaled by 1/sqrt(elements x 127)), or kept as calibrated
+(`ranges: calibrated`). After training the layers are exported as `StaticInt8Linear` /
+`StaticInt8Conv2d`: int8 weight codes, their scales and the learned input scale, quantizing their
+input at run time exactly as trained.
 
 The Linear layer multiplies int8 x int8 into int32 with `torch._int_mm` on CPUs with VNNI or AMX (and
 for more than 16 rows); elsewhere, and in the conv layer, the products are float32 sums of the integer
@@ -117,9 +118,9 @@ class StaticInt8Linear(nn.Module):
 class StaticInt8Conv2d(nn.Module):
     """A Conv2d (zero padding) with int8 weights (per output channel) and int8 inputs at one static scale."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int] = (1, 1),
-                 padding: tuple[int, int] = (0, 0), dilation: tuple[int, int] = (1, 1), groups: int = 1,
-                 bias: bool = True) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 dilation: tuple[int, int] = (1, 1), groups: int = 1, bias: bool = True) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
