@@ -33,7 +33,7 @@ def _lenet(kind: str):
     torch.manual_seed(0)
     model = data.lenet5() if kind == "lenet5" else data.lenet_300_100()
     data.train_classifier(model, split, epochs=3, seed=0)
-    return model, split.loader(100, seed=0)
+    return model, lambda: split.loader(100, seed=0)  # a fresh loader per preset: the order of presets is free
 
 
 def _bert():
@@ -46,7 +46,7 @@ def _bert():
     model = transformers.BertModel(cfg).eval()
     tok = transformers.AutoTokenizer.from_pretrained(get_model_path())
     batches = data.text_batches(tok, data.text_paragraphs()[:64], batch_size=16, max_length=64)
-    return model, batches
+    return model, lambda: batches
 
 
 def run(presets: list[str], models: list[str]) -> dict:
@@ -56,7 +56,7 @@ def run(presets: list[str], models: list[str]) -> dict:
         for preset in presets:
             torch.manual_seed(0)
             t = time.perf_counter()
-            result = mp.compress(model, preset, train_data=batches)
+            result = mp.compress(model, preset, train_data=batches())
             with tempfile.TemporaryDirectory() as d:
                 path = Path(d) / "m.mpz"
                 result.save(path)

@@ -42,9 +42,11 @@ class ParamState:
 
 @dataclass
 class CompressionState:
-    """Per-parameter states, keyed by the parameter's qualified name."""
+    """Per-parameter states, keyed by the parameter's qualified name, and the original name of each
+    module that moved when layers were removed (so distillation matches it with the right teacher block)."""
 
     params: dict[str, ParamState] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)   # name in the model -> name in the original
 
     def get(self, name: str) -> ParamState:
         return self.params.setdefault(name, ParamState())

@@ -137,3 +137,24 @@ def test_no_candidates_or_too_many_is_a_clear_error():
         drop(tiny_bert(2), {"blocks": 2}, calib_data=batches())
     with pytest.raises(ModelpressError, match="calib_data or train_data"):
         drop(tiny_bert(2), {"blocks": 1})
+
+
+def test_hidden_distillation_pairs_each_layer_with_its_original():
+    from modelpress.techniques.losses import _matched_blocks
+
+    model = tiny_bert()
+    make_passthrough(model.encoder.layer[1])
+    result = drop(model, {"blocks": 1}, calib_data=batches())
+    assert result.state.renamed == {"encoder.layer.0": "encoder.layer.0", "encoder.layer.1": "encoder.layer.2",
+                                    "encoder.layer.2": "encoder.layer.3"}
+    pairs = _matched_blocks(result.model, model, result.state.renamed)
+    assert pairs["encoder.layer.1"] == "encoder.layer.2" and pairs["encoder.layer.2"] == "encoder.layer.3"
+    again = mp.compress(result.model, {"stages": [{"prune": {"granularity": "block", "blocks": 1}}]},
+                        calib_data=batches())  # a second removal starts from a fresh state: names are its own
+    assert len(again.state.renamed) == 2
+    twice = mp.compress(model, {"stages": [{"prune": {"granularity": "block", "blocks": 1}},
+                                           {"prune": {"granularity": "block", "blocks": 1}},
+                                           {"distill": {"epochs": 1, "hidden": True}}]}, calib_data=batches(),
+                        train_data=batches())
+    kept = [int(v.rpartition(".")[2]) for _, v in sorted(twice.state.renamed.items())]
+    assert len(kept) == 2 and kept == sorted(kept) and 1 not in kept  # originals, through both removals

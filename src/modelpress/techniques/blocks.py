@@ -210,6 +210,13 @@ def _remove(model: nn.Module, state: CompressionState, names: list[str]) -> None
     for parent, gone in by_list.items():
         old = model.get_submodule(parent)
         kept = nn.ModuleList([m for i, m in enumerate(old) if i not in gone])
+        # distillation pairs each layer with its original in the teacher (through earlier removals too)
+        before = {n: m for n, m in state.renamed.items() if not n.startswith(parent + ".")}
+        survivors = [i for i in range(len(old)) if i not in gone]
+        for new, i in enumerate(survivors):
+            was = f"{parent}.{i}"
+            before[f"{parent}.{new}"] = state.renamed.get(was, was)
+        state.renamed = before
         grand, _, attr = parent.rpartition(".")
         setattr(model.get_submodule(grand) if grand else model, attr, kept)
         for i, layer in enumerate(kept):

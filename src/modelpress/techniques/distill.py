@@ -37,4 +37,5 @@ class DistillConfig(StageConfig):
 @handles(DistillConfig)
 def _apply(model: nn.Module, state: CompressionState, cfg: DistillConfig, run: RunContext) -> None:
     train(model, state, run, epochs=cfg.epochs, lr=cfg.lr, label="distill",
-          objective=Objective(distill=True, hidden=cfg.hidden, temperature=cfg.temperature))
+          objective=Objective(distill=True, hidden=cfg.hidden, temperature=cfg.temperature,
+                              renamed=tuple(state.renamed.items())))

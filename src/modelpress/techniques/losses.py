@@ -29,6 +29,7 @@ class Objective:
     distill: bool = False
     hidden: bool = False
     temperature: float = 2.0
+    renamed: tuple[tuple[str, str], ...] = ()  # (student block, teacher block) where layers were removed
 
 
 def batch_loss(model: nn.Module, batch: Any, run: RunContext, objective: Objective = Objective()) -> torch.Tensor:
@@ -121,16 +122,24 @@ def distill_batch_loss(model: nn.Module, inputs: Any, teacher: nn.Module | None,
     """The distillation loss of one batch of inputs against `teacher`."""
     if teacher is None:
         raise ModelpressError("distillation needs the teacher model; none was given")
-    names = [n for n in block_names(model) if n in set(block_names(teacher))] if objective.hidden else []
-    with capture(model, names) as s_blocks:
+    pairs = _matched_blocks(model, teacher, dict(objective.renamed)) if objective.hidden else {}
+    with capture(model, list(pairs)) as s_blocks:
         out = call_model(model, inputs)
-    with torch.no_grad(), capture(teacher, names) as t_blocks:
+    with torch.no_grad(), capture(teacher, list(pairs.values())) as t_blocks:
         t_out = call_model(teacher, inputs)
     s, t = logits_of(out), logits_of(t_out)
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
     loss = distill_loss(s, t, objective.temperature) if _has_logits(t_out) else relative_mse(s, t, mask)
-    pairs = [(s_blocks[n], t_blocks[n]) for n in names if n in s_blocks and n in t_blocks
-             and s_blocks[n].shape == t_blocks[n].shape and s_blocks[n].is_floating_point()]
-    if pairs:
-        loss = loss + sum(relative_mse(a, b, mask) for a, b in pairs) / len(pairs)
+    outs = [(s_blocks[n], t_blocks[m]) for n, m in pairs.items() if n in s_blocks and m in t_blocks
+            and s_blocks[n].shape == t_blocks[m].shape and s_blocks[n].is_floating_point()]
+    if outs:
+        loss = loss + sum(relative_mse(a, b, mask) for a, b in outs) / len(outs)
     return loss
+
+
+def _matched_blocks(model: nn.Module, teacher: nn.Module, renamed: dict[str, str]) -> dict[str, str]:
+    """Student block -> teacher block: the same name, or the original name of a block that moved when
+    layers were removed (a moved name never pairs with the teacher's block of its new name)."""
+    theirs = set(block_names(teacher))
+    pairs = {n: renamed.get(n, n) for n in block_names(model)}
+    return {n: m for n, m in pairs.items() if m in theirs}
