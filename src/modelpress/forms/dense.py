@@ -17,7 +17,7 @@ class Dense:
     file_kinds = ("raw", "ent")
 
     def encode(self, key: str, t: torch.Tensor, st: ParamState | None, entry: dict) -> tuple[dict, dict[str, bytes]]:
-        raw = t.contiguous().numpy().tobytes()
+        raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).contiguous().numpy().tobytes()  # numpy: no bf16
         if t.dtype in ENT_DTYPES and t.numel() >= 64:
             lo = int(t.min())
             coded = encode_symbols((t.to(torch.int64) - lo).flatten().numpy())

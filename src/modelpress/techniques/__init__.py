@@ -10,3 +10,4 @@ from . import structured  # noqa: F401
 from . import nm  # noqa: F401
 from . import blocks  # noqa: F401
 from . import qat  # noqa: F401
+from . import precision  # noqa: F401

@@ -1,0 +1,115 @@
+"""Low-precision compute: `precision: {dtype: bf16}` stores every Linear layer's weight in 16 bits (half
+the bytes) and runs its product in 16 bits where the CPU does that natively (bf16: AMX or AVX512_BF16;
+fp16: AMX-FP16), accumulating in fp32, with fp32 inputs, bias and outputs. Where the CPU has no native
+16-bit product the layer widens its weight to fp32 once and computes in fp32, so it is never slower than
+the fp32 layer; which path each layer takes is logged when the stage runs.
+"""
+from __future__ import annotations
+
+import logging
+from typing import ClassVar, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..context import RunContext
+from ..errors import ModelpressError
+from ..runtime import register_runtime_module
+from ..stage import StageConfig, handles, register_stage
+from ..state import CompressionState
+from .common import excluded, replace_module
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native(precision: str) -> bool:
+    """True where this CPU multiplies in `precision` natively (else the layer computes in fp32)."""
+    cpu = torch.cpu
+    if precision == "bf16":
+        return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                    or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return bool(getattr(cpu, "_is_amx_fp16_supported", lambda: False)())
+
+
+_NATIVE = {p: native(p) for p in DTYPES}  # read once: the CPU does not change
+
+
+@register_stage
+class PrecisionConfig(StageConfig):
+    """Linear weights in 16 bits, and 16-bit products where the CPU has them (see the module docstring)."""
+
+    key: ClassVar[str] = "precision"
+    dtype: Literal["bf16", "fp16"] = "bf16"
+
+
+@handles(PrecisionConfig)
+def _apply(model: nn.Module, state: CompressionState, cfg: PrecisionConfig, run: RunContext) -> None:
+    to_precision(model, state, cfg.dtype, exclude=run.excluded(cfg))
+
+
+@register_runtime_module
+class Linear16(nn.Module):
+    """A drop-in nn.Linear with a 16-bit weight (`precision`: "bf16" or "fp16") and an fp32 bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, precision: str = "bf16") -> None:
+        super().__init__()
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}, not {precision!r}")
+        self.in_features, self.out_features, self.precision = in_features, out_features, precision
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=DTYPES[precision]))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"precision={self.precision}, native={_NATIVE[self.precision]}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:  # a training stage after this one: fp32 products, gradients to the 16-bit weight
+            return F.linear(x.float(), self.weight.float(), self.bias).to(x.dtype)
+        if _NATIVE[self.precision]:
+            y = F.linear(x.to(self.weight.dtype), self.weight).float()
+            return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)
+        return F.linear(x.float(), self._widened(), self.bias).to(x.dtype)
+
+    def _widened(self) -> torch.Tensor:
+        key = (self.weight.data_ptr(), self.weight._version)
+        cached = self.__dict__.get("_fp32")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_fp32"] = (key, self.weight.detach().float())
+        return cached[1]
+
+
+def to_precision(model: nn.Module, state: CompressionState, precision: str = "bf16",
+                 exclude: Iterable[str] = ()) -> int:
+    """Replace each Linear by a Linear16 of `precision`; returns how many. Layers already pruned,
+    clustered or quantized, and weights shared with another layer, stay as they are (a warning names them)."""
+    exclude, kept, swapped = list(exclude), [], 0
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    for name, m in list(model.named_modules()):
+        if type(m) is not nn.Linear or excluded(name, exclude):
+            continue
+        if f"{name}.weight" in state.params or counts.get(id(m.weight), 0) > 1:
+            kept.append(name)
+            continue
+        new = Linear16(m.in_features, m.out_features, m.bias is not None, precision)
+        with torch.no_grad():
+            new.weight.copy_(m.weight.detach().to(DTYPES[precision]))
+            if m.bias is not None:
+                new.bias.copy_(m.bias.detach())
+        new.weight.requires_grad_(m.weight.requires_grad)
+        replace_module(model, name, new.train(m.training))
+        swapped += 1
+    if kept:
+        log.warning("precision %s: %d Linear layer(s) stay as they are (already compressed, or a shared weight): %s",
+                    precision, len(kept), ", ".join(kept[:6]) + (", ..." if len(kept) > 6 else ""))
+    if swapped == 0:
+        raise ModelpressError(f"precision {precision}: no Linear layer to convert (after 'exclude' and the layers "
+                              "an earlier stage compressed)")
+    log.info("precision %s: %d Linear layers; products run %s on this CPU", precision, swapped,
+             f"in {precision} (native)" if _NATIVE[precision] else "in fp32 from the 16-bit weights (no native "
+             f"{precision} product here)")
+    return swapped
