@@ -13,7 +13,7 @@ EXAMPLES = {
     "NMPruneConfig": ("prune", {"pattern": "4:8", "criterion": "taylor", "epochs": 1.0, "lr": 0.0005}),
     "BlockPruneConfig": ("prune", {"granularity": "block", "sparsity": 0.25, "batches": 4}),
     "QATConfig": ("qat", {"epochs": 2.0, "lr": 0.001, "ranges": "calibrated", "calib_batches": 4, "distill": False}),
-    "PrecisionConfig": ("precision", {"dtype": "fp16"}),
+    "PrecisionConfig": ("precision", {"dtype": "fp16", "embeddings": False}),
     "ClusterConfig": ("cluster", {"bits": 5, "include_bias": False}),
     "QuantizeConfig": ("quantize", {"bits": 4, "group_size": 32, "method": "gptq", "avg_bits": 4.5,
                                     "embeddings": False}),

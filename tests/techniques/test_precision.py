@@ -62,7 +62,7 @@ def test_compressed_layers_and_shared_weights_stay_and_are_named(caplog):
                          calib_data=[torch.randn(4, 64)])
     assert isinstance(result.model[0], nn.Linear) and isinstance(result.model[2], Linear16)
     assert "stay as they are" in caplog.text and "0" in caplog.text
-    with pytest.raises(ModelpressError, match="no Linear layer"):
+    with pytest.raises(ModelpressError, match="no Linear layer or embedding"):
         compress(mlp(), {"exclude": ["*"]})
 
 
@@ -74,3 +74,27 @@ def test_a_training_stage_after_it_trains_the_16_bit_weights():
                          train_data=data)
     assert result.model[0].weight.dtype == torch.bfloat16
     assert not torch.equal(result.model[0].weight, model[0].weight.detach().bfloat16())
+
+
+def test_a_transformer_gets_16_bit_embeddings_too_and_rebuilds_from_its_file(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from modelpress.techniques.precision import Embedding16
+
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 200, (4, 16))
+    result = mp.compress(model, {"stages": [{"precision": {}}]}, calib_data=[{"input_ids": ids}])
+    emb = result.model.embeddings.word_embeddings
+    assert isinstance(emb, Embedding16) and emb.padding_idx == 0 and emb.weight.dtype == torch.bfloat16
+    assert result.report.rows[-1].bytes < 0.55 * result.report.rows[0].bytes
+    path = tmp_path / "bert.mpz"
+    result.save(path)
+    with torch.no_grad():
+        out = mp.load(path)(input_ids=ids).last_hidden_state
+        assert torch.equal(out, result.model(input_ids=ids).last_hidden_state)
+        cos = torch.nn.functional.cosine_similarity(out.flatten(1), model(input_ids=ids).last_hidden_state.flatten(1))
+    assert float(cos.min()) > 0.999
+    kept = mp.compress(model, {"stages": [{"precision": {"embeddings": False}}]}, calib_data=[{"input_ids": ids}])
+    assert type(kept.model.embeddings.word_embeddings) is nn.Embedding
