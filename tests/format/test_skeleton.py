@@ -61,17 +61,27 @@ def test_a_skeleton_of_a_sequential_file_gets_its_runtime_layers(tmp_path, batch
     assert isinstance(loaded[2][0], Int8Linear) and torch.equal(loaded(x), result.model(x))
 
 
-def test_a_transformers_skeleton_gets_the_description_swaps(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+@pytest.mark.parametrize("arch", [
+    {"t": "Sequential", "c": [{"t": ["Int8Linear"], "a": {}}]},   # a type name that is not a string
+    {"t": "Sequential", "c": ["Int8Linear"]},                     # a layer that is not a mapping
+])
+def test_a_damaged_tree_given_a_skeleton_is_a_format_error(tmp_path, batch, arch):
+    x, y = batch
+    seq = nn.Sequential(nn.Linear(20, 4))
+    result = mp.compress(seq, "int8", train_data=[(x, y)])
+    path = tmp_path / "damaged.mpz"
+    write_container(path, {**result.manifest, "arch": arch}, result.streams)
+    with pytest.raises(mp.FormatError):  # a clean refusal, never a TypeError from inside the loader
+        mp.load(path, model=nn.Sequential(nn.Linear(20, 4)))
+
+
+def test_a_transformers_skeleton_gets_the_description_swaps(tmp_path, tiny_bert):
+    model = tiny_bert()
     ids = torch.randint(0, 200, (4, 16))
     result = mp.compress(model, "int8", calib_data=[{"input_ids": ids}])
     path = tmp_path / "bert.mpz"
     result.save(path)
-    loaded = mp.load(path, model=transformers.BertModel(cfg))
+    loaded = mp.load(path, model=tiny_bert())
     assert isinstance(loaded.encoder.layer[0].attention.self.query, Int8Linear)
     assert torch.equal(loaded(input_ids=ids).last_hidden_state, result.model(input_ids=ids).last_hidden_state)
 

@@ -242,12 +242,12 @@ def swaps_of(spec: Any) -> dict:
     out: dict = {}
 
     def walk(node: Any, prefix: str, depth: int) -> None:
-        if depth > _MAX_DEPTH or not isinstance(node, dict):
+        if depth > _MAX_DEPTH or not isinstance(node, dict) or not isinstance(node.get("t"), str):
             raise CorruptStream("architecture: malformed layer description")
-        if node.get("t") == "Sequential" and isinstance(node.get("c"), list):
+        if node["t"] == "Sequential" and isinstance(node.get("c"), list):
             for i, child in enumerate(node["c"]):
                 walk(child, f"{prefix}.{i}" if prefix else str(i), depth + 1)
-        elif node.get("t") in RUNTIME_MODULES and prefix:
+        elif node["t"] in RUNTIME_MODULES and prefix:
             out[prefix] = node
 
     walk(spec, "", 0)
