@@ -131,7 +131,7 @@ def _const(g, value: float):
     return g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32))
 
 
-def _packed(m: Int8Linear, kernel: str):
+def packed_weight(m: Int8Linear, kernel: str) -> torch.Tensor:
     """The weight in the layout `kernel` wants, built once and rebuilt if the weight changes."""
     key = (kernel, m.weight.data_ptr(), m.weight._version, m.weight_scale.data_ptr())
     cached = getattr(m, "_packed", None)
@@ -150,7 +150,7 @@ def _packed(m: Int8Linear, kernel: str):
 def _run(m: Int8Linear, kernel: str, x: torch.Tensor) -> torch.Tensor:
     if kernel not in KERNELS:
         raise ValueError(f"unknown int8 kernel {kernel!r}; choose from {KERNELS}")
-    packed = _packed(m, kernel)
+    packed = packed_weight(m, kernel)
     if kernel == "dequant":
         return F.linear(x, packed, m.bias)
     if kernel == "int_mm":

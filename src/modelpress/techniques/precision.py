@@ -17,6 +17,7 @@ from torch import nn
 from ..context import RunContext
 from ..errors import ModelpressError
 from ..runtime import register_runtime_module
+from ..runtime.layouts import cached_layout
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import excluded, replace_module
@@ -73,14 +74,8 @@ class Linear16(nn.Module):
         if _NATIVE[self.precision]:
             y = F.linear(x.to(self.weight.dtype), self.weight).float()
             return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)
-        return F.linear(x.float(), self._widened(), self.bias).to(x.dtype)
-
-    def _widened(self) -> torch.Tensor:
-        key = (self.weight.data_ptr(), self.weight._version)
-        cached = self.__dict__.get("_fp32")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_fp32"] = (key, self.weight.detach().float())
-        return cached[1]
+        widened = cached_layout(self, "fp32", lambda: self.weight.detach().float(), self.weight)
+        return F.linear(x.float(), widened, self.bias).to(x.dtype)
 
 
 @register_runtime_module

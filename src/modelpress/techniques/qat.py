@@ -30,7 +30,8 @@ from ..context import RunContext
 from ..errors import ModelpressError
 from ..forms.grid import RoundSTE
 from ..runtime import register_runtime_module
-from ..runtime.int8 import available_kernels
+from ..runtime.int8 import Int8Linear, available_kernels, packed_weight
+from ..runtime.layouts import cached_layout
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState, broadcast_scale
 from .common import excluded, replace_module
@@ -91,27 +92,21 @@ def _fake_quant_input(module: nn.Module, args: tuple) -> tuple:
 
 
 @register_runtime_module
-class StaticInt8Linear(nn.Module):
-    """A Linear with int8 weights (per output channel) and int8 inputs at one static scale."""
+class StaticInt8Linear(Int8Linear):
+    """An Int8Linear (int8 weights per output channel) whose inputs are quantized at one static, trained
+    scale instead of per token."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features))
+        super().__init__(in_features, out_features, bias)
         self.register_buffer("input_scale", torch.ones(1))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.round(x.float() / self.input_scale).clamp_(-QMAX, QMAX)
         q2 = q.reshape(-1, self.in_features)
         if _INT_MM and q2.shape[0] > 16 and not torch.is_grad_enabled():  # int8 x int8 -> int32 (VNNI / AMX)
-            y = torch._int_mm(q2.to(torch.int8), _cached(self, "t", lambda: self.weight.t().contiguous())).float()
+            y = torch._int_mm(q2.to(torch.int8), packed_weight(self, "int_mm")).float()
         else:
-            y = F.linear(q2, _cached(self, "f", self.weight.float))
+            y = F.linear(q2, cached_layout(self, "float", self.weight.float, self.weight))
         y = y.reshape(*q.shape[:-1], self.out_features) * (self.input_scale * self.weight_scale)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
@@ -141,21 +136,13 @@ class StaticInt8Conv2d(nn.Module):
         s = self.input_scale
         q = torch.div(x.float(), s).round_().clamp_(-QMAX, QMAX)
         # y = s * (q (*) (w * w_scale) + bias / s): the per-channel scale and the bias ride in the conv
-        w = _cached(self, "scaled", lambda: self.weight.float() * self.weight_scale.view(-1, 1, 1, 1))
+        w = cached_layout(self, "scaled", lambda: self.weight.float() * self.weight_scale.view(-1, 1, 1, 1),
+                          self.weight, self.weight_scale)
         bias = None if self.bias is None else self.bias / s
         return F.conv2d(q, w, bias, self.stride, self.padding, self.dilation, self.groups).mul_(s).to(x.dtype)
 
 
 _INT_MM = hasattr(torch, "_int_mm") and "int_mm" in available_kernels()  # fast only with VNNI / AMX
-
-
-def _cached(m: nn.Module, kind: str, make) -> torch.Tensor:
-    """The int8 weight in another layout, rebuilt only when the weight changes."""
-    key = (kind, m.weight.data_ptr(), m.weight._version, m.weight_scale.data_ptr(), m.weight_scale._version)
-    cache = m.__dict__.setdefault("_layouts", {})
-    if cache.get(kind, (None,))[0] != key:
-        cache[kind] = (key, make())
-    return cache[kind][1]
 
 
 def targets(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
