@@ -12,13 +12,6 @@ from modelpress.techniques.blocks import BlockPruneConfig, candidates
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_bert(layers=4):
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return transformers.BertModel(cfg).eval()
-
-
 def batches(n=3):
     g = torch.Generator().manual_seed(1)
     return [{"input_ids": torch.randint(0, 200, (4, 16), generator=g)} for _ in range(n)]
@@ -47,8 +40,8 @@ def test_the_recipe_routes_to_block_removal_and_checks_the_amount():
             mp.Recipe.from_yaml(f"stages: [{{prune: {bad}}}]")
 
 
-def test_the_cheapest_layer_goes_and_the_file_rebuilds_the_shorter_model(tmp_path, caplog):
-    model = tiny_bert()
+def test_the_cheapest_layer_goes_and_the_file_rebuilds_the_shorter_model(tmp_path, caplog, tiny_bert):
+    model = tiny_bert(4)
     make_passthrough(model.encoder.layer[2])
     with caplog.at_level(logging.INFO, logger="modelpress.techniques.blocks"):
         result = drop(model, {"blocks": 1}, calib_data=batches())
@@ -67,8 +60,8 @@ def test_the_cheapest_layer_goes_and_the_file_rebuilds_the_shorter_model(tmp_pat
     assert result.report.rows[-1].params < result.report.rows[0].params
 
 
-def test_sparsity_counts_a_share_of_the_blocks_and_exclude_keeps_one():
-    model = tiny_bert()
+def test_sparsity_counts_a_share_of_the_blocks_and_exclude_keeps_one(tiny_bert):
+    model = tiny_bert(4)
     make_passthrough(model.encoder.layer[1])
     result = mp.compress(model, {"stages": [{"prune": {"granularity": "block", "sparsity": 0.5,
                                                        "exclude": ["encoder.layer.1"]}}]}, calib_data=batches())
@@ -129,7 +122,7 @@ def test_a_user_model_loses_its_cheapest_residual_block_and_loads_into_its_skele
     assert isinstance(loaded.stage[1], nn.Identity) and torch.equal(loaded(x), result.model(x))
 
 
-def test_no_candidates_or_too_many_is_a_clear_error():
+def test_no_candidates_or_too_many_is_a_clear_error(tiny_bert):
     mlp = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(ModelpressError, match="found no block"):
         drop(mlp, {"blocks": 1}, calib_data=[torch.randn(4, 10)])
@@ -139,10 +132,10 @@ def test_no_candidates_or_too_many_is_a_clear_error():
         drop(tiny_bert(2), {"blocks": 1})
 
 
-def test_hidden_distillation_pairs_each_layer_with_its_original():
+def test_hidden_distillation_pairs_each_layer_with_its_original(tiny_bert):
     from modelpress.techniques.losses import _matched_blocks
 
-    model = tiny_bert()
+    model = tiny_bert(4)
     make_passthrough(model.encoder.layer[1])
     result = drop(model, {"blocks": 1}, calib_data=batches())
     assert result.state.renamed == {"encoder.layer.0": "encoder.layer.0", "encoder.layer.1": "encoder.layer.2",

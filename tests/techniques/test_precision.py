@@ -76,14 +76,10 @@ def test_a_training_stage_after_it_trains_the_16_bit_weights():
     assert not torch.equal(result.model[0].weight, model[0].weight.detach().bfloat16())
 
 
-def test_a_transformer_gets_16_bit_embeddings_too_and_rebuilds_from_its_file(tmp_path):
-    transformers = pytest.importorskip("transformers")
+def test_a_transformer_gets_16_bit_embeddings_too_and_rebuilds_from_its_file(tmp_path, tiny_bert):
     from modelpress.techniques.precision import Embedding16
 
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    model = tiny_bert()
     ids = torch.randint(0, 200, (4, 16))
     result = mp.compress(model, {"stages": [{"precision": {}}]}, calib_data=[{"input_ids": ids}])
     emb = result.model.embeddings.word_embeddings
