@@ -22,7 +22,7 @@ import torch
 from common import minilm  # benchmarks/common.py
 import modelpress as mp
 from modelpress.measure import latencies, machine_line
-from modelpress.techniques.precision import native
+from modelpress.capabilities import native
 
 
 class _Bf16(torch.nn.Module):

@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "modelpress"
 
 # lowest first; a name is a module or a package (all its modules). A new module must be placed here.
 LAYERS = [
-    {"errors", "safe_yaml", "presets"},
+    {"errors", "safe_yaml", "presets", "capabilities"},
     {"batches", "context", "stage", "state"},
     {"format", "runtime", "graph", "measure", "report", "surgery", "forms"},
     {"techniques"},

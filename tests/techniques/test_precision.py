@@ -5,8 +5,9 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.errors import ModelpressError
-from modelpress.techniques import precision
-from modelpress.techniques.precision import Linear16, PrecisionConfig
+from modelpress.runtime import half
+from modelpress.runtime.half import Linear16
+from modelpress.techniques.precision import PrecisionConfig
 
 
 def mlp():
@@ -49,7 +50,7 @@ def test_both_paths_compute_the_same_product_up_to_16_bit_rounding(monkeypatch):
     x = torch.randn(16, 64)
     with torch.no_grad():
         native = result.model(x)
-        monkeypatch.setitem(precision._NATIVE, "bf16", False)  # the fp32 path, as on a CPU without bf16
+        monkeypatch.setattr(half, "native", lambda p: False)  # the fp32 path, as on a CPU without bf16
         widened = result.model(x)
         w, b = result.model[0].weight.float(), result.model[0].bias
     assert torch.allclose(result.model[0](x), x @ w.T + b, atol=1e-5)  # fp32 from the 16-bit weight, exactly
@@ -77,7 +78,7 @@ def test_a_training_stage_after_it_trains_the_16_bit_weights():
 
 
 def test_a_transformer_gets_16_bit_embeddings_too_and_rebuilds_from_its_file(tmp_path, tiny_bert):
-    from modelpress.techniques.precision import Embedding16
+    from modelpress.runtime.half import Embedding16
 
     model = tiny_bert()
     ids = torch.randint(0, 200, (4, 16))

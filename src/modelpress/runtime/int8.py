@@ -1,44 +1,41 @@
 """int8 x int8 linear layers: weights quantized per output channel, activations per token at run time.
 
-The integer matrix multiply has several CPU implementations and none is fastest everywhere
-(`torch._int_mm` is 7x faster than fp32 on a CPU with VNNI and 60x slower on one with only AVX2;
-oneDNN's u8 x s8 kernel is fast on both). Each layer shape picks its kernel the first time it runs,
-by timing the candidates on this CPU, so it is never slower than the fp32 layer it replaces
-(the dequantized fp32 weight is one candidate). All integer kernels accumulate exactly, so the
-choice changes speed, not results beyond float rounding. The choices live in a `KernelCache` (one
-shared by default, keyed by layer shape; give a layer its own to keep it apart); a layer's `kernel`
-attribute, or `MODELPRESS_INT8_KERNEL` in the environment when the module is imported, forces one.
+Two kernels compute the same product, q(x) x W_int8 x scales, and agree to float rounding:
+- "onednn": oneDNN's u8 x s8 matrix multiply (AMX or VNNI where the CPU has them, AVX2 otherwise). On a
+  CPU with native bf16 it writes its result in bf16, which on AMX is 8x faster than asking it for fp32
+  (1.9 ms against 15 ms for 8192x384 @ 384x1536 on a Xeon with AMX), at bf16's rounding of each output.
+- "reference": the same quantized inputs times a cached fp32 copy of the weight, for layers too small for
+  the integer kernel's fixed cost to pay (at batch 1, a 768x768 layer runs 2.6x slower through oneDNN
+  than in fp32).
+The choice is a rule on the layer's shape and the number of rows (`plan`), so a busy machine cannot
+change it, and neither speed nor results depend on what ran before. A layer's `kernel` attribute, or
+`MODELPRESS_INT8_KERNEL` in the environment when the module is imported, forces one. `torch._int_mm`
+is not used: on AMX it runs oneDNN's older s8 x s8 path, 10x slower than the u8 x s8 one.
 """
 from __future__ import annotations
 
 import os
-import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-KERNELS = ("int_mm", "onednn", "dequant")
+from ..capabilities import native_bf16
+from .layouts import cached_layout
+
+KERNELS = ("onednn", "reference")
 FORCED_KERNEL = os.environ.get("MODELPRESS_INT8_KERNEL") or None  # read once, at import
+ONEDNN = hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available()
+BIG_WEIGHT = 1 << 20    # in x out: an integer product this big pays at any batch (memory-bound at batch 1)
+BIG_PRODUCT = 1 << 24   # rows x in x out: multiply-adds enough to repay quantizing the inputs
 
 
-class KernelCache:
-    """The fastest kernel measured for each (in, out, rows bucket), so that layers of one shape time
-    the candidates once."""
-
-    def __init__(self) -> None:
-        self.choices: dict[tuple[int, int, int], str] = {}
-
-    def choose(self, m: "Int8Linear", x: torch.Tensor) -> str:
-        bucket = 1 << max(0, (x.shape[0] - 1).bit_length())
-        key = (m.in_features, m.out_features, min(bucket, 4096))
-        if key not in self.choices:
-            self.choices[key] = _time_kernels(m, x)
-        return self.choices[key]
-
-
-DEFAULT_CACHE = KernelCache()
+def plan(in_features: int, out_features: int, rows: int) -> str:
+    """The kernel an int8 layer of this shape uses for `rows` input rows."""
+    weight = in_features * out_features
+    if ONEDNN and (weight >= BIG_WEIGHT or rows * weight >= BIG_PRODUCT):
+        return "onednn"
+    return "reference"
 
 
 def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,18 +47,6 @@ def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch
     return q, amax / 127.0
 
 
-def available_kernels() -> list[str]:
-    """The kernels this torch build and CPU can run (fastest first by expectation, fp32 last)."""
-    out = []
-    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    if hasattr(torch, "_int_mm") and vnni:
-        out.append("int_mm")  # on CPUs without VNNI it is tens of times slower than fp32: never a candidate
-    if hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available():
-        out.append("onednn")
-    return out + ["dequant"]
-
-
 class Int8Linear(nn.Module):
     """A drop-in `nn.Linear` holding int8 weights and per-output-channel float scales."""
 
@@ -71,9 +56,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.kernel: str | None = FORCED_KERNEL  # None: the fastest measured on this CPU
-        self.cache = DEFAULT_CACHE
-        self._packed: tuple | None = None       # (key, weight in the layout of the kernel that ran last)
+        self.kernel: str | None = FORCED_KERNEL  # None: `plan` decides per call
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
@@ -86,7 +69,7 @@ class Int8Linear(nn.Module):
         return m
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.weight_scale.unsqueeze(1)
+        return self.weight.float() * self.weight_scale.float().unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -94,15 +77,14 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             return _OnnxInt8Linear.apply(x, self.weight, self.weight_scale, self.bias)
+        if torch.compiler.is_compiling():
+            return _traced(self, x)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
+        x2 = x.reshape(-1, shape[-1]).float()
         if torch.is_grad_enabled() and (x2.requires_grad or (self.bias is not None and self.bias.requires_grad)):
-            kernel = "dequant"  # training through the layer: a differentiable float path
+            y = F.linear(x2, self.dequantized(), self.bias)  # training through the layer: differentiable
         else:
-            kernel = self.kernel or self.cache.choose(self, x2)
-        y = _run(self, kernel, x2)
+            y = _run(self, self.kernel or plan(self.in_features, self.out_features, x2.shape[0]), x2)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -133,58 +115,40 @@ def _const(g, value: float):
 
 def packed_weight(m: Int8Linear, kernel: str) -> torch.Tensor:
     """The weight in the layout `kernel` wants, built once and rebuilt if the weight changes."""
-    key = (kernel, m.weight.data_ptr(), m.weight._version, m.weight_scale.data_ptr())
-    cached = getattr(m, "_packed", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    if kernel == "int_mm":
-        packed = m.weight.t().contiguous()
-    elif kernel == "onednn":
-        packed = torch.ops.onednn.qlinear_prepack(m.weight, None)
-    else:
-        packed = m.dequantized()
-    m._packed = (key, packed)
-    return packed
+    if kernel == "onednn":
+        return cached_layout(m, "onednn", lambda: torch.ops.onednn.qlinear_prepack(m.weight, None), m.weight)
+    return cached_layout(m, "fp32", lambda: m.weight.float(), m.weight)
 
 
 def _run(m: Int8Linear, kernel: str, x: torch.Tensor) -> torch.Tensor:
     if kernel not in KERNELS:
         raise ValueError(f"unknown int8 kernel {kernel!r}; choose from {KERNELS}")
-    packed = packed_weight(m, kernel)
-    if kernel == "dequant":
-        return F.linear(x, packed, m.bias)
-    if kernel == "int_mm":
+    scale = m.weight_scale.float()
+    if kernel == "reference":
         q, sx = quantize_rows(x)
-        y = torch._int_mm(q.to(torch.int8), packed) * m.weight_scale
+        y = F.linear(q, packed_weight(m, kernel)).mul_(scale)
     else:
         q, sx = quantize_rows(x, offset=128)
         zero = torch.zeros(m.out_features, dtype=torch.long)
-        y = torch.ops.onednn.qlinear_pointwise(q.to(torch.uint8), 1.0, 128, packed, m.weight_scale, zero, None,
-                                               1.0, 0, torch.float32, "none", [None], "")
+        out = torch.bfloat16 if native_bf16() else torch.float32
+        y = torch.ops.onednn.qlinear_pointwise(q.to(torch.uint8), 1.0, 128, packed_weight(m, kernel), scale, zero,
+                                               None, 1.0, 0, out, "none", [None], "").float()
     y.mul_(sx.unsqueeze(1))
-    return y.add_(m.bias) if m.bias is not None else y
+    return y.add_(m.bias.float()) if m.bias is not None else y
 
 
-def _time_kernels(m: Int8Linear, x: torch.Tensor) -> str:
-    """The fastest available kernel on this input shape (best of three timed runs each)."""
-    sample = x[: 4096] if x.shape[0] > 4096 else x
-    best, best_t = "dequant", float("inf")
-    with torch.no_grad():
-        for kernel in available_kernels():
-            try:
-                t = _best_time(lambda: _run(m, kernel, sample))
-            except Exception:  # a kernel this build cannot run on this input
-                continue
-            if t < best_t:
-                best, best_t = kernel, t
-    return best
-
-
-def _best_time(fn: Callable[[], object], repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def _traced(m: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The same product written as quantize / dequantize around a float linear, the pattern inductor's
+    freezing passes turn into one oneDNN int8 kernel, with the quantization fused into the ops before it
+    and the per-token scale and bias into the ops after it (runtime/compiled.py)."""
+    dq = torch.ops.quantized_decomposed
+    x2 = x.float()
+    amax = torch.maximum(x2.amax(-1, keepdim=True), x2.amin(-1, keepdim=True).neg()).clamp_min(1e-12)
+    q = torch.mul(x2, 127.0 / amax).round().add(128).to(torch.uint8)
+    xd = dq.dequantize_per_tensor(q, 1.0, 128, 0, 255, torch.uint8)
+    zero = torch.zeros(m.out_features, dtype=torch.long)
+    wd = dq.dequantize_per_channel(m.weight, m.weight_scale.float(), zero, 0, -128, 127, torch.int8)
+    if native_bf16():  # the kernel writes bf16 (see the module docstring)
+        xd, wd = xd.to(torch.bfloat16), wd.to(torch.bfloat16)
+    y = F.linear(xd, wd).float() * (amax / 127.0)
+    return (y if m.bias is None else y + m.bias.float()).to(x.dtype)

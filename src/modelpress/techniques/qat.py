@@ -9,9 +9,9 @@ gradient through the rounding, scaled by 1/sqrt(elements x 127)), or kept as cal
 `StaticInt8Conv2d`: int8 weight codes, their scales and the learned input scale, quantizing their
 input at run time exactly as trained.
 
-The Linear layer multiplies int8 x int8 into int32 with `torch._int_mm` on CPUs with VNNI or AMX (and
-for more than 16 rows); elsewhere its products are float32 sums of the integer codes, exact while a sum
-has fewer than 2**24 / 127**2 = 1,040 terms. The conv layer convolves the integer input codes with the
+The Linear layer runs oneDNN's u8 x s8 kernel with the input scale and the bias applied inside it
+where `runtime.int8.plan` picks that kernel (big layers, many rows); elsewhere its products are float32
+sums of the integer codes, exact while a sum has fewer than 2**24 / 127**2 = 1,040 terms. The conv layer convolves the integer input codes with the
 weight times its per-channel scales in float32 (the same values up to float rounding; no integer conv
 kernel is used), so it runs a little slower than the fp32 conv it replaces.
 """
@@ -26,11 +26,12 @@ from pydantic import Field
 from torch import nn
 
 from ..batches import call_model, split_batch
+from ..capabilities import native_bf16
 from ..context import RunContext
 from ..errors import ModelpressError
 from ..forms.grid import RoundSTE
 from ..runtime import register_runtime_module
-from ..runtime.int8 import Int8Linear, available_kernels, packed_weight
+from ..runtime.int8 import Int8Linear, packed_weight, plan
 from ..runtime.layouts import cached_layout
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState, broadcast_scale
@@ -103,10 +104,15 @@ class StaticInt8Linear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.round(x.float() / self.input_scale).clamp_(-QMAX, QMAX)
         q2 = q.reshape(-1, self.in_features)
-        if _INT_MM and q2.shape[0] > 16 and not torch.is_grad_enabled():  # int8 x int8 -> int32 (VNNI / AMX)
-            y = torch._int_mm(q2.to(torch.int8), packed_weight(self, "int_mm")).float()
-        else:
-            y = F.linear(q2, cached_layout(self, "float", self.weight.float, self.weight))
+        kernel = self.kernel or plan(self.in_features, self.out_features, q2.shape[0])
+        if kernel == "onednn" and not torch.is_grad_enabled():  # scales and bias inside the kernel
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            y = torch.ops.onednn.qlinear_pointwise(
+                q2.add_(128).to(torch.uint8), float(self.input_scale), 128, packed_weight(self, "onednn"),
+                self.weight_scale.float(), zero, None if self.bias is None else self.bias.float(), 1.0, 0,
+                torch.bfloat16 if native_bf16() else torch.float32, "none", [None], "").float()
+            return y.reshape(*q.shape[:-1], self.out_features).to(x.dtype)
+        y = F.linear(q2, packed_weight(self, "reference"))
         y = y.reshape(*q.shape[:-1], self.out_features) * (self.input_scale * self.weight_scale)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
@@ -140,9 +146,6 @@ class StaticInt8Conv2d(nn.Module):
                           self.weight, self.weight_scale)
         bias = None if self.bias is None else self.bias / s
         return F.conv2d(q, w, bias, self.stride, self.padding, self.dilation, self.groups).mul_(s).to(x.dtype)
-
-
-_INT_MM = hasattr(torch, "_int_mm") and "int_mm" in available_kernels()  # fast only with VNNI / AMX
 
 
 def targets(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:

@@ -1,0 +1,67 @@
+"""modelpress.accelerate: the same model in its compute dtype, compiled, for inference."""
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.capabilities import native_bf16
+from modelpress.runtime import int8 as int8_runtime
+from modelpress.runtime.half import Linear16
+from modelpress.runtime.int8 import Int8Linear
+
+
+def int8_mlp():
+    torch.manual_seed(0)
+    layers = []
+    for i, o in ((256, 1024), (1024, 256)):
+        w = torch.randn(o, i) / i ** 0.5
+        s = w.abs().amax(1) / 127
+        layers += [Int8Linear.from_codes(torch.round(w / s[:, None]), s, torch.randn(o) * 0.1), nn.GELU()]
+    return nn.Sequential(nn.LayerNorm(256), *layers[:-1]).eval()
+
+
+def cos(a, b):
+    return float(nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0))
+
+
+def test_eager_fp32_with_int8_kernels_is_the_model_itself():
+    model, x = int8_mlp(), torch.randn(64, 256)
+    with torch.no_grad():
+        expected = model(x)
+    fast = mp.accelerate(model, dtype="fp32", int8="kernel", compile=False)
+    assert fast.describe() == "eager, float32 compute, int8 layers: int8 kernel"
+    assert torch.equal(fast(x), expected)
+
+
+def test_bf16_widens_int8_layers_and_casts_inputs_and_outputs():
+    model, x = int8_mlp(), torch.randn(64, 256)
+    with torch.no_grad():
+        reference = nn.functional.linear(nn.functional.layer_norm(x, (256,)), model[1].dequantized(), model[1].bias)
+    fast = mp.accelerate(model, dtype="bf16", int8="bf16", compile=False)
+    assert isinstance(fast.model[1], Linear16) and fast.model[1].weight.dtype == torch.bfloat16
+    assert fast.model[0].weight.dtype == torch.bfloat16
+    y = fast(x)
+    assert y.dtype == torch.float32 and y.shape == (64, 256)
+    with torch.no_grad():
+        first = fast.model[1](fast.model[0](x.bfloat16())).float()
+    assert cos(first, reference) > 0.999  # bf16 products of the int8 weights: the int8 layer's function
+
+
+@pytest.mark.skipif(not int8_runtime.ONEDNN, reason="no oneDNN int8 kernel in this torch build")
+def test_compiled_int8_kernels_agree_with_eager():
+    model, x = int8_mlp(), torch.randn(512, 256)
+    with torch.no_grad():
+        eager = model(x)
+    fast = mp.accelerate(model, dtype="fp32", int8="kernel")
+    y = fast(x)
+    assert fast.graph == "inductor (freezing)"
+    tol = 1e-2 if native_bf16() else 1e-4  # the kernel writes bf16 where bf16 is native
+    assert float((y - eager).norm() / eager.norm()) < tol
+    assert torch.equal(fast(x), y)  # compiled once, same answer again
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        mp.accelerate(int8_mlp(), dtype="int4")
+    with pytest.raises(ValueError, match="int8 must be one of"):
+        mp.accelerate(int8_mlp(), int8="fast")
