@@ -100,12 +100,16 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
                              manifest=out.manifest, streams=out.streams)
 
 
-def load(path: str | os.PathLike | bytes, model: nn.Module | None = None, *, max_bytes: int | None = None
-         ) -> nn.Module:
+def load(path: str | os.PathLike | bytes, model: nn.Module | None = None, *, max_bytes: int | None = None,
+         packed: bool = True) -> nn.Module:
     """A runnable model from a .mpz file. Pass a skeleton `model` of the original class when the file's
     architecture is not made only of standard torch.nn layers; its weights are replaced.
+
+    With `packed` (the default) Linear and Embedding weights stored on a 2-8 bit grid stay packed in
+    memory (`runtime.PackedLinear` / `PackedEmbedding`), so the loaded model holds about what the file
+    does; `packed=False` gives plain fp32 layers. For speed on this CPU, pass the model to `accelerate`.
 
     Every file is treated as hostile: nothing in it runs code or reaches the network, and it may decode to
     at most `max_bytes` (default: 1024x the bytes of its streams, about its size, and at least 16 MiB);
     raise it for a trusted file that expands more."""
-    return mpz.load(path, model=model, max_bytes=max_bytes)
+    return mpz.load(path, model=model, max_bytes=max_bytes, packed=packed)

@@ -116,3 +116,11 @@ def _required(m: nn.Module) -> Sizes:
 def _select(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     kept = t.detach().index_select(dim, idx).clone()
     return nn.Parameter(kept, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else kept
+
+
+def replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` is ("" is not a submodule: the model itself stays)."""
+    parent, _, child = name.rpartition(".")
+    if not child:
+        raise ValueError("the model itself cannot be replaced inside itself")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

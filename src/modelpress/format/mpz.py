@@ -10,7 +10,8 @@ from torch import nn
 
 from .. import surgery
 from ..errors import CorruptStream, FormatError, ModelMismatch
-from ..state import CompressionState
+from ..runtime.packed import packable, packed_layer
+from ..state import FORMS, CompressionState
 from . import arch, guard
 from .codecs import check_entry, decode_tensor, encode_tensor
 from .container import read_container, write_container
@@ -40,14 +41,20 @@ def encode_model(model: nn.Module, state: CompressionState, meta: dict | None = 
     return manifest, streams
 
 
-def decode_state_dict(manifest: dict, streams: dict[str, bytes]) -> dict[str, torch.Tensor]:
-    """Every tensor of a manifest, decoded and checked."""
+def decode_state_dict(manifest: dict, streams: dict[str, bytes], as_grid: set[str] = frozenset()
+                      ) -> dict[str, Any]:
+    """Every tensor of a manifest, decoded and checked; those named in `as_grid` (grid-coded, unmasked)
+    as the form's codes and scales (`forms.grid.GridWeight`) instead of a float tensor."""
     entries = _entries(manifest)
     out, aliases = {}, {}
     for i, name in enumerate(sorted(entries)):
         entry = entries[name]
         if entry.get("kind") == "alias":
             aliases[name] = entry
+            continue
+        if name in as_grid:
+            grid, _ = FORMS["quant"].decode_grid(name, entry, streams, str(i), *check_entry(name, entry))
+            out[name] = grid
             continue
         out[name] = decode_tensor(name, entry, streams, key=str(i))
     for name, entry in aliases.items():
@@ -130,8 +137,8 @@ def read(source: str | os.PathLike | bytes) -> tuple[dict, dict[str, bytes], int
     return manifest, streams, sum(len(s) for s in streams.values())
 
 
-def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_bytes: int | None = None
-         ) -> nn.Module:
+def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_bytes: int | None = None,
+         packed: bool = True) -> nn.Module:
     """Rebuild the model (from its stored architecture, or into the skeleton `model`, where the file's runtime
     layers and resized layers take the place of the skeleton's) with decoded weights.
 
@@ -154,8 +161,39 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_
             arch.apply_swaps(model, swaps, max_modules=guard.max_modules_for(len(declared)), max_bytes=limit)
         _resize_layers(model, declared)
     _check_against(model, declared)
-    model.load_state_dict(decode_state_dict(manifest, streams), assign=True)
+    keep = _packable(model, manifest) if packed else set()
+    state = decode_state_dict(manifest, streams, as_grid=keep)
+    for name in keep:  # the layer is replaced by its packed form, holding the codes as stored
+        layer = name.removesuffix(".weight")
+        bias = state.pop(f"{layer}.bias", None)
+        surgery.replace(model, layer, packed_layer(model.get_submodule(layer), state.pop(name), bias))
+    missing, unexpected = model.load_state_dict(state, strict=not keep, assign=True)
+    layers = {name.removesuffix(".weight") for name in keep}
+    missing = [m for m in missing if m.rpartition(".")[0] not in layers]  # the packed layers' own tensors
+    if missing or unexpected:
+        raise ModelMismatch(f"the file's tensors do not match the model: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def _packable(model: nn.Module, manifest: dict) -> set[str]:
+    """The weights load keeps packed: grid-coded at 2-8 bits, unmasked, of an nn.Linear or nn.Embedding
+    (`runtime.packed.packable`), and not shared with another tensor."""
+    entries = _entries(manifest)
+    shared = {e.get("of") for e in entries.values() if e.get("kind") == "alias"}
+    out = set()
+    for name, entry in entries.items():
+        if entry.get("kind") != "q" or entry.get("masked") or name in shared or not name.endswith(".weight"):
+            continue
+        bits = entry.get("bits")
+        layer = name.removesuffix(".weight")
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            continue
+        if isinstance(bits, int) and 2 <= bits <= 8 and packable(module):
+            out.add(name)
+    return out
 
 
 def _resize_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

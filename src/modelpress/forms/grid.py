@@ -3,6 +3,8 @@ group of inputs (the scales' two byte planes entropy-coded where there are many)
 storing it apart is smaller. Training moves latent weights; rounding is straight-through."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -38,6 +40,18 @@ class _Quant(nn.Module):
         return w if self.mask is None else w * self.mask
 
 
+@dataclass
+class GridWeight:
+    """A grid-quantized tensor as the file stores it: signed integer codes (the tensor's shape) times
+    `scale`, one per tensor (a 0-d or 1-element tensor), per row (rows,) or per `group` inputs of a row
+    (rows, groups); `group` 0 when not grouped."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    group: int
+    bits: int
+
+
 class Grid:
     name = "quant"
     file_kinds = ("q",)
@@ -66,6 +80,13 @@ class Grid:
 
     def decode(self, name: str, entry: dict, streams: dict[str, bytes], key: str, shape: tuple[int, ...],
                dtype: torch.dtype, numel: int) -> torch.Tensor:
+        g, mask = self.decode_grid(name, entry, streams, key, shape, dtype, numel)
+        w = g.codes.float() * broadcast_scale(g.scale, g.codes, g.group or None)
+        return w if mask is None else w * mask
+
+    def decode_grid(self, name: str, entry: dict, streams: dict[str, bytes], key: str, shape: tuple[int, ...],
+                    dtype: torch.dtype, numel: int) -> tuple["GridWeight", torch.Tensor | None]:
+        """The codes and scales as stored, and the mask (None where not `masked`)."""
         mask, codes = decode_codes(name, entry, streams, key, shape, dtype, numel)
         bits = int_field(name, entry, "bits", 1, 16)
         rows = shape[0] if shape else 1
@@ -87,8 +108,7 @@ class Grid:
         if codes.numel() and int(codes.max()) > 2 * qmax:
             raise CorruptStream(f"tensor {name!r}: a code is outside the {bits}-bit range")
         q = (scatter(codes, mask, shape, fill=qmax) - qmax).to(torch.int32)
-        w = q.float() * broadcast_scale(scale, q, group)
-        return w if mask is None else w * mask
+        return GridWeight(q, scale, group or 0, bits), mask
 
     def parametrize(self, st: ParamState, weight: torch.Tensor) -> nn.Module | None:
         return _Quant(broadcast_scale(st.scale, weight, st.group), st.bits, st.mask)

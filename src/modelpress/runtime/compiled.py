@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .. import surgery
 from ..capabilities import native_bf16
 from .half import Linear16
 from .int8 import Int8Linear
@@ -108,5 +109,4 @@ def _widen_int8(model: nn.Module) -> None:
             new.weight.data = m.dequantized().to(torch.bfloat16)
             if m.bias is not None:
                 new.bias.data = m.bias.detach().float()
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            surgery.replace(model, name, new)

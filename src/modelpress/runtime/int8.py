@@ -1,14 +1,17 @@
 """int8 x int8 linear layers: weights quantized per output channel, activations per token at run time.
 
-Two kernels compute the same product, q(x) x W_int8 x scales, and agree to float rounding:
-- "onednn": oneDNN's u8 x s8 matrix multiply (AMX or VNNI where the CPU has them, AVX2 otherwise). On a
-  CPU with native bf16 it writes its result in bf16, which on AMX is 8x faster than asking it for fp32
-  (1.9 ms against 15 ms for 8192x384 @ 384x1536 on a Xeon with AMX), at bf16's rounding of each output.
-- "reference": the same quantized inputs times a cached fp32 copy of the weight, for layers too small for
-  the integer kernel's fixed cost to pay (at batch 1, a 768x768 layer runs 2.6x slower through oneDNN
-  than in fp32).
-The choice is a rule on the layer's shape and the number of rows (`plan`), so a busy machine cannot
-change it, and neither speed nor results depend on what ran before. A layer's `kernel` attribute, or
+Two kernels:
+- "onednn": the int8 x int8 product, per-token int8 inputs times the int8 weights, by oneDNN's u8 x s8
+  matrix multiply (AMX or VNNI where the CPU has them, AVX2 otherwise). On a CPU with native bf16 it
+  writes its result in bf16, which on AMX is 8x faster than asking it for fp32 (1.9 ms against 15 ms for
+  8192x384 @ 384x1536 on a Xeon with AMX), at bf16's rounding of each output.
+- "dequant": the fp32 inputs times a cached fp32 copy of the dequantized weight (weight-only int8), for
+  layers too small for the integer kernel's fixed cost to pay: at batch 1 a 768x768 layer runs 2.6x
+  slower through oneDNN than in fp32, and quantizing the inputs alone, in eager PyTorch's separate
+  elementwise passes, costs a small layer as much as its product.
+The two differ by the rounding of the inputs to int8 (relative error about 1e-3 on the outputs). The
+choice is a rule on the layer's shape and the number of rows (`plan`): a busy machine cannot change it,
+and the same layer given the same number of rows always computes the same way. A layer's `kernel` attribute, or
 `MODELPRESS_INT8_KERNEL` in the environment when the module is imported, forces one. `torch._int_mm`
 is not used: on AMX it runs oneDNN's older s8 x s8 path, 10x slower than the u8 x s8 one.
 """
@@ -21,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capabilities import native_bf16
-from .layouts import cached_layout
+from .layouts import cached_layout, keep_small_layer_weight, small_layer_weight
 
-KERNELS = ("onednn", "reference")
+KERNELS = ("onednn", "dequant")
 FORCED_KERNEL = os.environ.get("MODELPRESS_INT8_KERNEL") or None  # read once, at import
 ONEDNN = hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available()
 BIG_WEIGHT = 1 << 20    # in x out: an integer product this big pays at any batch (memory-bound at batch 1)
@@ -35,7 +38,7 @@ def plan(in_features: int, out_features: int, rows: int) -> str:
     weight = in_features * out_features
     if ONEDNN and (weight >= BIG_WEIGHT or rows * weight >= BIG_PRODUCT):
         return "onednn"
-    return "reference"
+    return "dequant"
 
 
 def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,17 +78,24 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() * self.out_features < BIG_PRODUCT and self.kernel != "onednn":
+            w = small_layer_weight(self, x)  # small layers: one op, as in nn.Linear
+            if w is not None:
+                return F.linear(x, w, self.bias)
         if torch.onnx.is_in_onnx_export():
             return _OnnxInt8Linear.apply(x, self.weight, self.weight_scale, self.bias)
         if torch.compiler.is_compiling():
             return _traced(self, x)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
         if torch.is_grad_enabled() and (x2.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             y = F.linear(x2, self.dequantized(), self.bias)  # training through the layer: differentiable
         else:
             y = _run(self, self.kernel or plan(self.in_features, self.out_features, x2.shape[0]), x2)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        y = y.reshape(*shape[:-1], self.out_features) if len(shape) != 2 else y
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class _OnnxInt8Linear(torch.autograd.Function):
@@ -114,26 +124,27 @@ def _const(g, value: float):
 
 
 def packed_weight(m: Int8Linear, kernel: str) -> torch.Tensor:
-    """The weight in the layout `kernel` wants, built once and rebuilt if the weight changes."""
+    """The weight in the layout `kernel` wants, built once and rebuilt if the weight changes: oneDNN's
+    prepacked int8, or for "dequant" the codes times their scales in fp32."""
     if kernel == "onednn":
         return cached_layout(m, "onednn", lambda: torch.ops.onednn.qlinear_prepack(m.weight, None), m.weight)
-    return cached_layout(m, "fp32", lambda: m.weight.float(), m.weight)
+    return cached_layout(m, "fp32", m.dequantized, m.weight, m.weight_scale)
 
 
 def _run(m: Int8Linear, kernel: str, x: torch.Tensor) -> torch.Tensor:
-    if kernel not in KERNELS:
+    if kernel == "dequant":
+        w = packed_weight(m, kernel)
+        if m.in_features * m.out_features < BIG_WEIGHT:
+            keep_small_layer_weight(m, ("weight", "weight_scale"), w)
+        return F.linear(x, w, m.bias)
+    if kernel != "onednn":
         raise ValueError(f"unknown int8 kernel {kernel!r}; choose from {KERNELS}")
-    scale = m.weight_scale.float()
-    if kernel == "reference":
-        q, sx = quantize_rows(x)
-        y = F.linear(q, packed_weight(m, kernel)).mul_(scale)
-    else:
-        q, sx = quantize_rows(x, offset=128)
-        zero = torch.zeros(m.out_features, dtype=torch.long)
-        out = torch.bfloat16 if native_bf16() else torch.float32
-        y = torch.ops.onednn.qlinear_pointwise(q.to(torch.uint8), 1.0, 128, packed_weight(m, kernel), scale, zero,
-                                               None, 1.0, 0, out, "none", [None], "").float()
-    y.mul_(sx.unsqueeze(1))
+    q, sx = quantize_rows(x, offset=128)
+    zero = torch.zeros(m.out_features, dtype=torch.long)
+    out = torch.bfloat16 if native_bf16() else torch.float32
+    y = torch.ops.onednn.qlinear_pointwise(q.to(torch.uint8), 1.0, 128, packed_weight(m, kernel),
+                                           m.weight_scale.float(), zero, None, 1.0, 0, out, "none", [None], "")
+    y = y.float().mul_(sx.unsqueeze(1))
     return y.add_(m.bias.float()) if m.bias is not None else y
 
 

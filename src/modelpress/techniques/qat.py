@@ -112,7 +112,7 @@ class StaticInt8Linear(Int8Linear):
                 self.weight_scale.float(), zero, None if self.bias is None else self.bias.float(), 1.0, 0,
                 torch.bfloat16 if native_bf16() else torch.float32, "none", [None], "").float()
             return y.reshape(*q.shape[:-1], self.out_features).to(x.dtype)
-        y = F.linear(q2, packed_weight(self, "reference"))
+        y = F.linear(q2, cached_layout(self, "float", self.weight.float, self.weight))
         y = y.reshape(*q.shape[:-1], self.out_features) * (self.input_scale * self.weight_scale)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 

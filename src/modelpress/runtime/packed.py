@@ -1,0 +1,192 @@
+"""Low-bit weights that stay low-bit in memory: PackedLinear and PackedEmbedding hold a grid-quantized
+weight (integer codes times a scale per output channel or per group of inputs, as the file stores it)
+as packed codes, two 4-bit codes a byte for 2-4 bits, one byte for 5-8 bits, and decompress inside the
+product, so resident memory tracks the file rather than fp32.
+
+How a PackedLinear multiplies, by rule on its shape and the rows it is given (never by timing):
+- layers under a million weights: a cached fp32 copy (small, and never slower than the fp32 layer);
+- few rows (decoding, batch 1) on a CPU with native bf16: torch's weight-only kernels read the codes
+  directly, int4 x bf16 for <= 4 bits in groups of 32-256, int8 x bf16 for 8 bits per channel
+  (memory-bound: 2.3-2.7x fp32 at batch 1 on 768x3072 and 2048x8192 layers, Xeon with AMX); the int4
+  kernel's weight layout is built at its first call (another half byte a weight);
+- otherwise the weight is decompressed for the call, to bf16 where the CPU multiplies bf16 natively,
+  else fp32, and multiplied. At 64 rows this is slower than an fp32 layer would be (0.3-0.7x on the
+  layers above): the price of keeping the weight packed.
+The fp32 paths compute exactly what the dequantized fp32 layer computes; the bf16 ones round inputs and
+weights to bf16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..capabilities import native_bf16
+from .layouts import cached_layout, keep_small_layer_weight, small_layer_weight
+
+BIG_WEIGHT = 1 << 20  # weights: below this a layer keeps an fp32 copy
+FEW_ROWS = 16         # rows: at most this many take a weight-only kernel (big layers only)
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes (rows, cols) in [-(2**(bits-1)-1), 2**(bits-1)-1] as bytes: two offset-by-8 4-bit codes
+    a byte (even column low) for bits <= 4, else one int8 each."""
+    if bits > 4:
+        return q.to(torch.int8).contiguous()
+    u = (q + 8).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = F.pad(u, (0, 1), value=8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack(p: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """The codes `pack` stored, as int8 (rows, cols)."""
+    if bits > 4:
+        return p
+    both = torch.stack((p & 15, p >> 4), dim=2).reshape(p.shape[0], -1)[:, :cols]
+    return both.to(torch.int8) - 8
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """codes (rows, cols) times a per-row scale (rows,) or per-group scale (rows, ceil(cols / group))."""
+    rows, cols = codes.shape
+    if scale.dim() == 1:
+        return codes.to(dtype) * scale.to(dtype).unsqueeze(1)
+    full = -(-cols // group) * group
+    c = F.pad(codes, (0, full - cols)) if full != cols else codes
+    w = c.reshape(rows, -1, group).to(dtype) * scale.to(dtype).unsqueeze(2)
+    return w.reshape(rows, full)[:, :cols]
+
+
+class _Packed(nn.Module):
+    """Codes, scales and the shape they decode to; `weight()` is the dequantized fp32 weight."""
+
+    def __init__(self, rows: int, cols: int, bits: int, group: int) -> None:
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be 2-8, not {bits}")
+        self.rows, self.cols, self.bits, self.group = rows, cols, bits, group  # group 0: per row
+        width = -(-cols // 2) if bits <= 4 else cols
+        self.register_buffer("codes", torch.zeros(rows, width, dtype=torch.uint8 if bits <= 4 else torch.int8))
+        self.register_buffer("scale", torch.ones(rows, -(-cols // group)) if group else torch.ones(rows))
+
+    def set_codes(self, q: torch.Tensor, scale: torch.Tensor) -> "_Packed":
+        self.codes = pack(q, self.bits)
+        self.scale = scale.detach().float().reshape(self.scale.shape).clone()
+        return self
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(unpack(self.codes, self.bits, self.cols), self.scale, self.group, dtype)
+
+
+class PackedLinear(_Packed):
+    """A drop-in nn.Linear whose weight stays packed (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, group: int = 0) -> None:
+        super().__init__(out_features, in_features, bits, group)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}, group={self.group or 'per channel'}")
+
+    def kernel(self, rows: int) -> str:
+        """"int4" or "int8" (weight-only kernels), "fp32" (the cached weight) or "unpack" (per call)."""
+        weight = self.in_features * self.out_features
+        if weight < BIG_WEIGHT:
+            return "fp32"
+        if native_bf16() and rows <= FEW_ROWS:
+            if self.bits <= 4 and self.group in INT4_GROUPS and self.in_features % self.group == 0 \
+                    and self.out_features % 64 == 0:
+                return "int4"
+            if self.bits > 4 and not self.group and self.in_features % 64 == 0:  # (other widths: wrong sums)
+                return "int8"
+        return "unpack"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = small_layer_weight(self, x)  # small layers: one op, as in nn.Linear
+        if w is not None:
+            return F.linear(x, w, self.bias)
+        x2 = x.reshape(-1, self.in_features)
+        kernel = "fp32" if torch.is_grad_enabled() and self.in_features * self.out_features < BIG_WEIGHT \
+            else self.kernel(x2.shape[0])
+        if kernel == "int4" and not torch.is_grad_enabled():
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._int4pack(), self.group,
+                                                           self._scales_and_zeros()).float()
+            y = y if self.bias is None else y.add_(self.bias)
+        elif kernel == "int8" and not torch.is_grad_enabled():
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._bf16_scale()).float()
+            y = y if self.bias is None else y.add_(self.bias)
+        elif kernel == "fp32":
+            w = cached_layout(self, "fp32", self.dequantized, self.codes, self.scale)
+            keep_small_layer_weight(self, ("codes", "scale"), w)
+            y = F.linear(x2.float(), w, self.bias)
+        elif native_bf16() and not torch.is_grad_enabled():
+            y = F.linear(x2.to(torch.bfloat16), self.dequantized(torch.bfloat16)).float()
+            y = y if self.bias is None else y.add_(self.bias)
+        else:
+            y = F.linear(x2.float(), self.dequantized(), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _int4pack(self) -> torch.Tensor:
+        def build() -> torch.Tensor:
+            u = unpack(self.codes, self.bits, self.cols).to(torch.int32) + 8
+            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+        return cached_layout(self, "int4pack", build, self.codes)
+
+    def _bf16_scale(self) -> torch.Tensor:
+        return cached_layout(self, "bf16 scale", lambda: self.scale.to(torch.bfloat16), self.scale)
+
+    def _scales_and_zeros(self) -> torch.Tensor:
+        def build() -> torch.Tensor:
+            s = self.scale.t().contiguous()
+            return torch.stack((s, torch.zeros_like(s)), dim=2).to(torch.bfloat16)
+        return cached_layout(self, "scales", build, self.scale)
+
+
+class PackedEmbedding(_Packed):
+    """A drop-in nn.Embedding whose table stays packed: rows are decompressed as they are gathered."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int = -1, bits: int = 8,
+                 group: int = 0) -> None:
+        super().__init__(num_embeddings, embedding_dim, bits, group)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.compute_dtype = torch.float32  # what it returns; runtime.accelerate sets the model's
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group={self.group or 'per row'}"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"index out of range in PackedEmbedding of {self.num_embeddings} rows")
+        rows = dequantize(unpack(self.codes[flat], self.bits, self.cols), self.scale[flat], self.group,
+                          torch.float32)
+        return rows.reshape(*ids.shape, self.embedding_dim).to(self.compute_dtype)
+
+
+def packable(module: nn.Module) -> bool:
+    """An nn.Linear, or an nn.Embedding without max_norm or sparse gradients, that `packed_layer` replaces."""
+    if type(module) is nn.Linear:
+        return True
+    return type(module) is nn.Embedding and module.max_norm is None and not module.sparse \
+        and not module.scale_grad_by_freq
+
+
+def packed_layer(module: nn.Module, grid, bias: torch.Tensor | None) -> nn.Module:
+    """The PackedLinear / PackedEmbedding for `module` holding `grid` (a `forms.grid.GridWeight`: codes
+    and scales as the file stores them) and `bias`."""
+    rows, cols = grid.codes.shape
+    scale = grid.scale.float()
+    if not grid.group and scale.numel() == 1:  # one scale for the tensor: a row's each
+        scale = scale.reshape(1).expand(rows)
+    if isinstance(module, nn.Linear):
+        new: _Packed = PackedLinear(cols, rows, bias is not None, grid.bits, grid.group)
+        if bias is not None:
+            new.bias = nn.Parameter(bias, requires_grad=False)
+    else:
+        pad = -1 if module.padding_idx is None else int(module.padding_idx)
+        new = PackedEmbedding(rows, cols, pad, grid.bits, grid.group)
+    return new.set_codes(grid.codes, scale)
