@@ -1,6 +1,7 @@
 """A model and its compression state <-> one .mpz file (see docs/format.md for the bytes)."""
 from __future__ import annotations
 
+import ctypes
 import os
 from collections import Counter
 from typing import Any
@@ -173,7 +174,19 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_
     if missing or unexpected:
         raise ModelMismatch(f"the file's tensors do not match the model: missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}")
+    del state, streams
+    _release_freed_memory()
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory freed while decoding (the skeleton's fp32 weights, the streams, decode buffers) back
+    to the OS. glibc keeps freed blocks of the sizes it has seen for reuse, which left a loaded int8
+    MiniLM holding 96 MiB more than its 20 MiB file instead of 31 MiB."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _packable(model: nn.Module, manifest: dict) -> set[str]:

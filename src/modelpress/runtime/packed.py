@@ -24,8 +24,8 @@ from torch import nn
 from ..capabilities import native_bf16
 from .layouts import cached_layout, keep_small_layer_weight, small_layer_weight
 
-BIG_WEIGHT = 1 << 20  # weights: below this a layer keeps an fp32 copy
-FEW_ROWS = 16         # rows: at most this many take a weight-only kernel (big layers only)
+SMALL_WEIGHT = 1 << 20  # weights: below this a layer without 4-bit planes keeps an fp32 copy
+FEW_ROWS = 16           # rows: at most this many take a weight-only kernel
 INT4_GROUPS = (32, 64, 128, 256)
 
 
@@ -48,6 +48,25 @@ def unpack(p: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return both.to(torch.int8) - 8
 
 
+def to_planes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes (rows, cols) as 4-bit planes in the layout of torch's int4 x bf16 CPU kernel, rows padded
+    to a multiple of 64 with code 0: one plane (code + 8) for bits <= 4, else two, q = 16 x (hi - 8) + lo."""
+    rows = q.shape[0]
+    q = F.pad(q.to(torch.int32), (0, 0, 0, -rows % 64))
+    planes = [q + 8] if bits <= 4 else [q & 15, (q >> 4) + 8]  # (floor division by 16: hi in [-8, 7])
+    return torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(p, 1) for p in planes])
+
+
+def from_planes(planes: torch.Tensor, rows: int) -> torch.Tensor:
+    """The signed codes (rows, cols) `to_planes` stored, as int16. The kernel's layout holds, for each block
+    of 64 rows and each column, 32 bytes: row j of the block in the low nibble of byte j, row 32 + j in
+    the high one."""
+    n, rows_pad, half = planes.shape
+    v = planes.reshape(n, rows_pad // 64, 2 * half, 32)
+    u = torch.cat((v & 15, v >> 4), dim=3).transpose(2, 3).reshape(n, rows_pad, 2 * half)[:, :rows].to(torch.int16)
+    return u[0] - 8 if n == 1 else (u[1] - 8) * 16 + u[0]
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
     """codes (rows, cols) times a per-row scale (rows,) or per-group scale (rows, ceil(cols / group))."""
     rows, cols = codes.shape
@@ -60,31 +79,39 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int, dtype: torc
 
 
 class _Packed(nn.Module):
-    """Codes, scales and the shape they decode to; `weight()` is the dequantized fp32 weight."""
+    """Codes, scales and the shape they decode to; `dequantized()` is the weight exactly as the file's."""
 
-    def __init__(self, rows: int, cols: int, bits: int, group: int) -> None:
+    def __init__(self, rows: int, cols: int, bits: int, group: int, planes: bool = False) -> None:
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"bits must be 2-8, not {bits}")
         self.rows, self.cols, self.bits, self.group = rows, cols, bits, group  # group 0: per row
-        width = -(-cols // 2) if bits <= 4 else cols
-        self.register_buffer("codes", torch.zeros(rows, width, dtype=torch.uint8 if bits <= 4 else torch.int8))
+        self.planes = planes  # codes in the int4 kernel's layout (PackedLinear), else packed rows
+        if planes:
+            shape, dtype = (1 if bits <= 4 else 2, rows + -rows % 64, cols // 2), torch.uint8
+        else:
+            shape, dtype = (rows, -(-cols // 2) if bits <= 4 else cols), torch.uint8 if bits <= 4 else torch.int8
+        self.register_buffer("codes", torch.zeros(shape, dtype=dtype))
         self.register_buffer("scale", torch.ones(rows, -(-cols // group)) if group else torch.ones(rows))
 
     def set_codes(self, q: torch.Tensor, scale: torch.Tensor) -> "_Packed":
-        self.codes = pack(q, self.bits)
+        self.codes = to_planes(q, self.bits) if self.planes else pack(q, self.bits)
         self.scale = scale.detach().float().reshape(self.scale.shape).clone()
         return self
 
+    def signed_codes(self) -> torch.Tensor:
+        return from_planes(self.codes, self.rows) if self.planes else unpack(self.codes, self.bits, self.cols)
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(unpack(self.codes, self.bits, self.cols), self.scale, self.group, dtype)
+        return dequantize(self.signed_codes(), self.scale, self.group, dtype)
 
 
 class PackedLinear(_Packed):
     """A drop-in nn.Linear whose weight stays packed (see the module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, group: int = 0) -> None:
-        super().__init__(out_features, in_features, bits, group)
+        super().__init__(out_features, in_features, bits, group,
+                         planes=group in INT4_GROUPS and in_features % group == 0)
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
@@ -93,56 +120,59 @@ class PackedLinear(_Packed):
                 f"bits={self.bits}, group={self.group or 'per channel'}")
 
     def kernel(self, rows: int) -> str:
-        """"int4" or "int8" (weight-only kernels), "fp32" (the cached weight) or "unpack" (per call)."""
-        weight = self.in_features * self.out_features
-        if weight < BIG_WEIGHT:
-            return "fp32"
+        """"int4" or "int8" (weight-only kernels), "fp32" (the kept fp32 weight) or "unpack" (per call)."""
+        small = self.in_features * self.out_features < SMALL_WEIGHT
         if native_bf16() and rows <= FEW_ROWS:
-            if self.bits <= 4 and self.group in INT4_GROUPS and self.in_features % self.group == 0 \
-                    and self.out_features % 64 == 0:
+            if self.planes:
                 return "int4"
             if self.bits > 4 and not self.group and self.in_features % 64 == 0:  # (other widths: wrong sums)
                 return "int8"
-        return "unpack"
+        return "fp32" if small else "unpack"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = small_layer_weight(self, x)  # small layers: one op, as in nn.Linear
         if w is not None:
             return F.linear(x, w, self.bias)
         x2 = x.reshape(-1, self.in_features)
-        kernel = "fp32" if torch.is_grad_enabled() and self.in_features * self.out_features < BIG_WEIGHT \
-            else self.kernel(x2.shape[0])
-        if kernel == "int4" and not torch.is_grad_enabled():
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._int4pack(), self.group,
-                                                           self._scales_and_zeros()).float()
-            y = y if self.bias is None else y.add_(self.bias)
-        elif kernel == "int8" and not torch.is_grad_enabled():
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._bf16_scale()).float()
-            y = y if self.bias is None else y.add_(self.bias)
+        kernel = self.kernel(x2.shape[0])
+        if torch.is_grad_enabled() and kernel in ("int4", "int8"):
+            kernel = "unpack"  # a differentiable path
+        if kernel == "int4":  # (each op here costs as much as the product itself at batch 1: few of them)
+            xb, sz, codes = x2.to(torch.bfloat16), self._scales_and_zeros(), self._buffers["codes"]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, codes[0], self.group, sz[0])
+            if len(codes) == 2:
+                y += torch.ops.aten._weight_int4pack_mm_for_cpu(xb, codes[1], self.group, sz[1])
+            if y.shape[1] != self.out_features:
+                y = y[:, :self.out_features]
+            y = y.float() if self.bias is None else torch.add(self.bias, y)
+        elif kernel == "int8":
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._bf16_scale())
+            y = y.float() if self.bias is None else torch.add(self.bias, y)
         elif kernel == "fp32":
             w = cached_layout(self, "fp32", self.dequantized, self.codes, self.scale)
-            keep_small_layer_weight(self, ("codes", "scale"), w)
+            if self.kernel(1) == "fp32":  # every row count takes it: the one-op path
+                keep_small_layer_weight(self, ("codes", "scale"), w)
             y = F.linear(x2.float(), w, self.bias)
         elif native_bf16() and not torch.is_grad_enabled():
-            y = F.linear(x2.to(torch.bfloat16), self.dequantized(torch.bfloat16)).float()
-            y = y if self.bias is None else y.add_(self.bias)
+            y = F.linear(x2.to(torch.bfloat16), self.dequantized(torch.bfloat16))
+            y = y.float() if self.bias is None else torch.add(self.bias, y)
         else:
             y = F.linear(x2.float(), self.dequantized(), self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def _int4pack(self) -> torch.Tensor:
-        def build() -> torch.Tensor:
-            u = unpack(self.codes, self.bits, self.cols).to(torch.int32) + 8
-            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
-        return cached_layout(self, "int4pack", build, self.codes)
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _bf16_scale(self) -> torch.Tensor:
         return cached_layout(self, "bf16 scale", lambda: self.scale.to(torch.bfloat16), self.scale)
 
     def _scales_and_zeros(self) -> torch.Tensor:
+        """Per plane, (groups, padded rows, 2) bf16 scale and offset, as the int4 kernel takes them:
+        w = (stored - 8) x scale + offset; the low plane of two holds q mod 16, so its offset is 8 x scale."""
         def build() -> torch.Tensor:
-            s = self.scale.t().contiguous()
-            return torch.stack((s, torch.zeros_like(s)), dim=2).to(torch.bfloat16)
+            s = F.pad(self.scale, (0, 0, 0, -self.rows % 64)).t()
+            zero = torch.zeros_like(s)
+            pairs = [(s, zero)] if self.codes.shape[0] == 1 else [(s, 8 * s), (16 * s, zero)]
+            return torch.stack([torch.stack(p, dim=2) for p in pairs]).to(torch.bfloat16).contiguous()
         return cached_layout(self, "scales", build, self.scale)
 
 
