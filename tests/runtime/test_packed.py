@@ -64,7 +64,7 @@ def test_embedding_gathers_exact_rows_and_refuses_bad_ids():
     e = PackedEmbedding(50, 16, -1, 8, 0).set_codes(q, scale)
     ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
     assert torch.equal(e(ids), F.embedding(ids, q.float() * scale[:, None]))
-    with pytest.raises(IndexError, match="50 rows"):
+    with pytest.raises(IndexError, match="out of bounds"):
         e(torch.tensor([50]))
 
 
@@ -83,3 +83,31 @@ def test_load_keeps_low_bit_layers_packed(tmp_path):
         assert torch.equal(loaded(ids), result.model(ids))
         assert torch.equal(mp.load(path, packed=False)(ids), result.model(ids))
     assert isinstance(mp.load(path, packed=False)[1], nn.Linear)
+
+
+class UserNet(nn.Module):
+    """A user's own class: loaded into a skeleton, its low-bit layers still come back packed."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 256), nn.GELU())
+        self.head = nn.Linear(256, 8)
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return self.head(self.body(x)) * self.scale
+
+
+def test_a_skeleton_of_the_users_class_gets_packed_layers(tmp_path):
+    torch.manual_seed(0)
+    model = UserNet().eval()
+    result = mp.compress(model, {"stages": [{"quantize": {"bits": 3, "group_size": 64, "method": "gptq"}}]},
+                         calib_data=[torch.randn(16, 64) for _ in range(2)])
+    path = tmp_path / "u.mpz"
+    result.save(path)
+    loaded = mp.load(path, model=UserNet())
+    assert isinstance(loaded.body[0], PackedLinear) and isinstance(loaded.head, PackedLinear)
+    assert loaded.head.planes and loaded.head.bits == 3 and loaded.head.group == 64  # kept as 4-bit planes
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))

@@ -10,7 +10,9 @@ Two steps, each chosen by what the CPU has (capabilities.py), never by timing:
   elsewhere they keep their int8 kernels. `int8="kernel"` or `"bf16"` forces one.
 - graph: `torch.compile` (inductor) with weight freezing, so Linear weights are prepacked once for
   oneDNN, elementwise work is fused, and int8 layers become one oneDNN u8 x s8 kernel with their
-  activation quantization fused into the ops before them. It compiles on the first call (seconds; again
+  activation quantization fused into the ops before them. Packed low-bit layers are dequantized into
+  frozen constants: fast, but the compiled model then holds those weights in the compute dtype.
+  It compiles on the first call (seconds; again
   for a new input shape) and inductor's on-disk cache makes later processes faster. If compiling fails
   (no C++ compiler, an operation inductor cannot take), the model runs eagerly and a warning says why.
 
@@ -89,6 +91,7 @@ def accelerate(model: nn.Module, *, dtype: Literal["auto", "bf16", "fp32"] = "au
     use = torch.bfloat16 if dtype == "bf16" or dtype == "auto" and native_bf16() else torch.float32
     if int8 == "auto":
         int8 = "bf16" if native_bf16() else "kernel"
+    has_int8 = any(type(m) is Int8Linear for m in model.modules())
     if int8 == "bf16":
         _widen_int8(model)
     for m in model.modules():  # float tensors only: int8 codes and their scales' meaning are kept
@@ -97,7 +100,9 @@ def accelerate(model: nn.Module, *, dtype: Literal["auto", "bf16", "fp32"] = "au
                 t.data = t.data.to(use)
         if hasattr(m, "compute_dtype"):
             m.compute_dtype = use
-    return Accelerated(model, use, compile, "int8 kernel" if int8 == "kernel" else "bf16 products of int8 weights")
+    how = "none" if not has_int8 and int8 == "bf16" else "int8 kernel" if int8 == "kernel" else \
+        "bf16 products of int8 weights"
+    return Accelerated(model, use, compile, how)
 
 
 def _widen_int8(model: nn.Module) -> None:

@@ -32,6 +32,9 @@ class Linear16(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:  # a training stage after this one: fp32 products, gradients to the 16-bit weight
             return F.linear(x.float(), self.weight.float(), self.bias).to(x.dtype)
+        if x.dtype == self.weight.dtype:  # a 16-bit model (accelerate): one op, bias and activation fusable
+            bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+            return F.linear(x, self.weight, bias)
         if native(self.precision):
             y = F.linear(x.to(self.weight.dtype), self.weight).float()
             return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)

@@ -4,11 +4,12 @@ as packed codes, two 4-bit codes a byte for 2-4 bits, one byte for 5-8 bits, and
 product, so resident memory tracks the file rather than fp32.
 
 How a PackedLinear multiplies, by rule on its shape and the rows it is given (never by timing):
-- layers under a million weights: a cached fp32 copy (small, and never slower than the fp32 layer);
-- few rows (decoding, batch 1) on a CPU with native bf16: torch's weight-only kernels read the codes
+- few rows (decoding, batch 1) on a CPU with native bf16, on layers of 65k weights or more: torch's
+  weight-only kernels read the codes
   directly, int4 x bf16 for <= 4 bits in groups of 32-256, int8 x bf16 for 8 bits per channel
   (memory-bound: 2.3-2.7x fp32 at batch 1 on 768x3072 and 2048x8192 layers, Xeon with AMX); the int4
-  kernel's weight layout is built at its first call (another half byte a weight);
+  kernel's layout is how the codes are kept (PackedLinear with groups of 32-256: `to_planes`);
+- layers under a million weights otherwise: a kept fp32 copy (small, and never slower than the fp32 layer);
 - otherwise the weight is decompressed for the call, to bf16 where the CPU multiplies bf16 natively,
   else fp32, and multiplied. At 64 rows this is slower than an fp32 layer would be (0.3-0.7x on the
   layers above): the price of keeping the weight packed.
@@ -25,7 +26,8 @@ from ..capabilities import native_bf16
 from .layouts import cached_layout, keep_small_layer_weight, small_layer_weight
 
 SMALL_WEIGHT = 1 << 20  # weights: below this a layer without 4-bit planes keeps an fp32 copy
-FEW_ROWS = 16           # rows: at most this many take a weight-only kernel
+FEW_ROWS = 16           # rows: at most this many take a weight-only kernel...
+TINY_WEIGHT = 1 << 16   # ...on a layer at least this big (below, the kept fp32 weight is faster)
 INT4_GROUPS = (32, 64, 128, 256)
 
 
@@ -71,11 +73,11 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int, dtype: torc
     """codes (rows, cols) times a per-row scale (rows,) or per-group scale (rows, ceil(cols / group))."""
     rows, cols = codes.shape
     if scale.dim() == 1:
-        return codes.to(dtype) * scale.to(dtype).unsqueeze(1)
+        return (codes.to(dtype) * scale.to(dtype).unsqueeze(1)).contiguous()
     full = -(-cols // group) * group
     c = F.pad(codes, (0, full - cols)) if full != cols else codes
     w = c.reshape(rows, -1, group).to(dtype) * scale.to(dtype).unsqueeze(2)
-    return w.reshape(rows, full)[:, :cols]
+    return w.reshape(rows, full)[:, :cols].contiguous()  # (the layout decides the GEMM kernel, hence the bits)
 
 
 class _Packed(nn.Module):
@@ -121,8 +123,9 @@ class PackedLinear(_Packed):
 
     def kernel(self, rows: int) -> str:
         """"int4" or "int8" (weight-only kernels), "fp32" (the kept fp32 weight) or "unpack" (per call)."""
-        small = self.in_features * self.out_features < SMALL_WEIGHT
-        if native_bf16() and rows <= FEW_ROWS:
+        weight = self.in_features * self.out_features
+        small = weight < SMALL_WEIGHT
+        if native_bf16() and rows <= FEW_ROWS and weight >= TINY_WEIGHT:
             if self.planes:
                 return "int4"
             if self.bits > 4 and not self.group and self.in_features % 64 == 0:  # (other widths: wrong sums)
@@ -133,6 +136,8 @@ class PackedLinear(_Packed):
         w = small_layer_weight(self, x)  # small layers: one op, as in nn.Linear
         if w is not None:
             return F.linear(x, w, self.bias)
+        if torch.compiler.is_compiling():  # weight freezing folds the dequantized weight into a constant
+            return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         x2 = x.reshape(-1, self.in_features)
         kernel = self.kernel(x2.shape[0])
         if torch.is_grad_enabled() and kernel in ("int4", "int8"):
@@ -152,12 +157,12 @@ class PackedLinear(_Packed):
             w = cached_layout(self, "fp32", self.dequantized, self.codes, self.scale)
             if self.kernel(1) == "fp32":  # every row count takes it: the one-op path
                 keep_small_layer_weight(self, ("codes", "scale"), w)
-            y = F.linear(x2.float(), w, self.bias)
+            y = F.linear(x2.float(), w, None if self.bias is None else self.bias.float())
         elif native_bf16() and not torch.is_grad_enabled():
             y = F.linear(x2.to(torch.bfloat16), self.dequantized(torch.bfloat16))
             y = y.float() if self.bias is None else torch.add(self.bias, y)
         else:
-            y = F.linear(x2.float(), self.dequantized(), self.bias)
+            y = F.linear(x2.float(), self.dequantized(), None if self.bias is None else self.bias.float())
         if x.dim() != 2:
             y = y.reshape(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -189,9 +194,7 @@ class PackedEmbedding(_Packed):
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group={self.group or 'per row'}"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            raise IndexError(f"index out of range in PackedEmbedding of {self.num_embeddings} rows")
+        flat = ids.reshape(-1)  # (an id out of range fails in the indexing below, as in nn.Embedding)
         rows = dequantize(unpack(self.codes[flat], self.bits, self.cols), self.scale[flat], self.group,
                           torch.float32)
         return rows.reshape(*ids.shape, self.embedding_dim).to(self.compute_dtype)
