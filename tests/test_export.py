@@ -41,3 +41,18 @@ def test_plain_model_exports_with_an_input_shape(tmp_path):
     got = session(path).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         assert np.allclose(got, model(x).numpy(), atol=1e-5)
+
+
+def test_a_loaded_model_with_packed_low_bit_layers_exports_their_float_weights(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).eval()
+    result = mp.compress(model, {"stages": [{"quantize": {"bits": 4, "group_size": 64, "method": "rtn"}}]},
+                         calib_data=[torch.randn(8, 256)])
+    result.save(tmp_path / "m.mpz")
+    loaded = mp.load(tmp_path / "m.mpz")  # PackedLinear: torch's int4 kernel at batch 1 where bf16 is native
+    path = to_onnx(loaded, tmp_path / "m.onnx", input_shape=(1, 256))
+    x = torch.randn(3, 256)
+    got = session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = result.model(x).numpy()  # the file's weights in fp32
+    assert np.abs(got - want).max() < 1e-4

@@ -2,8 +2,9 @@
 
 int8 layers (`runtime.Int8Linear`) become the same per-token int8 x int8 product in standard ONNX
 ops (ReduceMax/Round/Cast for the activation codes, MatMulInteger on the int8 weights), so the
-graph keeps modelpress's quantization and its fidelity. Weight-only quantized layers are exported
-with their dequantized float weights (ONNX has no standard op for our group-wise low-bit grids).
+graph keeps modelpress's quantization and its fidelity. Weight-only quantized layers (and a loaded
+model's packed ones) are exported with their dequantized float weights (ONNX has no standard op for our
+group-wise low-bit grids).
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelpressError
+from . import surgery
 from .batches import logits_of
+from .errors import ModelpressError
+from .runtime.packed import PackedEmbedding, PackedLinear, unpacked
 
 OPSET = 17
 
@@ -57,6 +60,9 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, inputs: dict[str, torch.T
     inputs = inputs if inputs is not None else example_inputs(model, input_shape)
     names = list(inputs)
     target = copy.deepcopy(model).eval()  # exporting can change the module it traces
+    for name, m in list(target.named_modules()):
+        if name and isinstance(m, (PackedLinear, PackedEmbedding)):
+            surgery.replace(target, name, unpacked(m))
     wrapper = _Positional(target, names) if getattr(model, "config", None) is not None else target
     axes = {n: ({0: "batch", 1: "sequence"} if t.dim() == 2 and not t.is_floating_point() else {0: "batch"})
             for n, t in inputs.items()}

@@ -18,6 +18,8 @@ Two steps, each chosen by what the CPU has (capabilities.py), never by timing:
 
 Inputs in float are cast to the compute dtype and float outputs back to fp32, so callers see the model
 they had. The result is for inference: it runs under `torch.no_grad()`. `describe()` says what ran.
+A compiled call has a fixed cost of tens of microseconds (guards, the graph call), so models that run in
+well under a millisecond (LeNet-300-100 at batch 1) are faster eager: leave them un-accelerated.
 """
 from __future__ import annotations
 
@@ -61,21 +63,28 @@ class Accelerated(nn.Module):
         return f"{self.graph}, {str(self.dtype).removeprefix('torch.')} compute, int8 layers: {self.int8}"
 
     def _cast(self, tree: Any, dtype: torch.dtype) -> Any:
+        if isinstance(tree, torch.Tensor):  # the common case, without the tree walk's cost
+            return tree.to(dtype) if tree.is_floating_point() and tree.dtype != dtype else tree
         return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, tree)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs = self._cast((args, kwargs), self.dtype)
+        if kwargs or len(args) != 1:
+            args, kwargs = self._cast((args, kwargs), self.dtype)
+        else:
+            args = (self._cast(args[0], self.dtype),)
         with torch.no_grad():
             if self.compiled is not None:
+                config = torch._inductor.config
+                frozen, config.freezing = config.freezing, True  # read when dynamo traces: every (re)compile
                 try:
-                    # freezing is read when dynamo traces, so it must hold for every (re)compile
-                    with torch._inductor.config.patch(freezing=True):
-                        out = self.compiled(*args, **kwargs)
+                    out = self.compiled(*args, **kwargs)
                 except Exception as e:  # noqa: BLE001 - any compile failure: run the same model eagerly
                     log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__,
                                 str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
                     self.compiled, self.graph = None, "eager (compile failed)"
                     out = self.model(*args, **kwargs)
+                finally:
+                    config.freezing = frozen
             else:
                 out = self.model(*args, **kwargs)
         return self._cast(out, torch.float32)

@@ -223,3 +223,19 @@ def packed_layer(module: nn.Module, grid, bias: torch.Tensor | None) -> nn.Modul
         pad = -1 if module.padding_idx is None else int(module.padding_idx)
         new = PackedEmbedding(rows, cols, pad, grid.bits, grid.group)
     return new.set_codes(grid.codes, scale)
+
+
+def unpacked(module: nn.Module) -> nn.Module:
+    """A PackedLinear / PackedEmbedding as the plain float layer it stands for (the file's weights exactly);
+    any other module as it is. For exporters, which have no ops for packed codes."""
+    if isinstance(module, PackedLinear):
+        new: nn.Module = nn.Linear(module.in_features, module.out_features, module.bias is not None)
+        if module.bias is not None:
+            new.bias.data = module.bias.detach().float().clone()
+    elif isinstance(module, PackedEmbedding):
+        new = nn.Embedding(module.num_embeddings, module.embedding_dim,
+                           None if module.padding_idx < 0 else module.padding_idx)
+    else:
+        return module
+    new.weight.data = module.dequantized()
+    return new
