@@ -105,11 +105,14 @@ def bench_minilm(repeats: int, peers: bool, work: str) -> None:
         size = mp.compress(model, recipe, calib_data=calib).save(file)
         rss = fresh_rss("import modelpress as mp; from transformers import BertModel", f"m = mp.load({file!r})")
         runs[f"modelpress {name}, eager"] = (mp.load(file), size, "", rss)
-        fast = mp.accelerate(mp.load(file))
-        t = time.perf_counter()
-        fast(**batch)
-        runs[f"modelpress {name}, accelerate"] = (fast, size, f"{fast.describe()}; first call "
-                                                  f"{time.perf_counter() - t:.0f} s", None)
+        for label, int8 in (("accelerate", "auto"), ("accelerate, int8 kernels", "kernel")):
+            if int8 == "kernel" and name != "int8":
+                continue
+            fast = mp.accelerate(mp.load(file), int8=int8)
+            t = time.perf_counter()
+            fast(**batch)
+            runs[f"modelpress {name}, {label}"] = (fast, size, f"{fast.describe()}; first call "
+                                                   f"{time.perf_counter() - t:.0f} s", None)
     with torch.no_grad():
         times = latencies({n: (lambda net=r[0]: net(**batch)) for n, r in runs.items()}, repeats=repeats, warmup=2)
     base = statistics.median(times["torch fp32 eager"])

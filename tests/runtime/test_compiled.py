@@ -65,3 +65,22 @@ def test_bad_settings_are_refused():
         mp.accelerate(int8_mlp(), dtype="int4")
     with pytest.raises(ValueError, match="int8 must be one of"):
         mp.accelerate(int8_mlp(), int8="fast")
+
+
+@pytest.mark.skipif(not int8_runtime.ONEDNN, reason="no oneDNN int8 kernel in this torch build")
+def test_the_fp32_output_int8_path_of_cpus_without_native_bf16(monkeypatch):
+    """The path an AVX2-only CPU takes (fp32 compute, the int8 kernel writing fp32), forced here."""
+    monkeypatch.setattr(int8_runtime, "native_bf16", lambda: False)
+    model, x = int8_mlp(), torch.randn(512, 256)
+    model[1].kernel = model[3].kernel = "onednn"
+    with torch.no_grad():
+        eager = model(x)
+        model[1].kernel = model[3].kernel = None
+        reference = nn.Sequential(model[0], nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256)).eval()
+        for i in (1, 3):
+            reference[i].weight.data, reference[i].bias.data = model[i].dequantized(), model[i].bias.detach()
+        assert float((eager - reference(x)).norm() / reference(x).norm()) < 2e-2  # activation rounding only
+    fast = mp.accelerate(model, dtype="fp32", int8="kernel")
+    y = fast(x)
+    assert fast.graph == "inductor (freezing)"
+    assert float((y - eager).norm() / eager.norm()) < 1e-4  # both write fp32: float rounding only
