@@ -262,6 +262,8 @@ def inspect(path: Path = typer.Argument(..., help="an .mpz file"),
 def export(path: Path = typer.Argument(..., help="an .mpz file"),
            onnx: Path = typer.Option(..., "--onnx", help="where to write the ONNX graph"),
            input_shape: Optional[str] = typer.Option(None, help="e.g. 1,1,28,28 (not needed for transformers)"),
+           nbits: bool = typer.Option(False, "--nbits", help="int8 and low-bit Linear layers as onnxruntime's "
+                                      "MatMulNBits, holding the file's codes"),
            max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help=_MAX_BYTES_HELP)) -> None:
     """Write an artifact as an ONNX graph that onnxruntime runs, int8 layers kept int8."""
     from . import api
@@ -272,7 +274,7 @@ def export(path: Path = typer.Argument(..., help="an .mpz file"),
         shape = tuple(int(d) for d in input_shape.split(",")) if input_shape else None
     except ValueError:
         raise typer.BadParameter(f"{input_shape!r} is not a comma-separated list of ints", param_hint="--input-shape")
-    to_onnx(model, onnx, input_shape=shape)
+    to_onnx(model, onnx, input_shape=shape, nbits=nbits)
     console.print(f"wrote {onnx} ({onnx.stat().st_size:,} bytes)")
 
 

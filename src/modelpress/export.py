@@ -1,10 +1,17 @@
 """ONNX export of a compressed model, runnable by onnxruntime.
 
 int8 layers (`runtime.Int8Linear`) become the same per-token int8 x int8 product in standard ONNX
-ops (ReduceMax/Round/Cast for the activation codes, MatMulInteger on the int8 weights), so the
-graph keeps modelpress's quantization and its fidelity. Weight-only quantized layers (and a loaded
-model's packed ones) are exported with their dequantized float weights (ONNX has no standard op for our
-group-wise low-bit grids).
+ops (ReduceMax/Round/Cast for the activation codes, MatMulInteger on the int8 weights), so the graph
+keeps modelpress's quantization and its fidelity; a loaded model's packed low-bit layers and
+weight-only quantized layers are exported with their dequantized float weights.
+
+With `nbits=True`, packed layers (2-4 bits as 4-bit codes, 5-8 bits as 8-bit, in groups or per channel)
+and int8 layers become onnxruntime's `MatMulNBits` (com.microsoft) holding the file's codes and scales,
+run with int8 activations per block of inputs (accuracy_level 4). Measured on all-MiniLM-L6-v2 (batch
+64 x 128, Xeon with AMX, 2 threads, onnxruntime 1.32): int8 1,011 ms at mean cosine 0.99911 against
+868 ms at 0.99772 for the MatMulInteger graph and 656 ms at 0.99284 for onnxruntime's own
+quantize_dynamic graph; so it is not the default. Packed embedding tables, and layers whose group
+MatMulNBits cannot take (other than 16-256, powers of two), keep float weights.
 """
 from __future__ import annotations
 
@@ -14,11 +21,13 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import surgery
 from .batches import logits_of
 from .errors import ModelpressError
+from .runtime.int8 import Int8Linear
 from .runtime.packed import PackedEmbedding, PackedLinear, unpacked
 
 OPSET = 17
@@ -54,15 +63,73 @@ def example_inputs(model: nn.Module, input_shape: tuple[int, ...] | None = None)
     return inputs
 
 
+class _MatMulNBits(torch.autograd.Function):
+    """onnxruntime's MatMulNBits in the graph; in the trace, the float product of the same weight."""
+
+    @staticmethod
+    def forward(ctx, x, blob, scales, bias, weight, k, n, bits, block):  # noqa: D102 - traced for shapes
+        y = F.linear(x, weight)
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def symbolic(g, x, blob, scales, bias, weight, k, n, bits, block):  # noqa: D102
+        y = g.op("com.microsoft::MatMulNBits", x, blob, scales, K_i=k, N_i=n, bits_i=bits, block_size_i=block,
+                 accuracy_level_i=4)
+        return y if bias is None or bias.node().mustBeNone() else g.op("Add", y, bias)
+
+
+class _NBitsLinear(nn.Module):
+    """A Linear as MatMulNBits: unsigned codes (offset 8 or 128, onnxruntime's default zero points) packed
+    per block of `block` inputs, and a scale per block."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int, block: int, bias: torch.Tensor | None):
+        super().__init__()
+        n, k = codes.shape
+        blocks = -(-k // block)
+        scale = scale.float().reshape(n, -1)
+        if scale.shape[1] == 1:  # per channel: the row's scale for each of its blocks
+            scale = scale.expand(n, blocks)
+        u = F.pad(codes.to(torch.int32), (0, blocks * block - k)) + (8 if bits == 4 else 128)  # pad: code 0
+        u = u.to(torch.uint8).reshape(n, blocks, block)
+        blob = u[..., 0::2] | (u[..., 1::2] << 4) if bits == 4 else u
+        self.k, self.n, self.bits, self.block = k, n, bits, block
+        self.register_buffer("blob", blob.contiguous())
+        self.register_buffer("scales", scale.contiguous())
+        self.register_buffer("weight", codes.float() * scale.repeat_interleave(block, 1)[:, :k])
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _MatMulNBits.apply(x, self.blob, self.scales, self.bias, self.weight, self.k, self.n, self.bits,
+                                  self.block)
+
+
+def _nbits(m: nn.Module) -> nn.Module | None:
+    """The MatMulNBits form of a packed or int8 layer, where onnxruntime's op can hold it exactly."""
+    if isinstance(m, Int8Linear) and type(m) is Int8Linear:
+        codes, scale, bits, group = m.weight, m.weight_scale, 8, 0
+    elif isinstance(m, PackedLinear):
+        codes, scale, bits, group = m.signed_codes(), m.scale, m.bits, m.group
+    else:
+        return None
+    block = group or max(16, min(128, 1 << (int(codes.shape[1]) - 1).bit_length()))
+    if block not in (16, 32, 64, 128, 256):
+        return None
+    return _NBitsLinear(codes, scale, 4 if bits <= 4 else 8, block, m.bias)
+
+
 def to_onnx(model: nn.Module, path: str | os.PathLike, inputs: dict[str, torch.Tensor] | None = None,
-            input_shape: tuple[int, ...] | None = None) -> Path:
-    """Write `model` as an ONNX graph with dynamic batch (and sequence) axes; returns the path."""
+            input_shape: tuple[int, ...] | None = None, nbits: bool = False) -> Path:
+    """Write `model` as an ONNX graph with dynamic batch (and sequence) axes; returns the path. With
+    `nbits`, packed and int8 Linear layers become onnxruntime's MatMulNBits (see the module docstring)."""
     inputs = inputs if inputs is not None else example_inputs(model, input_shape)
     names = list(inputs)
     target = copy.deepcopy(model).eval()  # exporting can change the module it traces
     for name, m in list(target.named_modules()):
-        if name and isinstance(m, (PackedLinear, PackedEmbedding)):
-            surgery.replace(target, name, unpacked(m))
+        new = _nbits(m) if nbits and name else None
+        if new is None and name and isinstance(m, (PackedLinear, PackedEmbedding)):
+            new = unpacked(m)
+        if new is not None:
+            surgery.replace(target, name, new)
     wrapper = _Positional(target, names) if getattr(model, "config", None) is not None else target
     axes = {n: ({0: "batch", 1: "sequence"} if t.dim() == 2 and not t.is_floating_point() else {0: "batch"})
             for n, t in inputs.items()}
@@ -72,6 +139,7 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, inputs: dict[str, torch.T
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, tuple(inputs.values()), str(tmp), input_names=names, output_names=["output"],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                          custom_opsets={"com.microsoft": 1})
     os.replace(tmp, path)
     return path
