@@ -103,9 +103,9 @@ def accelerate(model: nn.Module, *, dtype: Literal["auto", "bf16", "fp32"] = "au
     has_int8 = any(type(m) is Int8Linear for m in model.modules())
     if int8 == "bf16":
         _widen_int8(model)
-    for m in model.modules():  # float tensors only: int8 codes and their scales' meaning are kept
+    for m in model.modules():  # float weights only: integer codes and their scales stay as stored
         for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if t is not None and t.is_floating_point() and t.dtype != use and not name.endswith("_scale"):
+            if t is not None and t.is_floating_point() and t.dtype != use and not name.endswith("scale"):
                 t.data = t.data.to(use)
         if hasattr(m, "compute_dtype"):
             m.compute_dtype = use
