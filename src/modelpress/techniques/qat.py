@@ -11,9 +11,10 @@ input at run time exactly as trained.
 
 The Linear layer runs oneDNN's u8 x s8 kernel with the input scale and the bias applied inside it
 where `runtime.int8.plan` picks that kernel (big layers, many rows); elsewhere its products are float32
-sums of the integer codes, exact while a sum has fewer than 2**24 / 127**2 = 1,040 terms. The conv layer convolves the integer input codes with the
-weight times its per-channel scales in float32 (the same values up to float rounding; no integer conv
-kernel is used), so it runs a little slower than the fp32 conv it replaces.
+sums of the integer codes, exact while a sum has fewer than 2**24 / 127**2 = 1,040 terms. The conv
+layer convolves the integer input codes with the weight times its per-channel scales in float32 (the
+same values up to float rounding; no integer conv kernel is used), so it runs a little slower than the
+fp32 conv it replaces.
 """
 from __future__ import annotations
 
