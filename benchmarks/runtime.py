@@ -10,8 +10,9 @@ Printed first: the CPU and what it computes natively. Then:
    weights from seed 0, calibrated on pydoc text) at batch 1: tokens per second of greedy generation,
    weight bytes held, and resident memory added by loading.
 3. Small models: LeNet-300-100 (a 3-layer MLP) and LeNet-5 (a CNN) trained on MNIST-5k, at batch 1 and 64.
+4. Sparse Linear layers (random masks at 3-30% density): the CSR product against the dense one.
 
-Run: python benchmarks/runtime.py [--repeats 10] [--skip-peers] [--only small,decoder,minilm]
+Run: python benchmarks/runtime.py [--repeats 10] [--skip-peers] [--only small,sparse,decoder,minilm]
 """
 from __future__ import annotations
 
@@ -216,11 +217,35 @@ def bench_small(work: str, repeats: int = 200) -> None:
                  ("acc32", "fp32 accuracy %", ".2f")])
 
 
+def bench_sparse(repeats: int = 50) -> None:
+    """SparseLinear against the dense layer on random masks: where the sparse product pays."""
+    from modelpress.runtime.sparse import SparseLinear
+
+    rows = []
+    for n_in, n_out in ((784, 300), (768, 3072), (2048, 8192)):
+        for density in (0.03, 0.1, 0.3):
+            torch.manual_seed(0)
+            dense = torch.nn.Linear(n_in, n_out).eval()
+            with torch.no_grad():
+                dense.weight.mul_(torch.rand(n_out, n_in) < density)
+            sparse = SparseLinear.from_linear(dense)
+            for batch in (1, 64):
+                x = torch.randn(batch, n_in)
+                with torch.no_grad():
+                    t = latencies({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, repeats=repeats, warmup=5)
+                d, sp = statistics.median(t["dense"]), statistics.median(t["sparse"])
+                rows.append({"layer": f"{n_in}x{n_out}", "density": density, "batch": batch, "dense": d * 1e3,
+                             "sparse": sp * 1e3, "x": f"{d / sp:.2f}x"})
+    print("\n## Sparse Linear layers (random masks)\n")
+    table(rows, [("layer", "layer", ""), ("density", "density", ".2f"), ("batch", "batch", "d"),
+                 ("dense", "dense µs", ".0f"), ("sparse", "CSR µs", ".0f"), ("x", "speed-up", "")])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--skip-peers", action="store_true")
-    ap.add_argument("--only", default="small,decoder,minilm")
+    ap.add_argument("--only", default="small,sparse,decoder,minilm")
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(capabilities.describe())
@@ -228,6 +253,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         if "small" in parts:
             bench_small(work)
+        if "sparse" in parts:
+            bench_sparse()
         if "decoder" in parts:
             bench_decoder(work)
         gc.collect()

@@ -29,6 +29,7 @@ from .batches import logits_of
 from .errors import ModelpressError
 from .runtime.int8 import Int8Linear
 from .runtime.packed import PackedEmbedding, PackedLinear, unpacked
+from .runtime.sparse import SparseLinear
 
 OPSET = 17
 
@@ -126,7 +127,7 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, inputs: dict[str, torch.T
     target = copy.deepcopy(model).eval()  # exporting can change the module it traces
     for name, m in list(target.named_modules()):
         new = _nbits(m) if nbits and name else None
-        if new is None and name and isinstance(m, (PackedLinear, PackedEmbedding)):
+        if new is None and name and isinstance(m, (PackedLinear, PackedEmbedding, SparseLinear)):
             new = unpacked(m)
         if new is not None:
             surgery.replace(target, name, new)

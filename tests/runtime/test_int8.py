@@ -94,3 +94,16 @@ def test_gradients_flow_to_inputs_and_bias_when_training():
     m(x).sum().backward()
     assert x.grad is not None and m.bias.grad is not None
     assert torch.allclose(m.bias.grad, torch.full((48,), 5.0))
+
+
+def test_a_layer_that_ran_copies_without_its_cached_layouts():
+    import copy
+
+    m = make_layer(in_f=512, out_f=384)
+    m.kernel = "onednn" if int8.ONEDNN else "dequant"
+    x = torch.randn(64, 512)
+    with torch.no_grad():
+        y = m(x)  # builds the kernel's weight layout (oneDNN's prepacked tensor cannot be deep-copied)
+        twin = copy.deepcopy(m)
+        assert "_layouts" in m.__dict__ and not twin.__dict__["_layouts"]
+        assert torch.equal(twin(x), y)

@@ -12,6 +12,7 @@ from torch import nn
 from .. import surgery
 from ..errors import CorruptStream, FormatError, ModelMismatch
 from ..runtime.packed import packable, packed_layer
+from ..runtime.sparse import sparsify
 from ..state import FORMS, CompressionState
 from . import arch, guard
 from .codecs import check_entry, decode_tensor, encode_tensor
@@ -175,6 +176,8 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_
         raise ModelMismatch(f"the file's tensors do not match the model: missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}")
     del state, streams
+    if packed:
+        sparsify(model)
     _release_freed_memory()
     return model.eval()
 

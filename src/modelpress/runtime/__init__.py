@@ -10,10 +10,11 @@ from .half import Embedding16, Linear16
 from .int8 import Int8Linear
 from .lowrank import LowRankLinear, TuckerConv2d
 from .packed import PackedEmbedding, PackedLinear
+from .sparse import SparseLinear
 
 RUNTIME_MODULES: dict[str, type[nn.Module]] = {
     cls.__name__: cls for cls in (Int8Linear, LowRankLinear, TuckerConv2d, Linear16, Embedding16, PackedLinear,
-                                  PackedEmbedding)}
+                                  PackedEmbedding, SparseLinear)}
 
 
 def register_runtime_module(cls: type[nn.Module]) -> type[nn.Module]:
@@ -23,5 +24,6 @@ def register_runtime_module(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
-__all__ = ["Int8Linear", "Linear16", "Embedding16", "PackedLinear", "PackedEmbedding", "LowRankLinear", "TuckerConv2d",
+__all__ = ["Int8Linear", "Linear16", "Embedding16", "PackedLinear", "PackedEmbedding", "SparseLinear", "LowRankLinear",
+           "TuckerConv2d",
            "RUNTIME_MODULES", "register_runtime_module"]

@@ -7,6 +7,17 @@ import torch
 from torch import nn
 
 
+class _Layouts(dict):
+    """A layer's cached layouts: rebuilt on demand, so copies and pickles of the layer start without them
+    (some, oneDNN's prepacked weights and sparse CSR tensors, cannot be copied at all)."""
+
+    def __deepcopy__(self, memo: dict) -> "_Layouts":
+        return _Layouts()
+
+    def __reduce__(self):
+        return (_Layouts, ())
+
+
 def _key(sources: tuple[torch.Tensor, ...]) -> tuple:
     # the tensors themselves (held, so that a freed tensor's id or memory cannot be mistaken for a new one)
     # and their in-place versions
@@ -19,7 +30,7 @@ def cached_layout(m: nn.Module, kind: str, make: Callable[[], torch.Tensor], *so
     hit = current(m, kind, *sources)
     if hit is None:
         hit = make()
-        m.__dict__.setdefault("_layouts", {})[kind] = (_key(sources), hit)
+        m.__dict__.setdefault("_layouts", _Layouts())[kind] = (_key(sources), hit)
     return hit
 
 

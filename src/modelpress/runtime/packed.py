@@ -24,6 +24,7 @@ from torch import nn
 
 from ..capabilities import native_bf16
 from .layouts import cached_layout, keep_small_layer_weight, small_layer_weight
+from .sparse import SparseLinear
 
 SMALL_WEIGHT = 1 << 20  # weights: below this a layer without 4-bit planes keeps an fp32 copy
 FEW_ROWS = 16           # rows: at most this many take a weight-only kernel...
@@ -226,8 +227,14 @@ def packed_layer(module: nn.Module, grid, bias: torch.Tensor | None) -> nn.Modul
 
 
 def unpacked(module: nn.Module) -> nn.Module:
-    """A PackedLinear / PackedEmbedding as the plain float layer it stands for (the file's weights exactly);
-    any other module as it is. For exporters, which have no ops for packed codes."""
+    """A PackedLinear / PackedEmbedding / SparseLinear as the plain float layer it stands for (the file's
+    weights exactly); any other module as it is. For exporters, which have no ops for packed codes."""
+    if isinstance(module, SparseLinear):
+        new = nn.Linear(module.in_features, module.out_features, module.bias is not None)
+        new.weight.data = module.dense_weight()
+        if module.bias is not None:
+            new.bias.data = module.bias.detach().float().clone()
+        return new
     if isinstance(module, PackedLinear):
         new: nn.Module = nn.Linear(module.in_features, module.out_features, module.bias is not None)
         if module.bias is not None:
