@@ -31,7 +31,7 @@ import torch
 from common import minilm, trained_lenet  # benchmarks/common.py
 import modelpress as mp
 from modelpress import capabilities, data
-from modelpress.measure import latencies
+from modelpress.measure import latencies, machine_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -248,7 +248,7 @@ def main() -> None:
     ap.add_argument("--only", default="small,sparse,decoder,minilm")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    print(capabilities.describe())
+    print(f"{machine_line()}; native: {', '.join(k for k, v in capabilities.FLAGS.items() if v) or 'no AVX2'}")
     parts = args.only.split(",")
     with tempfile.TemporaryDirectory() as work:
         if "small" in parts:

@@ -27,14 +27,3 @@ def native(precision: str) -> bool:
     """True where this CPU multiplies in `precision` ("bf16" or "fp16") natively."""
     return NATIVE_BF16 if precision == "bf16" else FLAGS["amx_fp16"]
 
-
-def describe() -> str:
-    """One line: the CPU's model name and the flags above that it has."""
-    name = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    have = [k for k, v in FLAGS.items() if v]
-    return f"{name}; {', '.join(have) or 'no AVX2'}; torch {torch.__version__}, {torch.get_num_threads()} threads"

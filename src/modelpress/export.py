@@ -28,7 +28,7 @@ from . import surgery
 from .batches import logits_of
 from .errors import ModelpressError
 from .runtime.int8 import Int8Linear
-from .runtime.packed import PackedEmbedding, PackedLinear, unpacked
+from .runtime.packed import PackedEmbedding, PackedLinear
 from .runtime.sparse import SparseLinear
 
 OPSET = 17
@@ -104,9 +104,25 @@ class _NBitsLinear(nn.Module):
                                   self.block)
 
 
+def _as_float(m: nn.Module) -> nn.Module | None:
+    """A packed or sparse layer as the plain float layer it stands for (the file's weights exactly); None
+    for any other module. Exporters have no ops for packed codes or CSR products."""
+    if isinstance(m, PackedEmbedding):
+        new: nn.Module = nn.Embedding(m.num_embeddings, m.embedding_dim, None if m.padding_idx < 0 else m.padding_idx)
+        new.weight.data = m.dequantized()
+        return new
+    if not isinstance(m, (PackedLinear, SparseLinear)):
+        return None
+    new = nn.Linear(m.in_features, m.out_features, m.bias is not None)
+    new.weight.data = m.dense_weight() if isinstance(m, SparseLinear) else m.dequantized()
+    if m.bias is not None:
+        new.bias.data = m.bias.detach().float().clone()
+    return new
+
+
 def _nbits(m: nn.Module) -> nn.Module | None:
     """The MatMulNBits form of a packed or int8 layer, where onnxruntime's op can hold it exactly."""
-    if isinstance(m, Int8Linear) and type(m) is Int8Linear:
+    if type(m) is Int8Linear:
         codes, scale, bits, group = m.weight, m.weight_scale, 8, 0
     elif isinstance(m, PackedLinear):
         codes, scale, bits, group = m.signed_codes(), m.scale, m.bits, m.group
@@ -127,8 +143,8 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, inputs: dict[str, torch.T
     target = copy.deepcopy(model).eval()  # exporting can change the module it traces
     for name, m in list(target.named_modules()):
         new = _nbits(m) if nbits and name else None
-        if new is None and name and isinstance(m, (PackedLinear, PackedEmbedding, SparseLinear)):
-            new = unpacked(m)
+        if new is None and name:
+            new = _as_float(m)
         if new is not None:
             surgery.replace(target, name, new)
     wrapper = _Positional(target, names) if getattr(model, "config", None) is not None else target

@@ -24,7 +24,6 @@ from torch import nn
 
 from ..capabilities import native_bf16
 from .layouts import cached_layout, keep_small_layer_weight, small_layer_weight
-from .sparse import SparseLinear
 
 SMALL_WEIGHT = 1 << 20  # weights: below this a layer without 4-bit planes keeps an fp32 copy
 FEW_ROWS = 16           # rows: at most this many take a weight-only kernel...
@@ -150,23 +149,25 @@ class PackedLinear(_Packed):
                 y += torch.ops.aten._weight_int4pack_mm_for_cpu(xb, codes[1], self.group, sz[1])
             if y.shape[1] != self.out_features:
                 y = y[:, :self.out_features]
-            y = y.float() if self.bias is None else torch.add(self.bias, y)
+            y = self._plus_bias(y)
         elif kernel == "int8":
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._bf16_scale())
-            y = y.float() if self.bias is None else torch.add(self.bias, y)
+            y = self._plus_bias(torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._bf16_scale()))
         elif kernel == "fp32":
             w = cached_layout(self, "fp32", self.dequantized, self.codes, self.scale)
             if self.kernel(1) == "fp32":  # every row count takes it: the one-op path
                 keep_small_layer_weight(self, ("codes", "scale"), w)
             y = F.linear(x2.float(), w, None if self.bias is None else self.bias.float())
         elif native_bf16() and not torch.is_grad_enabled():
-            y = F.linear(x2.to(torch.bfloat16), self.dequantized(torch.bfloat16))
-            y = y.float() if self.bias is None else torch.add(self.bias, y)
+            y = self._plus_bias(F.linear(x2.to(torch.bfloat16), self.dequantized(torch.bfloat16)))
         else:
             y = F.linear(x2.float(), self.dequantized(), None if self.bias is None else self.bias.float())
         if x.dim() != 2:
             y = y.reshape(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _plus_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """A bf16 product plus the bias, in the bias's dtype (one op)."""
+        return y.float() if self.bias is None else torch.add(self.bias, y)
 
     def _bf16_scale(self) -> torch.Tensor:
         return cached_layout(self, "bf16 scale", lambda: self.scale.to(torch.bfloat16), self.scale)
@@ -225,24 +226,3 @@ def packed_layer(module: nn.Module, grid, bias: torch.Tensor | None) -> nn.Modul
         new = PackedEmbedding(rows, cols, pad, grid.bits, grid.group)
     return new.set_codes(grid.codes, scale)
 
-
-def unpacked(module: nn.Module) -> nn.Module:
-    """A PackedLinear / PackedEmbedding / SparseLinear as the plain float layer it stands for (the file's
-    weights exactly); any other module as it is. For exporters, which have no ops for packed codes."""
-    if isinstance(module, SparseLinear):
-        new = nn.Linear(module.in_features, module.out_features, module.bias is not None)
-        new.weight.data = module.dense_weight()
-        if module.bias is not None:
-            new.bias.data = module.bias.detach().float().clone()
-        return new
-    if isinstance(module, PackedLinear):
-        new: nn.Module = nn.Linear(module.in_features, module.out_features, module.bias is not None)
-        if module.bias is not None:
-            new.bias.data = module.bias.detach().float().clone()
-    elif isinstance(module, PackedEmbedding):
-        new = nn.Embedding(module.num_embeddings, module.embedding_dim,
-                           None if module.padding_idx < 0 else module.padding_idx)
-    else:
-        return module
-    new.weight.data = module.dequantized()
-    return new
