@@ -61,8 +61,7 @@ class _BoundedComposer(Composer):
                 self._count(*self._anchored[id(node)])
             return super().compose_node(parent, index)
         if self._depth >= MAX_DEPTH:
-            raise RecipeError(f"The recipe is nested more than {MAX_DEPTH} levels deep; a recipe needs about 6. "
-                              "Check the brackets and the indentation.")
+            raise _too_deep()
         self._depth += 1
         values, chars = self._values, self._chars
         node = super().compose_node(parent, index)
@@ -106,11 +105,18 @@ def load_yaml(text: str) -> Any:
     except RecipeError:
         raise
     except yaml.YAMLError as e:
+        if "maximum nesting depth" in str(e):  # libyaml >= 0.2.5's own cap, met before ours in flow style
+            raise _too_deep() from None
         raise RecipeError(f"The recipe is not valid YAML: {cut(str(e), 1000)}") from None
     except RecursionError:
-        raise RecipeError(f"The recipe is nested too deeply to read (the cap is {MAX_DEPTH} levels).") from None
+        raise _too_deep() from None
     except ValueError as e:  # an integer of over 4300 digits, a date like 2024-02-30, a lone surrogate
         raise RecipeError(f"The recipe has a value that cannot be read: {cut(str(e).split(';')[0])}.") from None
+
+
+def _too_deep() -> RecipeError:
+    return RecipeError(f"The recipe is nested too deeply: the cap is {MAX_DEPTH} levels and a recipe needs "
+                       "about 6. Check the brackets and the indentation.")
 
 
 def cut(text: str, limit: int = 200) -> str:

@@ -176,7 +176,7 @@ def test_the_cli_reports_a_bomb_as_an_error_without_a_traceback(tmp_path):
     "stages: [{finetune: {epochs: " + "[" * 5000 + "]" * 5000 + "}}]",
 ])
 def test_deep_nesting_is_refused(text):
-    refused("nested more than 64 levels deep", Recipe.from_yaml, text)
+    refused("nested too deeply: the cap is 64 levels", Recipe.from_yaml, text)
 
 
 def test_yaml_recursion_cannot_escape(monkeypatch):
