@@ -52,7 +52,7 @@ def test_compiled_int8_kernels_agree_with_eager():
     model, x = int8_mlp(), torch.randn(512, 256)
     with torch.no_grad():
         eager = model(x)
-    fast = mp.accelerate(model, dtype="fp32", int8="kernel")
+    fast = mp.accelerate(model, dtype="fp32", int8="kernel", compile=True)
     y = fast(x)
     assert fast.graph == "inductor (freezing)"
     tol = 1e-2 if native_bf16() else 1e-4  # the kernel writes bf16 where bf16 is native
@@ -60,11 +60,31 @@ def test_compiled_int8_kernels_agree_with_eager():
     assert torch.equal(fast(x), y)  # compiled once, same answer again
 
 
+def test_auto_leaves_a_small_model_eager_in_fp32():
+    """Under a million weights compiling and bf16 cost more than they save (runtime/compiled.py)."""
+    model, x = int8_mlp(), torch.randn(4, 256)
+    with torch.no_grad():
+        expected = model(x)
+    fast = mp.accelerate(model)
+    assert fast.describe() == "eager, float32 compute, int8 layers: int8 kernel"
+    assert isinstance(fast.model[1], Int8Linear) and torch.equal(fast(x), expected)
+
+
+def test_compiled_small_int8_layers_at_few_rows_multiply_the_dequantized_weight():
+    model, x = int8_mlp(), torch.randn(4, 256)  # 4 x 256 x 1024: the "dequant" rule of runtime/int8.py
+    with torch.no_grad():
+        eager = model(x)
+    y = mp.accelerate(model, dtype="fp32", int8="kernel", compile=True)(x)
+    assert float((y - eager).norm() / eager.norm()) < 1e-5  # the same fp32 product: float rounding only
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="dtype must be one of"):
         mp.accelerate(int8_mlp(), dtype="int4")
     with pytest.raises(ValueError, match="int8 must be one of"):
         mp.accelerate(int8_mlp(), int8="fast")
+    with pytest.raises(ValueError, match="compile must be one of"):
+        mp.accelerate(int8_mlp(), compile="yes")
 
 
 @pytest.mark.skipif(not int8_runtime.ONEDNN, reason="no oneDNN int8 kernel in this torch build")
@@ -80,7 +100,7 @@ def test_the_fp32_output_int8_path_of_cpus_without_native_bf16(monkeypatch):
         for i in (1, 3):
             reference[i].weight.data, reference[i].bias.data = model[i].dequantized(), model[i].bias.detach()
         assert float((eager - reference(x)).norm() / reference(x).norm()) < 2e-2  # activation rounding only
-    fast = mp.accelerate(model, dtype="fp32", int8="kernel")
+    fast = mp.accelerate(model, dtype="fp32", int8="kernel", compile=True)
     y = fast(x)
     assert fast.graph == "inductor (freezing)"
     assert float((y - eager).norm() / eager.norm()) < 1e-4  # both write fp32: float rounding only

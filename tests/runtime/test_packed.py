@@ -48,15 +48,14 @@ def test_small_layers_compute_exactly_the_dequantized_fp32_layer():
 
 
 @pytest.mark.parametrize("bits,group,rows,kernel", [(4, 64, 1, "int4"), (3, 128, 8, "int4"), (8, 0, 1, "int8"),
-                                                    (4, 64, 64, "unpack")])
+                                                    (4, 64, 256, "unpack")])
 def test_big_layers_agree_with_fp32_on_every_path(bits, group, rows, kernel):
     m = layer(1024, 1024, bits, group)
-    expected = kernel if native_bf16() or kernel == "unpack" else "unpack"
-    assert m.kernel(rows) == expected
+    assert m.kernel(rows) == kernel  # on every CPU: the weight-only kernels read bf16 inputs
     x = torch.randn(rows, 1024)
     with torch.no_grad():
         y = m(x)
-    assert rel_err(y, F.linear(x, m.dequantized(), m.bias)) < (1e-2 if native_bf16() else 1e-6)
+    assert rel_err(y, F.linear(x, m.dequantized(), m.bias)) < (1e-2 if native_bf16() or kernel != "unpack" else 1e-6)
 
 
 def test_embedding_gathers_exact_rows_and_refuses_bad_ids():

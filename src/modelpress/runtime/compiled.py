@@ -18,8 +18,11 @@ Two steps, each chosen by what the CPU has (capabilities.py), never by timing:
 
 Inputs in float are cast to the compute dtype and float outputs back to fp32, so callers see the model
 they had. The result is for inference: it runs under `torch.no_grad()`. `describe()` says what ran.
-A compiled call has a fixed cost of tens of microseconds (guards, the graph call), so models that run in
-well under a millisecond (LeNet-300-100 at batch 1) are faster eager: leave them un-accelerated.
+A compiled call has a fixed cost of 50-100 microseconds (guards, the graph call), and inductor's fp32
+products of small layers are no faster than eager ones: a 784-300-100-10 MLP ran 0.24x eager fp32 at batch
+1 and 0.72x at batch 64 compiled (Xeon with AVX-512, no native bf16). So by default ("auto") models of
+fewer than a million weights are left as they are, eager in fp32; `compile=True` and `dtype="bf16"`
+force the steps (a LeNet-5 at batch 64 ran 2.5x compiled in bf16 on an AMX Xeon, 0.6x at batch 1).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from .half import Linear16
 from .int8 import Int8Linear
 
 log = logging.getLogger(__name__)
+SMALL_MODEL = 1 << 20  # weights: "auto" leaves smaller models eager, in fp32
 
 
 def _register_fakes() -> None:
@@ -90,16 +94,20 @@ class Accelerated(nn.Module):
         return self._cast(out, torch.float32)
 
 
-def accelerate(model: nn.Module, *, dtype: Literal["auto", "bf16", "fp32"] = "auto", compile: bool = True,
-               int8: Literal["auto", "kernel", "bf16"] = "auto") -> Accelerated:
+def accelerate(model: nn.Module, *, dtype: Literal["auto", "bf16", "fp32"] = "auto",
+               compile: bool | Literal["auto"] = "auto", int8: Literal["auto", "kernel", "bf16"] = "auto") -> Accelerated:
     """`model` (changed in place) to run fast for inference on this CPU: in bf16 where the CPU multiplies
-    bf16 natively ("auto"), and through torch.compile (see the module docstring)."""
-    for arg, value, allowed in (("dtype", dtype, ("auto", "bf16", "fp32")), ("int8", int8, ("auto", "kernel", "bf16"))):
+    bf16 natively, and through torch.compile, for models of a million weights or more ("auto"; see the
+    module docstring)."""
+    for arg, value, allowed in (("dtype", dtype, ("auto", "bf16", "fp32")), ("int8", int8, ("auto", "kernel", "bf16")),
+                                ("compile", compile, ("auto", True, False))):
         if value not in allowed:
             raise ValueError(f"{arg} must be one of {allowed}, not {value!r}")
-    use = torch.bfloat16 if dtype == "bf16" or dtype == "auto" and native_bf16() else torch.float32
+    small = sum(t.numel() for t in model.state_dict().values()) < SMALL_MODEL
+    use = torch.bfloat16 if dtype == "bf16" or dtype == "auto" and native_bf16() and not small else torch.float32
+    compile = not small if compile == "auto" else compile
     if int8 == "auto":
-        int8 = "bf16" if native_bf16() else "kernel"
+        int8 = "bf16" if use == torch.bfloat16 else "kernel"
     has_int8 = any(type(m) is Int8Linear for m in model.modules())
     if int8 == "bf16":
         _widen_int8(model)
@@ -109,7 +117,7 @@ def accelerate(model: nn.Module, *, dtype: Literal["auto", "bf16", "fp32"] = "au
                 t.data = t.data.to(use)
         if hasattr(m, "compute_dtype"):
             m.compute_dtype = use
-    how = "none" if not has_int8 and int8 == "bf16" else "int8 kernel" if int8 == "kernel" else \
+    how = "none" if not has_int8 else "int8 kernel" if int8 == "kernel" else \
         "bf16 products of int8 weights"
     return Accelerated(model, use, compile, how)
 

@@ -4,11 +4,14 @@ as packed codes, two 4-bit codes a byte for 2-4 bits, one byte for 5-8 bits, and
 product, so resident memory tracks the file rather than fp32.
 
 How a PackedLinear multiplies, by rule on its shape and the rows it is given (never by timing):
-- few rows (decoding, batch 1) on a CPU with native bf16, on layers of 65k weights or more: torch's
-  weight-only kernels read the codes
-  directly, int4 x bf16 for <= 4 bits in groups of 32-256, int8 x bf16 for 8 bits per channel
-  (memory-bound: 2.3-2.7x fp32 at batch 1 on 768x3072 and 2048x8192 layers, Xeon with AMX); the int4
-  kernel's layout is how the codes are kept (PackedLinear with groups of 32-256: `to_planes`);
+- few rows (decoding, batch 1), on layers of 65k weights or more: torch's weight-only kernels read the
+  codes directly, int4 x bf16 for <= 4 bits in groups of 32-256, int8 x bf16 for 8 bits per channel.
+  Memory-bound at batch 1: 2.3-2.7x fp32 on 768x3072 and 2048x8192 layers on a Xeon with AMX; 2.4-4.8x
+  (int4) and 1.7-2.7x (int8) on a Xeon with AVX-512 and no native bf16, where up to 128 rows the int4
+  kernel stays at 0.4-1.5x fp32 against 0.1-0.4x for unpacking per call, hence FEW_ROWS = 128 there
+  (16 with native bf16, as set on the AMX Xeon, where the unpacked product runs in bf16). The int4
+  kernel's layout is how the codes are kept (PackedLinear with groups of 32-256: `to_planes`). Not
+  measured on an AVX2-only CPU, where the same rule applies;
 - layers under a million weights otherwise: a kept fp32 copy (small, and never slower than the fp32 layer);
 - otherwise the weight is decompressed for the call, to bf16 where the CPU multiplies bf16 natively,
   else fp32, and multiplied. At 64 rows this is slower than an fp32 layer would be (0.3-0.7x on the
@@ -26,7 +29,7 @@ from ..capabilities import native_bf16
 from .layouts import cached_layout, keep_small_layer_weight, small_layer_weight
 
 SMALL_WEIGHT = 1 << 20  # weights: below this a layer without 4-bit planes keeps an fp32 copy
-FEW_ROWS = 16           # rows: at most this many take a weight-only kernel...
+FEW_ROWS = 16 if native_bf16() else 128  # rows: at most this many take a weight-only kernel...
 TINY_WEIGHT = 1 << 16   # ...on a layer at least this big (below, the kept fp32 weight is faster)
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -125,7 +128,7 @@ class PackedLinear(_Packed):
         """"int4" or "int8" (weight-only kernels), "fp32" (the kept fp32 weight) or "unpack" (per call)."""
         weight = self.in_features * self.out_features
         small = weight < SMALL_WEIGHT
-        if native_bf16() and rows <= FEW_ROWS and weight >= TINY_WEIGHT:
+        if rows <= FEW_ROWS and weight >= TINY_WEIGHT:
             if self.planes:
                 return "int4"
             if self.bits > 4 and not self.group and self.in_features % 64 == 0:  # (other widths: wrong sums)
