@@ -118,6 +118,17 @@ def _select(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     return nn.Parameter(kept, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else kept
 
 
+_READ_DIRECTLY = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def fixed_layers(model: nn.Module) -> set[str]:
+    """Layers whose owner reads their tensors instead of calling them, so they must stay the class they
+    are: nn.MultiheadAttention's out_proj, and nn.TransformerEncoderLayer's linear1 / linear2 / norms
+    (its eval-mode fast path passes their weights to one fused op)."""
+    return {f"{name}.{child}" if name else child for name, m in model.named_modules()
+            if isinstance(m, _READ_DIRECTLY) for child, _ in m.named_children()}
+
+
 def replace(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the submodule called `name` is ("" is not a submodule: the model itself stays)."""
     parent, _, child = name.rpartition(".")

@@ -197,7 +197,7 @@ def _packable(model: nn.Module, manifest: dict) -> set[str]:
     (`runtime.packed.packable`), and not shared with another tensor."""
     entries = _entries(manifest)
     shared = {e.get("of") for e in entries.values() if e.get("kind") == "alias"}
-    out = set()
+    out, fixed = set(), surgery.fixed_layers(model)
     for name, entry in entries.items():
         if entry.get("kind") != "q" or entry.get("masked") or name in shared or not name.endswith(".weight"):
             continue
@@ -207,7 +207,7 @@ def _packable(model: nn.Module, manifest: dict) -> set[str]:
             module = model.get_submodule(layer)
         except AttributeError:
             continue
-        if isinstance(bits, int) and 2 <= bits <= 8 and packable(module):
+        if isinstance(bits, int) and 2 <= bits <= 8 and packable(module) and layer not in fixed:
             out.add(name)
     return out
 

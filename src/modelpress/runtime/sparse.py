@@ -69,9 +69,9 @@ def sparsify(model: nn.Module) -> int:
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
-    done = 0
+    done, fixed = 0, surgery.fixed_layers(model)
     for name, m in list(model.named_modules()):
-        if type(m) is nn.Linear and name and m.weight.numel() >= MIN_WEIGHTS and counts.get(id(m.weight), 0) == 1:
+        if type(m) is nn.Linear and name and name not in fixed and m.weight.numel() >= MIN_WEIGHTS and counts.get(id(m.weight), 0) == 1:
             if int(torch.count_nonzero(m.weight)) <= MAX_DENSITY * m.weight.numel():
                 surgery.replace(model, name, SparseLinear.from_linear(m))
                 done += 1

@@ -9,7 +9,12 @@ from torch import nn
 
 from ..state import split_name
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d)
+_MATRIX_PREFIXES = {  # the weight matrices of layers that hold several, by parameter name
+    nn.RNNBase: ("weight_ih_l", "weight_hh_l", "weight_hr_l"),  # RNN, LSTM (projections too), GRU
+    nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+}
 
 
 def excluded(name: str, patterns: Iterable[str]) -> bool:
@@ -17,16 +22,31 @@ def excluded(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
 
 
+def layer_weights(module: nn.Module, bias: bool = False) -> dict[str, nn.Parameter]:
+    """A layer's own weight tensors a technique may touch, by attribute name: `weight` of Linear and
+    (transposed) Conv layers, every weight matrix of recurrent layers and of nn.MultiheadAttention's
+    packed input projection (its out_proj is a Linear of its own); their biases too if asked."""
+    if isinstance(module, WEIGHT_LAYERS):
+        names = ["weight"] + (["bias"] if bias and module.bias is not None else [])
+    else:
+        prefixes = next((p for cls, p in _MATRIX_PREFIXES.items() if isinstance(module, cls)), None)
+        if prefixes is None:
+            return {}
+        names = [n for n, p in module.named_parameters(recurse=False)
+                 if p is not None and (n.startswith(prefixes) or bias and n.startswith(("bias_", "in_proj_bias")))]
+    return {n: getattr(module, n) for n in names}
+
+
 def target_params(model: nn.Module, exclude: Iterable[str] = (), *, bias: bool = False) -> dict[str, nn.Parameter]:
-    """Weights (and biases, if asked) of the Linear and Conv layers not excluded, by qualified name."""
+    """Weights (and biases, if asked) of the Linear, Conv, recurrent and attention layers not excluded
+    (`layer_weights`), by qualified name."""
     exclude = list(exclude)
     out: dict[str, nn.Parameter] = {}
     for mod_name, module in model.named_modules():
-        if not isinstance(module, WEIGHT_LAYERS) or excluded(mod_name, exclude):
+        if excluded(mod_name, exclude):
             continue
-        out[f"{mod_name}.weight"] = module.weight
-        if bias and module.bias is not None:
-            out[f"{mod_name}.bias"] = module.bias
+        for attr, p in layer_weights(module, bias).items():
+            out[f"{mod_name}.{attr}" if mod_name else attr] = p
     return out
 
 

@@ -18,6 +18,7 @@ from ..errors import ModelpressError
 from ..runtime.lowrank import LowRankLinear, TuckerConv2d
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
+from ..surgery import fixed_layers
 from .common import excluded, replace_module
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,9 @@ def factorize(model: nn.Module, state: CompressionState, *, rank: int | None = N
     """Replace Linear and Conv2d layers by factorized ones where that saves parameters.
     Returns (layer, parameters before, after) for each replaced layer."""
     how = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy, "min_rank": min_rank}
-    done = []
+    done, fixed = [], fixed_layers(model)
     for name, m in list(model.named_modules()):
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) or excluded(name, exclude) or not name:
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or excluded(name, exclude) or not name or name in fixed:
             continue
         if any(k.startswith(name + ".") for k in state.params):
             raise ModelpressError(f"factorize: layer {name!r} is already pruned, clustered or quantized; "

@@ -18,6 +18,7 @@ from ..errors import ModelpressError
 from ..runtime.half import DTYPES, Embedding16, Linear16
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
+from ..surgery import fixed_layers
 from .common import excluded, replace_module
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def to_precision(model: nn.Module, state: CompressionState, precision: str = "bf
     """Replace each Linear by a Linear16 of `precision` (and each nn.Embedding by an Embedding16); returns
     how many. Layers already pruned, clustered or quantized, and weights shared with another layer, stay
     as they are (a warning names them)."""
-    exclude, kept, swapped = list(exclude), [], 0
+    exclude, kept, swapped, fixed = list(exclude), [], 0, fixed_layers(model)
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -51,7 +52,7 @@ def to_precision(model: nn.Module, state: CompressionState, precision: str = "bf
     for name, m in list(model.named_modules()):
         if type(m) not in kinds or excluded(name, exclude):
             continue
-        if f"{name}.weight" in state.params or counts.get(id(m.weight), 0) > 1 or \
+        if f"{name}.weight" in state.params or counts.get(id(m.weight), 0) > 1 or name in fixed or \
                 isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse or m.scale_grad_by_freq):
             kept.append(name)
             continue
@@ -68,8 +69,8 @@ def to_precision(model: nn.Module, state: CompressionState, precision: str = "bf
         replace_module(model, name, new.train(m.training))
         swapped += 1
     if kept:
-        log.warning("precision %s: %d layer(s) stay as they are (already compressed, a shared weight, or an "
-                    "embedding with max_norm / sparse gradients): %s",
+        log.warning("precision %s: %d layer(s) stay as they are (already compressed, a shared weight, read "
+                    "directly by an attention layer, or an embedding with max_norm / sparse gradients): %s",
                     precision, len(kept), ", ".join(kept[:6]) + (", ..." if len(kept) > 6 else ""))
     if swapped == 0:
         raise ModelpressError(f"precision {precision}: no Linear layer or embedding to convert (after 'exclude' "

@@ -36,6 +36,7 @@ from ..runtime.int8 import Int8Linear, packed_weight, plan
 from ..runtime.layouts import cached_layout
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState, broadcast_scale
+from ..surgery import fixed_layers
 from .common import excluded, replace_module
 from .finetune import train
 from .grid import group_scale, quantize_tensor
@@ -153,17 +154,18 @@ def targets(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Modul
     """The Linear and (zero-padded) Conv2d layers QAT quantizes, by name; a warning names the weight
     layers it leaves in float."""
     exclude, out, left = list(exclude), {}, []
-    shared = _shared_weights(model)
+    shared, fixed = _shared_weights(model), fixed_layers(model)
     for name, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or excluded(name, exclude):
             continue
         ok = type(m) is nn.Linear or type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
-        if ok and id(m.weight) not in shared:
+        if ok and id(m.weight) not in shared and name not in fixed:
             out[name] = m
         else:
             left.append(name)
     if left:
-        log.warning("qat: %d layer(s) stay float (other layer types, 'same' padding or shared weights): %s",
+        log.warning("qat: %d layer(s) stay float (other layer types, 'same' padding, shared weights, or read "
+                    "directly by an attention layer): %s",
                     len(left), ", ".join(left[:6]) + (", ..." if len(left) > 6 else ""))
     return out
 

@@ -17,6 +17,7 @@ from ..errors import ModelpressError
 from ..runtime.int8 import Int8Linear
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState, broadcast_scale, split_name
+from ..surgery import fixed_layers
 from .calibrate import calibration_batches, collect_hessians
 from .common import excluded, replace_module, target_params
 from .gptq import gptq
@@ -182,9 +183,13 @@ def _n_scales(p: torch.Tensor, group_size: int | None) -> int:
 
 def to_int8_linear(model: nn.Module, state: CompressionState) -> int:
     """Swap every Linear whose weight is on an 8-bit per-channel grid for an Int8Linear; returns how many."""
-    swapped = 0
+    swapped, fixed = 0, fixed_layers(model)
     for name, module in list(model.named_modules()):
         st = state.params.get(f"{name}.weight")
+        if name in fixed:
+            log.info("activations: int8: %s stays an int8-weight %s (its owner reads its weight directly)",
+                     name, type(module).__name__)
+            continue
         if not isinstance(module, nn.Linear) or st is None or st.scale is None or st.codebook is not None or st.bits != 8 \
                 or st.group is not None or st.scale.numel() != module.out_features:
             continue
