@@ -144,6 +144,10 @@ def test_bad_arguments_give_clear_errors(mlp, toy_data):
         mp.compress(mlp, RECIPE, train_data=[])
     with pytest.raises(mp.RecipeError, match="does not exist"):
         mp.compress(mlp, "missing.yaml", train_data=toy_data)
+    x = next(iter(toy_data))[0]
+    for scripted in (torch.jit.script(mlp), torch.jit.trace(mlp, x)):
+        with pytest.raises(ModelpressError, match="TorchScript module .* Pass the nn.Module it was made from"):
+            mp.compress(scripted, "int8", calib_data=[x])
 
 
 def test_macs_count_linear_conv_and_int8_layers():

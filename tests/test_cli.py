@@ -71,3 +71,35 @@ def test_unknown_preset_is_named(mlp, tmp_path):
                               str(tmp_path / "x.mpz")])
     assert out.exit_code != 0  # main() turns this error into "error: ..." and exit status 2
     assert "Unknown preset 'int9'" in str(out.exception) and "w4" in str(out.exception)
+
+
+def test_a_torchscript_archive_is_refused_with_what_to_pass_instead(mlp, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(mlp), str(path))
+    out = runner.invoke(app, ["compress", str(path), "--recipe", "int8", "-o", str(tmp_path / "o.mpz")],
+                        terminal_width=300)
+    assert out.exit_code != 0
+    assert "TorchScript or torch.save archive" in out.output and "package.module:attr" in out.output
+    assert not (tmp_path / "o.mpz").exists()
+
+
+def test_progress_is_plain_lines_when_the_output_is_a_log(monkeypatch):
+    from modelpress import cli
+
+    lines, clock = [], [0.0]
+    monkeypatch.setattr(cli.console, "print", lambda text, **kw: lines.append(text))
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+    live = cli.Live()
+    assert live.plain  # under pytest the output is not a terminal
+    for i in range(101):  # a step reporting every 0.5 s
+        live("prune 1/3", i / 100)
+        clock[0] += 0.5
+    assert lines[:2] == ["prune 1/3: 0% (0 s)", "prune 1/3: 10% (5 s)"] and len(lines) == 11  # each tenth
+    live("finetune", 0.0)  # 0.5 s after the last line: too soon
+    clock[0] += 1.0
+    live("finetune", 0.1)
+    assert lines[11:] == ["finetune: 10% (52 s)"]
+    for _ in range(60):  # a long step that reports no change: a line every 10 s all the same
+        clock[0] += 0.5
+        live("gptq", 0.5)
+    assert lines[12:] == ["gptq: 50% (52 s)", "gptq: 50% (62 s)", "gptq: 50% (72 s)"]

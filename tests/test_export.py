@@ -63,3 +63,31 @@ def test_a_loaded_models_packed_layers_export_as_matmulnbits_with_the_files_code
         got = session(path).run(None, {"input": x.numpy()})[0]
         err = np.abs(got - want).max() / np.abs(want).max()
         assert err < (2e-2 if nbits else 1e-6)  # int8 activations per block / the float weights exactly
+
+
+def test_the_cli_exports_with_the_input_recorded_at_compress_time(tmp_path):
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+    from modelpress.data import lenet_300_100
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 784)
+    result = mp.compress(lenet_300_100().eval(), "int8", calib_data=[x])
+    assert result.manifest["meta"]["input"] == {"shape": [1, 784], "dtype": "float32"}
+    result.save(tmp_path / "m.mpz")
+    out = CliRunner().invoke(app, ["export", str(tmp_path / "m.mpz"), "--onnx", str(tmp_path / "m.onnx")])
+    assert out.exit_code == 0, out.output
+    got = session(tmp_path / "m.onnx").run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = mp.load(tmp_path / "m.mpz")(x).numpy()
+    # the graph quantizes every layer's inputs per token; eager layers this small multiply in fp32
+    assert np.linalg.norm(got - want) < 2e-2 * np.linalg.norm(want)
+
+
+def test_without_a_recorded_input_the_error_suggests_the_models_own_shape():
+    from modelpress.data import lenet_300_100
+    from modelpress.errors import ModelpressError
+
+    with pytest.raises(ModelpressError, match=r"--input-shape 1,784$"):
+        to_onnx(lenet_300_100(), "never.onnx")

@@ -43,9 +43,10 @@ class CompressionResult:
         return mpz.describe(self.manifest, self.streams)
 
 
-def file_meta(recipe: Recipe) -> dict:
-    """What a file records besides the tensors: the recipe that made it."""
-    return {"recipe": recipe.to_dict()}
+def file_meta(recipe: Recipe, example: dict | None = None) -> dict:
+    """What a file records besides the tensors: the recipe that made it, and the model's input (shape
+    for a batch of 1, dtype) when it is one tensor, so that `export` needs no input shape."""
+    return {"recipe": recipe.to_dict(), **({"input": example} if example else {})}
 
 
 def as_recipe(recipe: Recipe | str | Path | dict, model: nn.Module | None = None) -> Recipe:
@@ -91,11 +92,12 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     teacher = copy.deepcopy(model).float().cpu().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    check_batches(teacher, train_data, "train_data")
-    check_batches(teacher, calib_data, "calib_data")
+    example = check_batches(teacher, train_data, "train_data")
+    example = check_batches(teacher, calib_data, "calib_data") or example
     run = RunContext(train_data=train_data, teacher=teacher, loss_fn=loss_fn, progress=progress,
                      calib_data=calib_data if calib_data is not None else train_data)
-    out = run_pipeline(model, recipe, run, eval_fn=eval_fn, on_stage=on_stage, meta=file_meta(recipe))
+    out = run_pipeline(model, recipe, run, eval_fn=eval_fn, on_stage=on_stage,
+                       meta=file_meta(recipe, example))
     return CompressionResult(model=out.model, report=out.report, state=out.state, recipe=recipe,
                              manifest=out.manifest, streams=out.streams)
 

@@ -76,12 +76,13 @@ def reusable(data: Iterable | None, name: str) -> Iterable | None:
 
 
 @torch.no_grad()
-def check_batches(model: nn.Module, data: Iterable | None, name: str) -> None:
+def check_batches(model: nn.Module, data: Iterable | None, name: str) -> dict | None:
     """Call `model` on the inputs of the first batch of `data`: a clear error now if it can't take them.
     Random states are left as they were (a shuffling DataLoader draws from its generator, or torch's),
-    so that the check changes no result."""
+    so that the check changes no result. Returns the input's shape (batch of 1) and dtype when it is one
+    tensor, for the file to record (export traces with it)."""
     if data is None:
-        return
+        return None
     gens = {g for g in (getattr(data, "generator", None), getattr(getattr(data, "sampler", None), "generator", None))
             if isinstance(g, torch.Generator)}
     states = [(g, g.get_state()) for g in gens]
@@ -93,6 +94,10 @@ def check_batches(model: nn.Module, data: Iterable | None, name: str) -> None:
     finally:
         for g, state in states:
             g.set_state(state)
+    x = split_batch(batch)[0] if batch is not None else None
+    if isinstance(x, torch.Tensor) and x.dim() >= 1:
+        return {"shape": [1, *x.shape[1:]], "dtype": str(x.dtype).removeprefix("torch.")}
+    return None
 
 
 def _call_first(model: nn.Module, batch: Any, name: str) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,16 +18,24 @@ from .errors import ModelpressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make trained PyTorch models smaller and faster, and measure it.")
-console = Console()
+# in a log (not a terminal, no COLUMNS) rich would wrap tables at 80 columns
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
+PLAIN_EVERY_S, PLAIN_MIN_GAP_S = 10.0, 1.0  # not on a terminal: progress lines this often, at most once a second
 
 
 class Live:
-    """A rich progress bar fed by the library's progress(label, fraction) callback."""
+    """A rich progress bar fed by the library's progress(label, fraction) callback; where the output is
+    not a terminal (a log, a pipe), plain lines instead: on a new step or tenth done (at most one a
+    second), and every PLAIN_EVERY_S seconds while progress is reported."""
 
     def __init__(self) -> None:
         self.bar = Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                             TimeElapsedColumn(), console=console, transient=True)
         self.task = None
+        self.plain = not console.is_terminal
+        self.start = time.perf_counter()
+        self.last_time = -float("inf")
+        self.last: tuple[str, int] = ("", -1)
 
     def __enter__(self) -> "Live":
         self.bar.__enter__()
@@ -36,7 +46,14 @@ class Live:
         self.bar.__exit__(*exc)
 
     def __call__(self, label: str, fraction: float) -> None:
-        self.bar.update(self.task, description=label, completed=fraction)
+        if not self.plain:
+            self.bar.update(self.task, description=label, completed=fraction)
+            return
+        now, tenth = time.perf_counter(), int(fraction * 10)
+        gap = now - self.last_time
+        if gap >= PLAIN_EVERY_S or (label, tenth) != self.last and gap >= PLAIN_MIN_GAP_S:
+            console.print(f"{escape(label)}: {fraction:.0%} ({now - self.start:.0f} s)", highlight=False)
+            self.last, self.last_time = (label, tenth), now
 
     def stage(self, row) -> None:
         from .report import fmt_metric
@@ -99,6 +116,12 @@ def _load_model(spec: str):
         except (OSError, ValueError) as e:
             raise ModelpressError(f"{spec}: cannot load the Hugging Face model in this folder: {e}") from None
     if spec.endswith(".mpz") or Path(spec).is_file():
+        if _is_zip(spec):
+            raise typer.BadParameter(
+                f"{spec} is a TorchScript or torch.save archive, not an .mpz file; modelpress does not open those "
+                "(loading one can run code it holds). Name the model's class as 'package.module:attr' (a function "
+                "that builds it and loads its weights), or compress it from Python with modelpress.compress",
+                param_hint="MODEL")
         return api.load(spec)
     if ":" not in spec:
         raise typer.BadParameter("MODEL must be an .mpz file, a Hugging Face model folder or 'package.module:attr'",
@@ -109,6 +132,11 @@ def _load_model(spec: str):
     if not isinstance(obj, nn.Module):
         raise typer.BadParameter(f"{spec} is not an nn.Module", param_hint="MODEL")
     return obj
+
+
+def _is_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _text_data(folder: str, model):
@@ -261,20 +289,22 @@ def inspect(path: Path = typer.Argument(..., help="an .mpz file"),
 @app.command()
 def export(path: Path = typer.Argument(..., help="an .mpz file"),
            onnx: Path = typer.Option(..., "--onnx", help="where to write the ONNX graph"),
-           input_shape: Optional[str] = typer.Option(None, help="e.g. 1,1,28,28 (not needed for transformers)"),
+           input_shape: Optional[str] = typer.Option(None, help="e.g. 1,784 or 1,1,28,28; by default the input "
+                                                    "recorded at compress time, or a transformers config's"),
            nbits: bool = typer.Option(False, "--nbits", help="int8 and low-bit Linear layers as onnxruntime's "
                                       "MatMulNBits, holding the file's codes"),
            max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help=_MAX_BYTES_HELP)) -> None:
     """Write an artifact as an ONNX graph that onnxruntime runs, int8 layers kept int8."""
     from . import api
-    from .export import to_onnx
+    from .export import recorded_input, to_onnx
+    from .format import mpz
 
     model = api.load(path, max_bytes=max_bytes)
     try:
         shape = tuple(int(d) for d in input_shape.split(",")) if input_shape else None
     except ValueError:
         raise typer.BadParameter(f"{input_shape!r} is not a comma-separated list of ints", param_hint="--input-shape")
-    to_onnx(model, onnx, input_shape=shape, nbits=nbits)
+    to_onnx(model, onnx, input_shape=shape, nbits=nbits, recorded=recorded_input(mpz.read(path)[0].get("meta")))
     console.print(f"wrote {onnx} ({onnx.stat().st_size:,} bytes)")
 
 

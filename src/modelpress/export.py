@@ -16,6 +16,7 @@ MatMulNBits cannot take (other than 16-256, powers of two), keep float weights.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from pathlib import Path
@@ -45,14 +46,39 @@ class _Positional(nn.Module):
         return logits_of(self.model(**dict(zip(self.names, args))))
 
 
-def example_inputs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
-    """Inputs to trace with: from `input_shape` (a float tensor), or from a transformers config."""
+_INPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "int64": torch.int64, "int32": torch.int32}
+MAX_RECORDED_NUMEL = 1 << 24
+
+
+def recorded_input(meta: dict) -> torch.Tensor | None:
+    """A tensor like the input a file recorded at compress time (`meta["input"]`: shape for a batch of
+    1, dtype), or None if it recorded none or a malformed one (the file is not trusted)."""
+    rec = meta.get("input") if isinstance(meta, dict) else None
+    if not isinstance(rec, dict) or rec.get("dtype") not in _INPUT_DTYPES:
+        return None
+    shape = rec.get("shape")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or \
+            not all(type(d) is int and 1 <= d <= MAX_RECORDED_NUMEL for d in shape):
+        return None
+    if math.prod(shape) > MAX_RECORDED_NUMEL:
+        return None
+    dtype = _INPUT_DTYPES[rec["dtype"]]
+    return torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+
+
+def example_inputs(model: nn.Module, input_shape: tuple[int, ...] | None = None,
+                   recorded: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Inputs to trace with: from `input_shape` (a float tensor), the input the file recorded, or a
+    transformers config."""
     if input_shape is not None:
         return {"input": torch.randn(*input_shape)}
     config = getattr(model, "config", None)
+    if config is None and recorded is not None:
+        return {"input": recorded}
     if config is None:
-        raise ModelpressError("exporting a model that is not a transformers model needs the input shape, "
-                              "e.g. --input-shape 1,1,28,28")
+        raise ModelpressError("exporting a model that is not a transformers model needs its input shape (this file "
+                              f"recorded none), e.g. --input-shape {_shape_hint(model)}")
     name = getattr(model, "main_input_name", "input_ids")
     if name == "pixel_values":
         size = getattr(config, "image_size", 224)
@@ -134,11 +160,25 @@ def _nbits(m: nn.Module) -> nn.Module | None:
     return _NBitsLinear(codes, scale, 4 if bits <= 4 else 8, block, m.bias)
 
 
+def _shape_hint(model: nn.Module) -> str:
+    """An input shape to suggest, from the model's first layer that says what it takes."""
+    for m in model.modules():
+        channels, features = getattr(m, "in_channels", None), getattr(m, "in_features", None)
+        if isinstance(channels, int):
+            spatial = {1: "L", 3: "D,H,W"}.get(len(getattr(m, "kernel_size", ())), "H,W")
+            return f"1,{channels},{spatial} (with your inputs' sizes for {spatial})"
+        if isinstance(features, int):
+            return f"1,{features}"
+    return "1,C,H,W"
+
+
 def to_onnx(model: nn.Module, path: str | os.PathLike, inputs: dict[str, torch.Tensor] | None = None,
-            input_shape: tuple[int, ...] | None = None, nbits: bool = False) -> Path:
+            input_shape: tuple[int, ...] | None = None, nbits: bool = False,
+            recorded: torch.Tensor | None = None) -> Path:
     """Write `model` as an ONNX graph with dynamic batch (and sequence) axes; returns the path. With
-    `nbits`, packed and int8 Linear layers become onnxruntime's MatMulNBits (see the module docstring)."""
-    inputs = inputs if inputs is not None else example_inputs(model, input_shape)
+    `nbits`, packed and int8 Linear layers become onnxruntime's MatMulNBits (see the module docstring).
+    The traced input is `inputs`, else one of `input_shape`, else `recorded` (`recorded_input`)."""
+    inputs = inputs if inputs is not None else example_inputs(model, input_shape, recorded)
     names = list(inputs)
     target = copy.deepcopy(model).eval()  # exporting can change the module it traces
     for name, m in list(target.named_modules()):

@@ -84,7 +84,13 @@ def _number(v: Any) -> float | None:
 
 
 def check_weights(model: nn.Module) -> None:
-    """A clear error, before anything runs, for weights on the meta device or holding NaN/Inf."""
+    """A clear error, before anything runs, for a TorchScript model and for weights on the meta device or
+    holding NaN/Inf."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelpressError(
+            f"the model is a TorchScript module ({type(model).__name__}); its layers are compiled code that "
+            "modelpress cannot replace or train. Pass the nn.Module it was made from, with the same weights: "
+            "model = MyNet(); model.load_state_dict(scripted.state_dict()); modelpress.compress(model, ...)")
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
         raise ModelpressError(f"the model's weights are on the meta device (not loaded): {_first(meta)}; load real "
