@@ -1,7 +1,6 @@
 """Very sparse Linear layers kept and multiplied in CSR form."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import modelpress as mp

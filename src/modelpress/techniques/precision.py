@@ -9,7 +9,6 @@ import logging
 from typing import ClassVar, Iterable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..capabilities import native
