@@ -66,6 +66,26 @@ def test_hugging_face_folder_compresses_loads_and_exports(recipe, tmp_path):
     assert onnx_path.stat().st_size > 0
 
 
+def test_a_decoder_folder_loads_as_the_class_its_config_names(tmp_path):
+    """A LLaMA folder compresses as LlamaForCausalLM, LM head included, and the result generates."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "tiny-llama"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz") + ["the", "of"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    out_path = tmp_path / "out.mpz"
+    out = runner.invoke(app, ["compress", str(folder), "--recipe", "int8", "-o", str(out_path)], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    loaded = mp.load(out_path)
+    assert type(loaded).__name__ == "LlamaForCausalLM" and "lm_head.weight" in loaded.state_dict()
+    tokens = loaded.generate(torch.tensor([[2, 5, 6]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (1, 7)
+
+
 def test_unknown_preset_is_named(mlp, tmp_path):
     out = runner.invoke(app, ["compress", "modelpress.data:lenet_300_100", "--recipe", "int9", "-o",
                               str(tmp_path / "x.mpz")])
