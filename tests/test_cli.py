@@ -66,6 +66,36 @@ def test_hugging_face_folder_compresses_loads_and_exports(recipe, tmp_path):
     assert onnx_path.stat().st_size > 0
 
 
+def test_a_users_text_file_calibrates_a_hugging_face_folder(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from test_transformers import bert
+
+    from modelpress import cli, data
+
+    folder = tmp_path / "tiny-bert"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz")
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    bert().save_pretrained(folder)
+    recipes = ["Whisk the eggs with the sugar until pale, then fold in the flour.",
+               "Bake for twenty minutes, until a skewer comes out clean and dry."]
+    text = tmp_path / "recipes.txt"
+    text.write_text("\n\n".join(recipes[i % 2] + f" Step {i}." for i in range(20)), encoding="utf-8")
+    seen = []
+    real = cli._text_data
+    monkeypatch.setattr(cli, "_text_data", lambda folder, model, texts: seen.append(texts) or real(folder, model, texts))
+    out = runner.invoke(app, ["compress", str(folder), "--recipe", "int8", "--text", str(text), "-o",
+                              str(tmp_path / "o.mpz")], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert seen == [data.text_file_paragraphs(text)] and len(seen[0]) == 20 and "min_cos" in out.output
+    text.write_text("too short\n\nto use", encoding="utf-8")
+    with pytest.raises(mp.ModelpressError, match="0 paragraph"):
+        data.text_file_paragraphs(text)
+    text.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(mp.ModelpressError, match="not UTF-8 text"):
+        data.text_file_paragraphs(text)
+
+
 def test_a_decoder_folder_loads_as_the_class_its_config_names(tmp_path):
     """A LLaMA folder compresses as LlamaForCausalLM, LM head included, and the result generates."""
     transformers = pytest.importorskip("transformers")

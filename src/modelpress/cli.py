@@ -153,10 +153,10 @@ def _is_zip(path: str) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _text_data(folder: str, model):
-    """Calibration batches, training batches and an embedding-fidelity eval_fn from built-in English
-    text, for a model folder with a tokenizer (128 paragraphs to calibrate, 64 others to measure,
-    the rest, batched by length, to distill on)."""
+def _text_data(folder: str, model, texts: list[str]):
+    """Calibration batches, training batches and an embedding-fidelity eval_fn from `texts` (paragraphs),
+    for a model folder with a tokenizer: a fifth of them, at most 64, held out to measure; up to 128 of
+    the rest to calibrate; all the rest, batched by length, to distill on."""
     import torch
     from transformers import AutoTokenizer
 
@@ -165,14 +165,14 @@ def _text_data(folder: str, model):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # no tokenizer files: calibration must come another way
-        console.print(f"[yellow]no tokenizer in {folder} ({type(e).__name__}); no built-in calibration text[/]")
+        console.print(f"[yellow]no tokenizer in {folder} ({type(e).__name__}); no calibration text[/]")
         return None, None, None
-    texts = data.text_paragraphs()
     length = min(128, int(getattr(model.config, "max_position_embeddings", 128) or 128),
                  int(getattr(tokenizer, "model_max_length", 128) or 128))
-    calib = data.text_batches(tokenizer, texts[:128], max_length=length)
-    held_out = data.text_batches(tokenizer, texts[-64:], batch_size=32, max_length=length)
-    train = data.text_batches(tokenizer, texts[:-64], max_length=length, by_length=True)
+    held = min(64, max(1, len(texts) // 5))
+    calib = data.text_batches(tokenizer, texts[:min(128, len(texts) - held)], max_length=length)
+    held_out = data.text_batches(tokenizer, texts[-held:], batch_size=32, max_length=length)
+    train = data.text_batches(tokenizer, texts[:-held], max_length=length, by_length=True)
     try:
         with torch.no_grad():
             model(**held_out[0]).last_hidden_state
@@ -182,17 +182,24 @@ def _text_data(folder: str, model):
 
 
 _DATA_HELP = "built-in training data: mnist, mnist-image, digits, digits-image"
+_TEXT_HELP = ("a UTF-8 text file, paragraphs separated by blank lines, to calibrate, distill and measure a "
+              "Hugging Face model on (default: English text from Python's own docs)")
 
 
-def _data_for(model: str, net, data_name: str | None) -> dict:
+def _data_for(model: str, net, data_name: str | None, text: Path | None = None) -> dict:
     """train_data, calib_data, eval_fn and a latency example for MODEL: built-in digits (`--data`),
-    or built-in English text for a Hugging Face folder; whatever is missing stays None."""
+    or for a Hugging Face folder the paragraphs of `text` (else built-in English text); whatever is
+    missing stays None."""
     from . import data
 
     out = {"train_data": None, "calib_data": None, "eval_fn": None, "example": None}
+    if text is not None and not Path(model).is_dir():
+        raise typer.BadParameter("--text is for a Hugging Face model folder (it needs the folder's tokenizer)",
+                                 param_hint="--text")
     if Path(model).is_dir() and not data_name:
-        with console.status("tokenizing built-in calibration text (pydoc topics)"):
-            out["calib_data"], out["train_data"], out["eval_fn"] = _text_data(model, net)
+        texts = data.text_file_paragraphs(text) if text is not None else data.text_paragraphs()
+        with console.status(f"tokenizing calibration text ({text or 'pydoc topics'})"):
+            out["calib_data"], out["train_data"], out["eval_fn"] = _text_data(model, net, texts)
         if out["calib_data"]:
             out["example"] = out["calib_data"][0]
     if data_name:
@@ -212,12 +219,13 @@ def compress(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face
                                                    "'package.module:attr'"),
              recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
              out: Path = typer.Option(..., "-o", "--out"),
-             data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP)) -> None:
+             data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
+             text: Optional[Path] = typer.Option(None, "--text", help=_TEXT_HELP)) -> None:
     """Compress a model with a recipe and write the artifact."""
     from . import api
 
     net = _load_model(model)
-    inputs = _data_for(model, net, data_name)
+    inputs = _data_for(model, net, data_name, text)
     with Live() as live:
         result = api.compress(net, recipe, train_data=inputs["train_data"], calib_data=inputs["calib_data"],
                               eval_fn=inputs["eval_fn"], progress=live, on_stage=live.stage)
@@ -231,13 +239,14 @@ def compare(ctx: typer.Context,
             recipes: list[str] = typer.Option(..., "--recipes", help="preset names or YAML files, space-separated"),
             out: Path = typer.Option(..., "-o", "--out", help="folder for the artifacts, results.json and report.html"),
             data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
+            text: Optional[Path] = typer.Option(None, "--text", help=_TEXT_HELP),
             repeats: int = typer.Option(20, help="timed calls of each model")) -> None:
     """Run several recipes from the same model and compare size, speed and the metric side by side."""
     from .compare import compare as run_compare
 
     recipes = list(recipes) + list(ctx.args)
     net = _load_model(model)
-    inputs = _data_for(model, net, data_name)
+    inputs = _data_for(model, net, data_name, text)
     if inputs["train_data"] is None and inputs["calib_data"] is None and inputs["example"] is None:
         raise typer.BadParameter("no data to measure the models on: give --data, or a Hugging Face folder with a "
                                  "tokenizer", param_hint="--data")
@@ -259,12 +268,13 @@ def auto(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face mod
          out: Path = typer.Option(..., "-o", "--out", help="where to write the chosen artifact"),
          report: Optional[Path] = typer.Option(None, "--report", help="folder for the report of the full runs"),
          data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
+         text: Optional[Path] = typer.Option(None, "--text", help=_TEXT_HELP),
          seed: int = typer.Option(0)) -> None:
     """Search recipes for the most accurate one that meets a size or latency budget."""
     from .auto import auto as run_auto
 
     net = _load_model(model)
-    inputs = _data_for(model, net, data_name)
+    inputs = _data_for(model, net, data_name, text)
     if inputs["train_data"] is None and inputs["calib_data"] is None:
         raise typer.BadParameter("no data to search with: give --data, or a Hugging Face folder with a tokenizer",
                                  param_hint="--data")

@@ -1,12 +1,17 @@
 """Built-in data sets and reference models for the demo, tests and benchmarks (nothing downloaded)."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from .errors import ModelpressError
 
 
 @dataclass
@@ -134,6 +139,28 @@ def text_paragraphs(min_chars: int = 80) -> list[str]:
     from pydoc_data.topics import topics
 
     return [p.strip() for v in topics.values() for p in v.split("\n\n") if len(p.strip()) > min_chars]
+
+
+MAX_TEXT_BYTES = 256 << 20
+
+
+def text_file_paragraphs(path: str | os.PathLike, min_chars: int = 20, minimum: int = 8) -> list[str]:
+    """The paragraphs (separated by blank lines) of a UTF-8 text file of at most 256 MiB, each at least
+    `min_chars` long: a user's own text to calibrate and measure on. A clear error for fewer than
+    `minimum` of them, a file that is not UTF-8 text, or one too big."""
+    size = os.stat(path).st_size
+    if size > MAX_TEXT_BYTES:
+        raise ModelpressError(f"{path}: {size:,} bytes of text; the cap is {MAX_TEXT_BYTES:,} (256 MiB). A few "
+                              "thousand paragraphs are plenty: pass a sample")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelpressError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text.replace("\r\n", "\n")) if len(p.strip()) >= min_chars]
+    if len(paragraphs) < minimum:
+        raise ModelpressError(f"{path} has {len(paragraphs)} paragraph(s) of {min_chars}+ characters; at least "
+                              f"{minimum} are needed (separate paragraphs with a blank line)")
+    return paragraphs
 
 
 def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 128,
