@@ -83,7 +83,8 @@ def test_a_users_text_file_calibrates_a_hugging_face_folder(tmp_path, monkeypatc
     text.write_text("\n\n".join(recipes[i % 2] + f" Step {i}." for i in range(20)), encoding="utf-8")
     seen = []
     real = cli._text_data
-    monkeypatch.setattr(cli, "_text_data", lambda folder, model, texts: seen.append(texts) or real(folder, model, texts))
+    monkeypatch.setattr(cli, "_text_data",
+                        lambda folder, model, texts: seen.append(texts) or real(folder, model, texts))
     out = runner.invoke(app, ["compress", str(folder), "--recipe", "int8", "--text", str(text), "-o",
                               str(tmp_path / "o.mpz")], terminal_width=200)
     assert out.exit_code == 0, out.output

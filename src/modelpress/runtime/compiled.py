@@ -95,7 +95,8 @@ class Accelerated(nn.Module):
 
 
 def accelerate(model: nn.Module, *, dtype: Literal["auto", "bf16", "fp32"] = "auto",
-               compile: bool | Literal["auto"] = "auto", int8: Literal["auto", "kernel", "bf16"] = "auto") -> Accelerated:
+               compile: bool | Literal["auto"] = "auto",
+               int8: Literal["auto", "kernel", "bf16"] = "auto") -> Accelerated:
     """`model` (changed in place) to run fast for inference on this CPU: in bf16 where the CPU multiplies
     bf16 natively, and through torch.compile, for models of a million weights or more ("auto"; see the
     module docstring)."""

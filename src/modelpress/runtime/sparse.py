@@ -71,7 +71,8 @@ def sparsify(model: nn.Module) -> int:
         counts[id(p)] = counts.get(id(p), 0) + 1
     done, fixed = 0, surgery.fixed_layers(model)
     for name, m in list(model.named_modules()):
-        if type(m) is nn.Linear and name and name not in fixed and m.weight.numel() >= MIN_WEIGHTS and counts.get(id(m.weight), 0) == 1:
+        if type(m) is nn.Linear and name and name not in fixed and m.weight.numel() >= MIN_WEIGHTS \
+                and counts.get(id(m.weight), 0) == 1:
             if int(torch.count_nonzero(m.weight)) <= MAX_DENSITY * m.weight.numel():
                 surgery.replace(model, name, SparseLinear.from_linear(m))
                 done += 1
