@@ -12,15 +12,15 @@ import modelpress as mp
 from modelpress import data
 
 
-def trained_lenet(name: str, seed: int = 0) -> tuple[torch.nn.Module, data.Split, float]:
-    """LeNet-5 (`name` "lenet5", 20 epochs) or LeNet-300-100 (30 epochs) trained from `seed` on MNIST-5k:
-    (model, split, training seconds)."""
+def trained_lenet(name: str, seed: int = 0, epochs: int | None = None) -> tuple[torch.nn.Module, data.Split, float]:
+    """LeNet-5 (`name` "lenet5", 20 epochs) or LeNet-300-100 (30 epochs), or `epochs`, trained from
+    `seed` on MNIST-5k: (model, split, training seconds)."""
     torch.manual_seed(seed)
     image = name == "lenet5"
     split = data.mnist5k(image=image)
     model = data.lenet5() if image else data.lenet_300_100()
     t = time.perf_counter()
-    data.train_classifier(model, split, epochs=20 if image else 30, seed=seed)
+    data.train_classifier(model, split, epochs=epochs or (20 if image else 30), seed=seed)
     return model, split, time.perf_counter() - t
 
 
