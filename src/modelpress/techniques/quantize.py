@@ -187,8 +187,9 @@ def to_int8_linear(model: nn.Module, state: CompressionState) -> int:
     for name, module in list(model.named_modules()):
         st = state.params.get(f"{name}.weight")
         if name in fixed:
-            log.info("activations: int8: %s stays an int8-weight %s (its owner reads its weight directly)",
-                     name, type(module).__name__)
+            if isinstance(module, nn.Linear) and st is not None:
+                log.info("activations: int8: %s stays a Linear with int8 weights (its owner reads its weight "
+                         "directly)", name)
             continue
         if not isinstance(module, nn.Linear) or st is None or st.scale is None or st.codebook is not None or st.bits != 8 \
                 or st.group is not None or st.scale.numel() != module.out_features:
