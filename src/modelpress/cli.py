@@ -319,16 +319,17 @@ def export(path: Path = typer.Argument(..., help="an .mpz file"),
                                       "MatMulNBits, holding the file's codes"),
            max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help=_MAX_BYTES_HELP)) -> None:
     """Write an artifact as an ONNX graph that onnxruntime runs, int8 layers kept int8."""
-    from . import api
     from .export import recorded_input, to_onnx
     from .format import mpz
 
-    model = api.load(path, max_bytes=max_bytes)
+    manifest, streams, size = mpz.read(path)  # once: the model and the input it recorded
+    model = mpz.from_parts(manifest, streams, size, max_bytes=max_bytes)
+    del streams
     try:
         shape = tuple(int(d) for d in input_shape.split(",")) if input_shape else None
     except ValueError:
         raise typer.BadParameter(f"{input_shape!r} is not a comma-separated list of ints", param_hint="--input-shape")
-    to_onnx(model, onnx, input_shape=shape, nbits=nbits, recorded=recorded_input(mpz.read(path)[0].get("meta")))
+    to_onnx(model, onnx, input_shape=shape, nbits=nbits, recorded=recorded_input(manifest.get("meta")))
     console.print(f"wrote {onnx} ({onnx.stat().st_size:,} bytes)")
 
 

@@ -147,7 +147,13 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_
     Everything is checked before it is decoded: the declared tensors fit `max_bytes` (default: 1024x the
     bytes of the file's streams, at least 16 MiB), the architecture builds within the same bound and has
     exactly the file's tensor names, shapes and dtypes."""
-    manifest, streams, size = read(source)
+    return from_parts(*read(source), model=model, max_bytes=max_bytes, packed=packed)
+
+
+def from_parts(manifest: dict, streams: dict[str, bytes], size: int, model: nn.Module | None = None,
+               max_bytes: int | None = None, packed: bool = True) -> nn.Module:
+    """`load` of what `read` returned, for a caller that also reads the manifest. `streams` is emptied as
+    the weights are built, so that their memory goes back to the OS however many references the caller holds."""
     limit = guard.max_bytes_for(size, max_bytes)
     declared = declared_tensors(manifest, limit)
     if model is None:
@@ -175,7 +181,8 @@ def load(source: str | os.PathLike | bytes, model: nn.Module | None = None, max_
     if missing or unexpected:
         raise ModelMismatch(f"the file's tensors do not match the model: missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}")
-    del state, streams
+    del state
+    streams.clear()
     if packed:
         sparsify(model)
     _release_freed_memory()
