@@ -86,3 +86,62 @@ def test_a_megabyte_budget_bounds_code_bits_scales_and_float_tensors(mlp, toy_da
     assert 3 * 1536 < code_bits <= 3 * 1536 + 400
     with pytest.raises(ModelpressError, match="smaller than 3 bits for every weight"):
         quantize(mlp, CompressionState(), bits=3, budget_mb=budget_mb / 2, calib_data=toy_data)
+
+
+def _receptive_fields(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Each output position's inputs, (groups, rows, k), by brute force: the conv's weight picks them."""
+    g, k = conv.groups, conv.weight[0].numel()
+    picks = []
+    for j in range(k):  # a one-hot kernel per input slot of each group reads that slot at every position
+        probe = nn.Conv2d(conv.in_channels, g, conv.kernel_size, conv.stride, conv.padding, conv.dilation, g,
+                          bias=False, padding_mode=conv.padding_mode)
+        with torch.no_grad():
+            probe.weight.zero_()
+            probe.weight.view(g, k)[:, j] = 1.0
+        picks.append(probe(x).permute(1, 0, 2, 3).reshape(g, -1))
+    return torch.stack(picks, -1).double()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1), dict(groups=4, dilation=2, padding="same"),
+                                dict(groups=8, padding=1, padding_mode="reflect")])
+def test_convolution_hessians_are_over_receptive_fields_per_group(kw):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, bias=False, **kw)
+    x = torch.randn(2, 8, 9, 9)
+    H = collect_hessians(conv, {"c": conv}, [x])["c"]
+    rows = _receptive_fields(conv, x)
+    assert H.shape == (conv.groups, conv.weight[0].numel(), conv.weight[0].numel())
+    assert torch.allclose(H, 2 * rows.transpose(1, 2) @ rows / rows.shape[1])
+
+
+def test_conv1d_hessian_matches_its_unfolded_inputs():
+    conv = nn.Conv1d(3, 4, 5, padding=2)
+    x = torch.randn(2, 3, 11)
+    H = collect_hessians(conv, {"c": conv}, [x])["c"]
+    rows = nn.functional.pad(x, (2, 2)).unfold(2, 5, 1).permute(0, 2, 1, 3).reshape(-1, 15).double()
+    assert H.shape == (1, 15, 15) and torch.allclose(H[0], 2 * rows.t() @ rows / len(rows))
+
+
+@pytest.mark.parametrize("groups", [1, 6])
+def test_gptq_on_convolutions_keeps_outputs_closer_than_rounding(groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 12, 3, padding=1, groups=groups, bias=False)
+    smooth = nn.functional.avg_pool2d(torch.randn(32, 6, 20, 20), 3, 1, 1) + 0.5  # correlated, nonzero mean
+    H = collect_hessians(conv, {"c": conv}, [smooth])["c"]
+    w = conv.weight.detach()
+    codes, scale = gptq(w, H, 3, None)
+    assert codes.shape == w.shape and codes.abs().max() <= 3
+    wq = codes.float() * broadcast_scale(scale, w)
+    rs = group_scale(w, 3, None)
+    wr = quantize_tensor(w, rs, 3).float() * broadcast_scale(rs, w)
+    out = lambda weight: nn.functional.conv2d(smooth, weight, padding=1, groups=groups)  # noqa: E731
+    assert ((out(wq) - out(w)) ** 2).mean() < 0.5 * ((out(wr) - out(w)) ** 2).mean()
+
+
+def test_inputs_never_active_in_calibration_are_rounded_not_zeroed():
+    x = correlated_inputs()
+    x[:, :8] = 0.0  # e.g. ReLU units dead on the calibration data but alive on other data
+    w = torch.randn(16, 64)
+    codes, scale = gptq(w, 2 * x.t() @ x / len(x), 4, None)
+    rtn = quantize_tensor(w, scale, 4)
+    assert torch.equal(codes[:, :8], rtn[:, :8]) and bool((codes[:, :8] != 0).any())

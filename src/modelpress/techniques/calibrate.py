@@ -8,6 +8,7 @@ import logging
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..batches import call_model, split_batch
@@ -32,19 +33,52 @@ def calibration_batches(calib_data: Iterable | None, what: str) -> list:
     return batches
 
 
+MAX_POSITIONS = 1024  # output positions per image a convolution's Hessian takes (evenly spaced)
+
+
+def hessian_shape(module: nn.Module) -> tuple[int, int]:
+    """(groups, inputs per group) of the Hessian GPTQ uses for a Linear, Conv1d or Conv2d."""
+    if isinstance(module, nn.Linear):
+        return 1, module.in_features
+    return module.groups, module.weight[0].numel()
+
+
+def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as (groups, rows, inputs per group): the rows its weight multiplies. For a
+    convolution each row is one output position's receptive field (at most MAX_POSITIONS per image)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])
+    two_d = isinstance(module, nn.Conv2d)
+    x = x if two_d else x.unsqueeze(-2)  # a Conv1d as a Conv2d of height 1
+    as_2d = (lambda v, one: tuple(v)) if two_d else (lambda v, one: (one, v[0]))
+    padding = module.padding
+    if module.padding_mode != "zeros" or isinstance(padding, str):
+        pad = module._reversed_padding_repeated_twice
+        x = F.pad(x, pad if two_d else (*pad, 0, 0), mode="constant" if module.padding_mode == "zeros"
+                  else module.padding_mode)
+        padding = (0, 0)
+    cols = F.unfold(x, as_2d(module.kernel_size, 1), dilation=as_2d(module.dilation, 1),
+                    padding=as_2d(padding, 0), stride=as_2d(module.stride, 1))  # (batch, in * kernel, positions)
+    cols = cols[:, :, ::max(1, -(-cols.shape[2] // MAX_POSITIONS))]
+    groups, per_group = hessian_shape(module)
+    return cols.reshape(cols.shape[0], groups, per_group, -1).permute(1, 0, 3, 2).reshape(groups, -1, per_group)
+
+
 @torch.no_grad()
-def collect_hessians(model: nn.Module, layers: dict[str, nn.Linear], calib_data: Iterable | None,
+def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], calib_data: Iterable | None,
                      progress: Callable[[str, float], None] | None = None) -> dict[str, torch.Tensor]:
-    """H = 2/n X^T X of each Linear's inputs over the calibration batches, keyed like `layers`."""
+    """H = 2/n X^T X of each layer's inputs over the calibration batches, keyed like `layers`: (in, in)
+    for a Linear, (groups, k, k) for a Conv1d/Conv2d whose groups each see k inputs."""
     batches = calibration_batches(calib_data, "method: gptq")
-    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
+    shapes = {name: hessian_shape(m) for name, m in layers.items()}
+    sums = {name: torch.zeros(g, k, k, dtype=torch.float64) for name, (g, k) in shapes.items()}
     counts = dict.fromkeys(layers, 0)
 
     def hook(name: str):
         def fn(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name].addmm_(x.t(), x)
-            counts[name] += x.shape[0]
+            x = _input_rows(module, args[0].detach()).double()
+            sums[name].baddbmm_(x.transpose(1, 2), x)
+            counts[name] += x.shape[1]
         return fn
 
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
@@ -73,4 +107,5 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Linear], calib_data:
     if unseen:
         log.warning("no calibration input reached %d layer(s) (%s); they are rounded to nearest instead",
                     len(unseen), ", ".join(unseen[:5]))
-    return {name: 2 * sums[name] / n for name, n in counts.items() if n > 0}
+    return {name: 2 * (sums[name][0] if isinstance(layers[name], nn.Linear) else sums[name]) / n
+            for name, n in counts.items() if n > 0}

@@ -1,6 +1,7 @@
-"""GPTQ (Frantar et al., 2022): quantize a Linear weight one input column at a time and spread each
-column's rounding error over the columns not yet quantized, in proportion to the inverse Hessian
-H = 2 X^T X of the layer's calibration inputs. The same grid as round-to-nearest (symmetric, per
+"""GPTQ (Frantar et al., 2022): quantize a Linear or convolution weight one input column at a time and
+spread each column's rounding error over the columns not yet quantized, in proportion to the inverse
+Hessian H = 2 X^T X of the layer's calibration inputs (a convolution's inputs are its receptive fields,
+and a grouped convolution has one Hessian per group). The same grid as round-to-nearest (symmetric, per
 channel or per group, float16-exact scales), so the result stores and runs the same way; only the
 codes are chosen to keep the layer's outputs, not its weights, close."""
 from __future__ import annotations
@@ -12,51 +13,60 @@ from .grid import row_scale
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *, mask: torch.Tensor | None = None,
          block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int32 like w, scales (out,) or (out, groups)) for a 2-D weight and its (in, in) Hessian."""
+    """(codes int32 like w, scales (out,) or (out, groups)) for a weight whose flattened inputs have the
+    Hessian `hessian`: (in, in), or (G, k, k) for a grouped convolution whose G groups of output
+    channels each see their own k inputs (a depthwise convolution: one group per channel)."""
 
     qmax = 2 ** (bits - 1) - 1
-    W = w.detach().float().clone()
-    out, cols = W.shape
     H = hessian.detach().double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    if mask is not None:
-        W = W * mask
-    H += damp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
+    H = H.unsqueeze(0) if H.dim() == 2 else H
+    n_groups, cols = H.shape[0], H.shape[-1]
+    out = w.shape[0]
+    rows = out // n_groups
+    W = w.detach().float().reshape(n_groups, rows, cols).clone()
+    M = mask.reshape(n_groups, rows, cols).to(W.dtype) if mask is not None else None
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    H += torch.diag_embed(dead.to(H.dtype))  # inputs never active in calibration: rounded to nearest, not
+    #                                          zeroed, as other data may reach them
+    if M is not None:
+        W = W * M
+    H += damp * H.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(cols, dtype=H.dtype)
     Hinv = _upper_inverse_cholesky(H).float()
     if group is not None:
         block = max(group, block // group * group)  # groups never straddle two blocks
-        scale = torch.empty(out, -(-cols // group))
+        scale = torch.empty(n_groups, rows, -(-cols // group))
     else:
-        scale = row_scale(W, bits)
+        scale = row_scale(W.reshape(out, cols), bits).reshape(n_groups, rows)
     Q = torch.zeros_like(W)
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
+        W1, Hinv1 = W[:, :, b0:b1].clone(), Hinv[:, b0:b1, b0:b1]
         Err1 = torch.zeros_like(W1)
         for i in range(b1 - b0):
             col = b0 + i
             if group is not None and col % group == 0:
-                scale[:, col // group] = row_scale(W1[:, i:i + group], bits)
-            s = scale[:, col // group] if group is not None else scale
-            q = torch.round(W1[:, i] / s).clamp(-qmax, qmax)
-            if mask is not None:
-                q = q * mask[:, col]
-            Q[:, col] = q
-            err = (W1[:, i] - q * s) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
-    return Q.to(torch.int32), scale
+                chunk = W1[:, :, i:i + group]
+                scale[:, :, col // group] = row_scale(chunk.reshape(out, -1), bits).reshape(n_groups, rows)
+            s = scale[:, :, col // group] if group is not None else scale
+            q = torch.round(W1[:, :, i] / s).clamp(-qmax, qmax)
+            if M is not None:
+                q = q * M[:, :, col]
+            Q[:, :, col] = q
+            err = (W1[:, :, i] - q * s) / Hinv1[:, i, i].unsqueeze(1)
+            W1[:, :, i:] -= err.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)
+            Err1[:, :, i] = err
+        W[:, :, b1:] -= Err1 @ Hinv[:, b0:b1, b1:]
+    return Q.reshape(w.shape).to(torch.int32), scale.reshape(out, -1) if group is not None else scale.reshape(out)
 
 
 def _upper_inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor of H^-1, adding more damping if H is not positive definite."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    mean = float(torch.diag(H).mean())
+    """The upper Cholesky factors of H^-1 (a batch of matrices), adding more damping if H is not
+    positive definite."""
+    eye = torch.eye(H.shape[-1], dtype=H.dtype)
+    mean = H.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
     for extra in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0):
         L, info = torch.linalg.cholesky_ex(H + extra * mean * eye)
-        if int(info) == 0:
+        if int(info.abs().max()) == 0:
             return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     raise ValueError("the calibration Hessian is not positive definite even after damping")

