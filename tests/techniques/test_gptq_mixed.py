@@ -145,3 +145,21 @@ def test_inputs_never_active_in_calibration_are_rounded_not_zeroed():
     codes, scale = gptq(w, 2 * x.t() @ x / len(x), 4, None)
     rtn = quantize_tensor(w, scale, 4)
     assert torch.equal(codes[:, :8], rtn[:, :8]) and bool((codes[:, :8] != 0).any())
+
+
+def test_quantize_gptq_solves_a_cnns_convolutions_on_the_grid():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                        nn.ReLU6(), nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 64, 10))
+    batches = [nn.functional.avg_pool2d(torch.randn(16, 3, 8, 8), 3, 1, 1) for _ in range(4)]
+    outs = {}
+    for method in ("rtn", "gptq"):
+        model, state = __import__("copy").deepcopy(net), CompressionState()
+        quantize(model, state, bits=4, method=method, calib_data=batches)
+        for name in ("0.weight", "2.weight", "4.weight"):
+            st, w = state.get(name), model.get_parameter(name)
+            assert st.codes.shape == w.shape and st.codes.abs().max() <= 7
+            assert torch.equal(w, st.codes.float() * broadcast_scale(st.scale, w))
+        with torch.no_grad():
+            outs[method] = sum(((model(b) - net(b)) ** 2).mean() for b in batches)
+    assert outs["gptq"] < 0.7 * outs["rtn"]
