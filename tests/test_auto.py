@@ -46,3 +46,15 @@ def test_auto_is_deterministic_and_says_when_the_budget_cannot_be_met(digits_mlp
 def test_auto_needs_a_budget(mlp, toy_data):
     with pytest.raises(mp.ModelpressError, match="needs a budget"):
         mp.auto(mlp, train_data=toy_data)
+
+
+def test_candidates_that_come_out_the_same_are_run_once(digits_mlp):
+    model, split = digits_mlp
+    calib = [x for x, _ in split.loader(64)][:4]
+    result = mp.auto(model, max_mb=0.03, calib_data=calib, keep=3, repeats=2)
+    full = result.tried.rows[1:]
+    assert len(full) == 3
+    for i, a in enumerate(full):  # (3-bit and 2-bit bases sized to this budget came out 1 byte apart)
+        for b in full[i + 1:]:
+            assert a.metrics != b.metrics or abs(a.bytes - b.bytes) > 0.01 * b.bytes, (a.name, b.name)
+    assert all("MB" not in r.name for r in result.proxies)  # names say what a recipe does, not a size it misses

@@ -31,12 +31,14 @@ def test_demo_writes_a_loadable_artifact(tmp_path):
     path = tmp_path / "demo.mpz"
     recipe = tmp_path / "quick.yaml"
     recipe.write_text("stages:\n  - prune: {sparsity: 0.9}\n  - cluster: {bits: 4}\n")
-    out = runner.invoke(app, ["demo", "--out", str(path), "--recipe", str(recipe), "--epochs", "2"],
-                        terminal_width=200)
+    out = runner.invoke(app, ["demo", "--out", str(path), "--recipe", str(recipe), "--epochs", "2",
+                              "--trained", str(tmp_path / "fp32.mpz")], terminal_width=200)
     assert out.exit_code == 0, out.output
     assert "outputs bitwise identical: True" in " ".join(out.output.split())
     model = mp.load(path)
     assert model(torch.zeros(1, 784)).shape == (1, 10)
+    fp32 = mp.load(tmp_path / "fp32.mpz")  # the trained model, as `compare` and `auto` take it
+    assert sum(p.numel() for p in fp32.parameters()) == 266_610 and float((fp32[0].weight == 0).float().mean()) < 0.01
 
 
 @pytest.mark.parametrize("recipe", ["int8", pytest.param("fast", marks=pytest.mark.slow)])

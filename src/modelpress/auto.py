@@ -94,7 +94,7 @@ def search_space(model: nn.Module, budget: Budget, fp32_bytes: int, trainable: b
             add(f"quantize {bits}-bit", QuantizeConfig(bits=bits, method="gptq"))
             for group in (None, 64):
                 family = f"quantize {bits}-bit{' g' + str(group) if group else ''}"
-                add(f"{family} to {mb:.3g} MB", _sized(QuantizeConfig(bits=bits, method="gptq", group_size=group), mb),
+                add(f"{family}, more bits where sensitive, to fit", _sized(QuantizeConfig(bits=bits, method="gptq", group_size=group), mb),
                     budget_mb=mb, family=family)
         if trainable and not has_attention(model):
             for sparsity in (0.8, 0.9, 0.93, 0.95, 0.97):
@@ -176,7 +176,7 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
     if not screened:
         raise ModelpressError("auto could not run any candidate: " + "; ".join(
             f"{r.name}: {r.error}" for r in proxies[:3]))
-    fits = sorted((r for r in screened if budget.misses(r, fp32, slack=0.01) == 0),
+    fits = sorted(_distinct(r for r in screened if budget.misses(r, fp32, slack=0.01) == 0),
                   key=lambda r: -r.metrics[metric])
     chosen = fits[:keep] if fits else sorted(screened, key=lambda r: budget.misses(r, fp32))[:1]
     recipes = {c.name: c.recipe for c in space}
@@ -211,6 +211,17 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
                       tried=tried)
 
 
+def _distinct(rows: Iterable[Row]) -> list[Row]:
+    """The rows, less any with an earlier one's metrics and a file within 1% of its size: candidates
+    that came out the same (e.g. 3-bit and 2-bit bases that the budget raised to the same widths) are
+    run in full once."""
+    out: list[Row] = []
+    for r in rows:
+        if not any(r.metrics == o.metrics and abs(r.bytes - o.bytes) <= 0.01 * o.bytes for o in out):
+            out.append(r)
+    return out
+
+
 def _refill(space: list[Candidate], proxies: list[Row]) -> list[Candidate]:
     """The budget-sized quantization candidates again, their budgets scaled by the median ratio of
     asked to measured size in the first round (none if the files already came out at the budget)."""
@@ -224,7 +235,7 @@ def _refill(space: list[Candidate], proxies: list[Row]) -> list[Candidate]:
         if c.budget_mb is not None:
             mb = c.budget_mb * scale
             stages = tuple(_sized(s, mb) if isinstance(s, QuantizeConfig) else s for s in c.recipe.stages)
-            out.append(Candidate(f"{c.family} to {mb:.3g} MB (asked)", Recipe(stages=stages), mb, c.family))
+            out.append(Candidate(f"{c.name}, re-aimed", Recipe(stages=stages), mb, c.family))
     return out
 
 

@@ -67,7 +67,9 @@ def demo(model: str = typer.Option("lenet-300-100", help="lenet-300-100 or lenet
          out: Path = typer.Option(Path("demo.mpz"), "-o", "--out", help="where to write the artifact"),
          recipe: str = typer.Option("deep-compression", help="preset name or YAML file"),
          epochs: int = typer.Option(0, help="fp32 training epochs (0: 30 for lenet-300-100, 20 for lenet5)"),
-         seed: int = typer.Option(0)) -> None:
+         seed: int = typer.Option(0),
+         trained: Optional[Path] = typer.Option(None, help="also write the trained fp32 model, uncompressed, "
+                                                "here (a model for `compare` and `auto`)")) -> None:
     """Train a LeNet on MNIST-5k (bundled, nothing downloaded), compress it and write the artifact."""
     import torch
 
@@ -85,6 +87,11 @@ def demo(model: str = typer.Option("lenet-300-100", help="lenet-300-100 or lenet
         data.train_classifier(net, split, epochs=epochs, seed=seed)
     console.print(f"trained {model}: test accuracy {data.accuracy(net, split.x_test, split.y_test):.2f}% "
                   f"in {time.perf_counter() - t:.1f} s")
+    if trained is not None:
+        from .format import mpz
+        from .state import CompressionState
+
+        console.print(f"wrote the trained fp32 model to {trained} ({mpz.save(trained, net, CompressionState()):,} bytes)")
     evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
     with Live() as live:
         result = api.compress(net, recipe, train_data=split.loader(64, seed=seed), eval_fn=evaluate,
