@@ -94,8 +94,8 @@ def search_space(model: nn.Module, budget: Budget, fp32_bytes: int, trainable: b
             add(f"quantize {bits}-bit", QuantizeConfig(bits=bits, method="gptq"))
             for group in (None, 64):
                 family = f"quantize {bits}-bit{' g' + str(group) if group else ''}"
-                add(f"{family}, more bits where sensitive, to fit", _sized(QuantizeConfig(bits=bits, method="gptq", group_size=group), mb),
-                    budget_mb=mb, family=family)
+                add(f"{family}, more bits where sensitive, to fit",
+                    _sized(QuantizeConfig(bits=bits, method="gptq", group_size=group), mb), budget_mb=mb, family=family)
         if trainable and not has_attention(model):
             for sparsity in (0.8, 0.9, 0.93, 0.95, 0.97):
                 for bits in (5, 4, 3):

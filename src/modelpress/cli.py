@@ -91,7 +91,8 @@ def demo(model: str = typer.Option("lenet-300-100", help="lenet-300-100 or lenet
         from .format import mpz
         from .state import CompressionState
 
-        console.print(f"wrote the trained fp32 model to {trained} ({mpz.save(trained, net, CompressionState()):,} bytes)")
+        size = mpz.save(trained, net, CompressionState())
+        console.print(f"wrote the trained fp32 model to {trained} ({size:,} bytes)")
     evaluate = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
     with Live() as live:
         result = api.compress(net, recipe, train_data=split.loader(64, seed=seed), eval_fn=evaluate,

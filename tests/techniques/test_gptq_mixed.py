@@ -163,3 +163,10 @@ def test_quantize_gptq_solves_a_cnns_convolutions_on_the_grid():
         with torch.no_grad():
             outs[method] = sum(((model(b) - net(b)) ** 2).mean() for b in batches)
     assert outs["gptq"] < 0.7 * outs["rtn"]
+
+
+def test_unbatched_convolution_inputs_count_as_one_image():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(2, 5, 5)
+    assert torch.allclose(collect_hessians(conv, {"c": conv}, [x])["c"],
+                          collect_hessians(conv, {"c": conv}, [x[None]])["c"])

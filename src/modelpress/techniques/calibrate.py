@@ -49,6 +49,7 @@ def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return x.reshape(1, -1, x.shape[-1])
     two_d = isinstance(module, nn.Conv2d)
+    x = x.unsqueeze(0) if x.dim() == (3 if two_d else 2) else x  # an unbatched input: a batch of one
     x = x if two_d else x.unsqueeze(-2)  # a Conv1d as a Conv2d of height 1
     as_2d = (lambda v, one: tuple(v)) if two_d else (lambda v, one: (one, v[0]))
     padding = module.padding
@@ -76,9 +77,13 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], calib_data:
 
     def hook(name: str):
         def fn(module, args, output):
-            x = _input_rows(module, args[0].detach()).double()
-            sums[name].baddbmm_(x.transpose(1, 2), x)
-            counts[name] += x.shape[1]
+            x = args[0].detach()
+            # a convolution's receptive fields are ~k times its input: one image at a time bounds the memory
+            batched = not isinstance(module, nn.Linear) and x.dim() == (4 if isinstance(module, nn.Conv2d) else 3)
+            for part in (x.split(1) if batched else (x,)):
+                rows = _input_rows(module, part).double()
+                sums[name].baddbmm_(rows.transpose(1, 2), rows)
+                counts[name] += rows.shape[1]
         return fn
 
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]

@@ -25,8 +25,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
     rows = out // n_groups
     W = w.detach().float().reshape(n_groups, rows, cols).clone()
     M = mask.reshape(n_groups, rows, cols).to(W.dtype) if mask is not None else None
-    diag = H.diagonal(dim1=-2, dim2=-1)
-    dead = diag == 0
+    dead = H.diagonal(dim1=-2, dim2=-1) == 0
     H += torch.diag_embed(dead.to(H.dtype))  # inputs never active in calibration: rounded to nearest, not
     #                                          zeroed, as other data may reach them
     if M is not None:
