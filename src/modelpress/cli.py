@@ -331,8 +331,7 @@ def export(path: Path = typer.Argument(..., help="an .mpz file"),
     from .format import mpz
 
     manifest, streams, size = mpz.read(path)  # once: the model and the input it recorded
-    model = mpz.from_parts(manifest, streams, size, max_bytes=max_bytes)
-    del streams
+    model = mpz.from_parts(manifest, streams, size, max_bytes=max_bytes)  # (empties streams)
     try:
         shape = tuple(int(d) for d in input_shape.split(",")) if input_shape else None
     except ValueError:

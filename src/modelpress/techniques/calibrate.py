@@ -5,7 +5,7 @@ dict of keyword inputs (a tokenizer's output), exactly what `model(...)` takes."
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ def calibration_batches(calib_data: Iterable | None, what: str) -> list:
 
 
 MAX_POSITIONS = 1024  # output positions per image a convolution's Hessian takes (evenly spaced)
+HESSIAN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the layers whose input rows `_input_rows` reads
 
 
 def hessian_shape(module: nn.Module) -> tuple[int, int]:
@@ -43,11 +44,14 @@ def hessian_shape(module: nn.Module) -> tuple[int, int]:
     return module.groups, module.weight[0].numel()
 
 
-def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A layer's input as (groups, rows, inputs per group): the rows its weight multiplies. For a
-    convolution each row is one output position's receptive field (at most MAX_POSITIONS per image)."""
+def _input_rows(module: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """A layer's input as blocks of (groups, rows, inputs per group): the rows its weight multiplies. A
+    Linear's come in one block; a convolution's one image at a time (its receptive fields are about
+    kernel-size times its input), each row one output position's receptive field, at most MAX_POSITIONS
+    per image."""
     if isinstance(module, nn.Linear):
-        return x.reshape(1, -1, x.shape[-1])
+        yield x.reshape(1, -1, x.shape[-1])
+        return
     two_d = isinstance(module, nn.Conv2d)
     x = x.unsqueeze(0) if x.dim() == (3 if two_d else 2) else x  # an unbatched input: a batch of one
     x = x if two_d else x.unsqueeze(-2)  # a Conv1d as a Conv2d of height 1
@@ -58,11 +62,12 @@ def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, pad if two_d else (*pad, 0, 0), mode="constant" if module.padding_mode == "zeros"
                   else module.padding_mode)
         padding = (0, 0)
-    cols = F.unfold(x, as_2d(module.kernel_size, 1), dilation=as_2d(module.dilation, 1),
-                    padding=as_2d(padding, 0), stride=as_2d(module.stride, 1))  # (batch, in * kernel, positions)
-    cols = cols[:, :, ::max(1, -(-cols.shape[2] // MAX_POSITIONS))]
     groups, per_group = hessian_shape(module)
-    return cols.reshape(cols.shape[0], groups, per_group, -1).permute(1, 0, 3, 2).reshape(groups, -1, per_group)
+    for image in x.split(1):
+        cols = F.unfold(image, as_2d(module.kernel_size, 1), dilation=as_2d(module.dilation, 1),
+                        padding=as_2d(padding, 0), stride=as_2d(module.stride, 1))  # (1, in * kernel, positions)
+        cols = cols[0, :, ::max(1, -(-cols.shape[2] // MAX_POSITIONS))]
+        yield cols.reshape(groups, per_group, -1).transpose(1, 2)
 
 
 @torch.no_grad()
@@ -77,11 +82,8 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], calib_data:
 
     def hook(name: str):
         def fn(module, args, output):
-            x = args[0].detach()
-            # a convolution's receptive fields are ~k times its input: one image at a time bounds the memory
-            batched = not isinstance(module, nn.Linear) and x.dim() == (4 if isinstance(module, nn.Conv2d) else 3)
-            for part in (x.split(1) if batched else (x,)):
-                rows = _input_rows(module, part).double()
+            for rows in _input_rows(module, args[0].detach()):
+                rows = rows.double()
                 sums[name].baddbmm_(rows.transpose(1, 2), rows)
                 counts[name] += rows.shape[1]
         return fn

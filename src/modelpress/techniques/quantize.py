@@ -18,15 +18,13 @@ from ..runtime.int8 import Int8Linear
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState, broadcast_scale, split_name
 from ..surgery import fixed_layers
-from .calibrate import calibration_batches, collect_hessians
+from .calibrate import HESSIAN_LAYERS, calibration_batches, collect_hessians
 from .common import excluded, replace_module, target_params
 from .gptq import gptq
 from .grid import group_scale, quantize_tensor, symmetric_scale
 from .mixed import allocate, sensitivities
 
 log = logging.getLogger(__name__)
-
-GPTQ_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # layers whose inputs calibrate.collect_hessians reads
 
 
 @register_stage
@@ -107,7 +105,7 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
             raise ModelpressError("quantize: method 'gptq' solves per output channel; with per_channel=False use "
                                   "method 'rtn'")
         owners = {n: model.get_submodule(split_name(n)[0]) for n in params if n.endswith(".weight")}
-        solved = {n: m for n, m in owners.items() if isinstance(m, GPTQ_LAYERS) and m.weight is params[n]}
+        solved = {n: m for n, m in owners.items() if isinstance(m, HESSIAN_LAYERS) and m.weight is params[n]}
         rest = [n for n in params if n not in solved and state.get(n).codebook is None]
         if rest:
             log.info("quantize: GPTQ solves Linear, Conv1d and Conv2d layers; %d other tensor(s) are rounded to "
