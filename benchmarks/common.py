@@ -12,6 +12,11 @@ import modelpress as mp
 from modelpress import data
 
 
+def default_epochs(name: str) -> int:
+    """The epochs a LeNet is trained for here: 20 for LeNet-5 (`name` "lenet5"), 30 for LeNet-300-100."""
+    return 20 if name == "lenet5" else 30
+
+
 def trained_lenet(name: str, seed: int = 0, epochs: int | None = None) -> tuple[torch.nn.Module, data.Split, float]:
     """LeNet-5 (`name` "lenet5", 20 epochs) or LeNet-300-100 (30 epochs), or `epochs`, trained from
     `seed` on MNIST-5k: (model, split, training seconds)."""
@@ -20,7 +25,7 @@ def trained_lenet(name: str, seed: int = 0, epochs: int | None = None) -> tuple[
     split = data.mnist5k(image=image)
     model = data.lenet5() if image else data.lenet_300_100()
     t = time.perf_counter()
-    data.train_classifier(model, split, epochs=epochs or (20 if image else 30), seed=seed)
+    data.train_classifier(model, split, epochs=epochs or default_epochs(name), seed=seed)
     return model, split, time.perf_counter() - t
 
 

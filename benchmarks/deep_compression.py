@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from common import compress_and_reload, trained_lenet  # benchmarks/common.py
+from common import compress_and_reload, default_epochs, trained_lenet  # benchmarks/common.py
 import modelpress as mp
 from modelpress.measure import cpu_name
 
@@ -29,7 +29,7 @@ def run(name: str, recipe: str, seed: int, epochs: int | None = None) -> dict:
     print(f"Deep Compression paper: {paper_ratio}x ({paper_acc}, full MNIST)")
     return {"name": name, "bytes": size, "ratio": fp32.bytes / size, "fp32_acc": fp32.metrics["acc"],
             "acc": acc_loaded, "paper": paper_ratio, "seconds": compress_s, "seed": seed,
-            "epochs": epochs or (20 if name == "lenet5" else 30)}
+            "epochs": epochs or default_epochs(name)}
 
 
 def main() -> None:
