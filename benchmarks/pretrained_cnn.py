@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import modelpress as mp
+from modelpress.measure import latencies, machine_line
 
 CALIB_PHOTOS = ("china", "flower", "hubble_deep_field", "immunohistochemistry", "brick", "grass", "gravel")
 EVAL_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "retina", "camera", "coins",
@@ -141,15 +142,15 @@ def agreement(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
             "cos": F.cosine_similarity(ref, out, dim=1).mean().item()}
 
 
-@torch.no_grad()
-def latency_ms(model: torch.nn.Module, x: torch.Tensor, reps: int) -> float:
-    model(x)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
+def speedups(fp32: torch.nn.Module, run, one: torch.Tensor, many: torch.Tensor) -> tuple[float, float]:
+    """`run`'s speed over fp32 eager at batch 1 and at batch 32: median milliseconds, the two timed
+    round by round in the same call (`modelpress.measure.latencies`), so a slow phase hits both."""
+    ratios = []
+    for x, repeats in ((one, 30), (many, 10)):
+        ms = {k: float(np.median(v)) for k, v in latencies({"fp32": lambda: fp32(x), "run": lambda: run(x)},
+                                                            repeats=repeats, warmup=2).items()}
+        ratios.append(ms["fp32"] / ms["run"])
+    return ratios[0], ratios[1]
 
 
 def openvino(model: torch.nn.Module, calib: list[torch.Tensor], int8: bool, workdir: str):
@@ -188,17 +189,14 @@ def main() -> None:
     calib = [x_cal[i:i + 16] for i in range(0, len(x_cal), 16)]
     ref = logits(model, x_eval)
     one, many = x_eval[:1], x_eval[:32]
-    base = {"b1": latency_ms(model, one, 30), "b32": latency_ms(model, many, 10)}
-    print(f"{args.model}, {len(x_eval)} crops of {len(EVAL_PHOTOS)} photos "
-          f"({len(x_cal)} calibration crops of {len(CALIB_PHOTOS)} others); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"{args.model}, {len(x_eval)} crops of {len(EVAL_PHOTOS)} photos ({len(x_cal)} calibration crops of "
+          f"{len(CALIB_PHOTOS)} others); torch {torch.__version__}; {machine_line()}")
     rows = []
 
     def row(name: str, mb: float, run, seconds: float = 0.0) -> None:
         with torch.no_grad():
             out = torch.cat([run(x_eval[i:i + 32]) for i in range(0, len(x_eval), 32)])
-            b1, b32 = latency_ms(run, one, 30), latency_ms(run, many, 10)
-        rows.append((name, mb, agreement(ref, out), base["b1"] / b1, base["b32"] / b32, seconds))
+        rows.append((name, mb, agreement(ref, out), *speedups(model, run, one, many), seconds))
 
     fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
     rows.append(("torch fp32 eager", fp32_mb, agreement(ref, ref), 1.0, 1.0, 0.0))
@@ -222,7 +220,7 @@ def main() -> None:
     for name, mb, a, s1, s32, sec in rows:
         print(f"| {name} | {mb:.2f} | {a['top1']:.1%} | {a['in_top5']:.1%} | {a['cos']:.4f} | {s1:.2f}x | "
               f"{s32:.2f}x | {sec:.0f} |")
-    print(f"speed: against torch fp32 eager, {base['b1']:.1f} ms at batch 1 and {base['b32']:.0f} ms at batch 32")
+    print("speed: against torch fp32 eager, timed round by round in the same call as each row")
 
 
 if __name__ == "__main__":
