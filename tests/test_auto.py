@@ -52,9 +52,23 @@ def test_candidates_that_come_out_the_same_are_run_once(digits_mlp):
     model, split = digits_mlp
     calib = [x for x, _ in split.loader(64)][:4]
     result = mp.auto(model, max_mb=0.03, calib_data=calib, keep=3, repeats=2)
-    full = result.tried.rows[1:]
-    assert len(full) == 3
+    screened = {r.name: r for r in result.proxies}
+    full = [screened[r.name] for r in result.tried.rows[1:]]
+    assert len(full) >= 3
     for i, a in enumerate(full):  # (3-bit and 2-bit bases sized to this budget came out 1 byte apart)
         for b in full[i + 1:]:
             assert a.metrics != b.metrics or abs(a.bytes - b.bytes) > 0.01 * b.bytes, (a.name, b.name)
     assert all("MB" not in r.name for r in result.proxies)  # names say what a recipe does, not a size it misses
+
+
+def test_auto_is_never_worse_than_the_best_preset_that_fits(digits_mlp):
+    model, split = digits_mlp
+    calib = [x for x, _ in split.loader(64)][:4]
+    acc = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}  # noqa: E731
+    result = mp.auto(model, max_mb=0.05, calib_data=calib, eval_fn=acc, keep=1, repeats=2)
+    rows = {r.name: r for r in result.tried.rows[1:]}
+    presets = [r for name, r in rows.items() if name.startswith("preset ")]
+    assert len(presets) == 1 and presets[0].bytes <= 50_000  # the best preset that fits, whatever keep says
+    assert len(rows) == 1 + (result.tried.rows[1].name != presets[0].name)  # keep=1, plus the preset if not it
+    chosen = data.accuracy(result.model, split.x_test, split.y_test)
+    assert chosen >= presets[0].metrics["acc"] and result.met

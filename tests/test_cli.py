@@ -43,14 +43,13 @@ def test_demo_writes_a_loadable_artifact(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["int8", pytest.param("fast", marks=pytest.mark.slow)])
 def test_hugging_face_folder_compresses_loads_and_exports(recipe, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from test_transformers import bert
+    pytest.importorskip("transformers")
+    from test_transformers import bert, word_tokenizer
 
     folder = tmp_path / "tiny-bert"
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz") + \
+    words = list("abcdefghijklmnopqrstuvwxyz") + \
         ["the", "a", "is", "of", "to", "and", "in", "for", "on", "with"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    word_tokenizer(words).save_pretrained(folder)
     model = bert()
     model.save_pretrained(folder)
     out_path = tmp_path / "out.mpz"
@@ -59,9 +58,8 @@ def test_hugging_face_folder_compresses_loads_and_exports(recipe, tmp_path):
     assert "min_cos" in out.output and f"wrote {out_path}" in " ".join(out.output.split())
     loaded = mp.load(out_path)
     assert type(loaded).__name__ == "BertModel"
-    if recipe == "fast":  # heads and FFN neurons gone, distilled on the built-in text
-        assert loaded.encoder.layer[0].intermediate.dense.out_features < 128
-        assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+    if recipe == "fast":  # a layer gone, distilled on the built-in text, int8
+        assert len(loaded.encoder.layer) == loaded.config.num_hidden_layers == 1
     onnx_path = tmp_path / "out.onnx"
     out = runner.invoke(app, ["export", str(out_path), "--onnx", str(onnx_path)])
     assert out.exit_code == 0, out.output
@@ -69,15 +67,14 @@ def test_hugging_face_folder_compresses_loads_and_exports(recipe, tmp_path):
 
 
 def test_a_users_text_file_calibrates_a_hugging_face_folder(tmp_path, monkeypatch):
-    transformers = pytest.importorskip("transformers")
-    from test_transformers import bert
+    pytest.importorskip("transformers")
+    from test_transformers import bert, word_tokenizer
 
     from modelpress import cli, data
 
     folder = tmp_path / "tiny-bert"
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz")
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    words = list("abcdefghijklmnopqrstuvwxyz")
+    word_tokenizer(words).save_pretrained(folder)
     bert().save_pretrained(folder)
     recipes = ["Whisk the eggs with the sugar until pale, then fold in the flour.",
                "Bake for twenty minutes, until a skewer comes out clean and dry."]
@@ -86,11 +83,11 @@ def test_a_users_text_file_calibrates_a_hugging_face_folder(tmp_path, monkeypatc
     seen = []
     real = cli._text_data
     monkeypatch.setattr(cli, "_text_data",
-                        lambda folder, model, texts: seen.append(texts) or real(folder, model, texts))
+                        lambda folder, model, texts, noise: seen.append((texts, noise)) or real(folder, model, texts))
     out = runner.invoke(app, ["compress", str(folder), "--recipe", "int8", "--text", str(text), "-o",
                               str(tmp_path / "o.mpz")], terminal_width=200)
     assert out.exit_code == 0, out.output
-    assert seen == [data.text_file_paragraphs(text)] and len(seen[0]) == 20 and "min_cos" in out.output
+    assert seen == [(data.text_file_paragraphs(text), False)] and len(seen[0][0]) == 20 and "min_cos" in out.output
     text.write_text("too short\n\nto use", encoding="utf-8")
     with pytest.raises(mp.ModelpressError, match="0 paragraph"):
         data.text_file_paragraphs(text)
@@ -102,12 +99,14 @@ def test_a_users_text_file_calibrates_a_hugging_face_folder(tmp_path, monkeypatc
 def test_a_decoder_folder_loads_as_the_class_its_config_names(tmp_path):
     """A LLaMA folder compresses as LlamaForCausalLM, LM head included, and the result generates."""
     transformers = pytest.importorskip("transformers")
+    from test_transformers import word_tokenizer
+
     folder = tmp_path / "tiny-llama"
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz") + ["the", "of"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    words = list("abcdefghijklmnopqrstuvwxyz") + ["the", "of"]
+    word_tokenizer(words).save_pretrained(folder)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=len(words) + 5, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     out_path = tmp_path / "out.mpz"

@@ -17,6 +17,13 @@ def bert():
     return transformers.BertModel(cfg).eval()
 
 
+def word_tokenizer(words):
+    """A BERT WordPiece tokenizer over `words` after the 5 special tokens (transformers 5 ignores a
+    vocab_file argument: the vocabulary goes in as a dict)."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    return transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+
+
 def llama():
     cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
@@ -163,7 +170,15 @@ def test_head_granularity_keeps_the_ffn_and_grouped_query_attention_is_left_alon
     assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 64
 
 
-def test_fast_takes_its_transformer_form_for_a_model_with_attention():
-    fast = mp.Recipe.preset("fast", bert()).to_dict()["stages"]
-    assert fast[0]["prune"]["sparsity"] == 0.4 and fast[1]["distill"]["hidden"] is True
+def test_fast_takes_the_form_that_fits_the_model():
+    fast = mp.Recipe.preset("fast", bert()).to_dict()["stages"]  # a transformers model: a layer goes, then int8
+    assert fast[0]["prune"] == {"granularity": "block", "blocks": 1} and fast[1]["distill"]["hidden"] is True
+    assert fast[2]["quantize"]["bits"] == 8 and fast[2]["quantize"]["activations"] == "int8"
+    one_layer = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                               num_attention_heads=4, intermediate_size=64))
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
+                                          enable_nested_tensor=False)
+    for model in (one_layer, encoder):  # attention, but no layer block removal could drop: heads and neurons
+        stages = mp.Recipe.preset("fast", model).to_dict()["stages"]
+        assert stages[0]["prune"]["sparsity"] == 0.4 and stages[0]["prune"]["granularity"] == "channel"
     assert mp.Recipe.preset("fast", torch.nn.Linear(2, 2)).to_dict()["stages"][0]["prune"]["sparsity"] == 0.6

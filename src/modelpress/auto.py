@@ -77,10 +77,15 @@ class Candidate:
     family: str = ""
 
 
+PRESET = "preset"  # the family of candidates that are presets as they stand
+SIZE_PRESETS = ("int8", "w4", "w3")
+
+
 def search_space(model: nn.Module, budget: Budget, fp32_bytes: int, trainable: bool) -> list[Candidate]:
-    """Candidate recipes, named. Size budgets: mixed-precision weight quantization sized to the budget,
-    and (with training data) pruning + weight sharing at several sparsities and widths. Latency
-    budgets: channel pruning at several fractions, factorization, int8 activations."""
+    """Candidate recipes, named. Size budgets: the quantization presets, mixed-precision weight
+    quantization sized to the budget, and (with training data) pruning + weight sharing at several
+    sparsities and widths. Latency budgets: channel pruning at several fractions, factorization, int8
+    activations, and (with training data) the `fast` preset."""
     out: list[Candidate] = []
 
     def add(name: str, *stages: StageConfig, budget_mb: float | None = None, family: str = "") -> None:
@@ -89,6 +94,8 @@ def search_space(model: nn.Module, budget: Budget, fp32_bytes: int, trainable: b
     size_targets = [b for b in (budget.max_mb * 1e6 if budget.max_mb else None,
                                 fp32_bytes / budget.min_ratio if budget.min_ratio else None) if b]
     if size_targets:
+        for preset in SIZE_PRESETS:  # so that auto is never worse than a preset that fits
+            add(f"preset {preset}", *Recipe.preset(preset, model).stages, family=PRESET)
         mb = 0.97 * min(size_targets) / 1e6  # headroom for the header, which the allocation does not model
         for bits in (8, 4, 3, 2):  # uniform widths: the fallback, and the closest where a budget is out of reach
             add(f"quantize {bits}-bit", QuantizeConfig(bits=bits, method="gptq"))
@@ -114,6 +121,8 @@ def search_space(model: nn.Module, budget: Budget, fp32_bytes: int, trainable: b
             tune = [FinetuneConfig(epochs=4, lr=1e-3)] if trainable else []
             add(f"factorize {ratio}", FactorizeConfig(rank_ratio=ratio), *tune)
         add("int8", QuantizeConfig(bits=8, activations="int8", method="gptq"))
+        if trainable:
+            add("preset fast", *Recipe.preset("fast", model).stages, family=PRESET)
     return out
 
 
@@ -136,7 +145,8 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
     """The most accurate recipe found that meets the budget (see the module docstring).
 
     max_drop: the largest loss of the metric (in its own units: accuracy points, cosine) accepted.
-    keep: how many of the best-ranked candidates that fit are run in full.
+    keep: how many of the best-ranked candidates that fit are run in full; the best-ranked preset that
+    fits is run in full too, so the choice is never worse than it on `eval_fn`.
     """
     budget = Budget(max_mb, max_latency_ms, min_ratio)
     if not str(budget):
@@ -179,6 +189,9 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
     fits = sorted(_distinct(r for r in screened if budget.misses(r, fp32, slack=0.01) == 0),
                   key=lambda r: -r.metrics[metric])
     chosen = fits[:keep] if fits else sorted(screened, key=lambda r: budget.misses(r, fp32))[:1]
+    presets = {c.name for c in space if c.family == PRESET}
+    if not any(r.name in presets for r in chosen):  # the best preset that fits runs in full too
+        chosen += [r for r in fits if r.name in presets][:1]
     recipes = {c.name: c.recipe for c in space}
     tried = compare(model, [recipes[r.name] for r in chosen], train_data=train_data, calib_data=calib_data,
                     eval_fn=eval_fn, example=example, metric=metric, repeats=repeats, out_dir=out_dir,

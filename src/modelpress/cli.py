@@ -161,10 +161,12 @@ def _is_zip(path: str) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _text_data(folder: str, model, texts: list[str]):
+def _text_data(folder: str, model, texts: list[str], noise: bool = False):
     """Calibration batches, training batches and an embedding-fidelity eval_fn from `texts` (paragraphs),
     for a model folder with a tokenizer: a fifth of them, at most 64, held out to measure; up to 128 of
-    the rest to calibrate; all the rest, batched by length, to distill on."""
+    the rest to calibrate; all the rest, batched by length, to distill on, with `noise` beside a copy
+    whose words are 30% random vocabulary words (`data.vocabulary_noise`: built-in text is not the
+    user's domain)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -180,7 +182,9 @@ def _text_data(folder: str, model, texts: list[str]):
     held = min(64, max(1, len(texts) // 5))
     calib = data.text_batches(tokenizer, texts[:min(128, len(texts) - held)], max_length=length)
     held_out = data.text_batches(tokenizer, texts[-held:], batch_size=32, max_length=length)
-    train = data.text_batches(tokenizer, texts[:-held], max_length=length, by_length=True)
+    rest = texts[:-held]
+    train = data.text_batches(tokenizer, rest + (data.vocabulary_noise(rest, tokenizer) if noise else []),
+                              max_length=length, by_length=True)
     try:
         with torch.no_grad():
             model(**held_out[0]).last_hidden_state
@@ -191,7 +195,8 @@ def _text_data(folder: str, model, texts: list[str]):
 
 _DATA_HELP = "built-in training data: mnist, mnist-image, digits, digits-image"
 _TEXT_HELP = ("a UTF-8 text file, paragraphs separated by blank lines, to calibrate, distill and measure a "
-              "Hugging Face model on (default: English text from Python's own docs)")
+              "Hugging Face model on (default: English text from Python's own docs and docstrings, with a copy "
+              "whose words are partly random vocabulary words)")
 
 
 def _data_for(model: str, net, data_name: str | None, text: Path | None = None) -> dict:
@@ -205,9 +210,9 @@ def _data_for(model: str, net, data_name: str | None, text: Path | None = None) 
         raise typer.BadParameter("--text is for a Hugging Face model folder (it needs the folder's tokenizer)",
                                  param_hint="--text")
     if Path(model).is_dir() and not data_name:
-        texts = data.text_file_paragraphs(text) if text is not None else data.text_paragraphs()
-        with console.status(f"tokenizing calibration text ({text or 'pydoc topics'})"):
-            out["calib_data"], out["train_data"], out["eval_fn"] = _text_data(model, net, texts)
+        texts = data.text_file_paragraphs(text) if text is not None else data.builtin_text()
+        with console.status(f"tokenizing calibration text ({text or 'Python docs and docstrings'})"):
+            out["calib_data"], out["train_data"], out["eval_fn"] = _text_data(model, net, texts, noise=text is None)
         if out["calib_data"]:
             out["example"] = out["calib_data"][0]
     if data_name:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,69 @@ def text_paragraphs(min_chars: int = 80) -> list[str]:
     from pydoc_data.topics import topics
 
     return [p.strip() for v in topics.values() for p in v.split("\n\n") if len(p.strip()) > min_chars]
+
+
+# standard-library modules whose docstrings are long English prose (imported without side effects)
+_DOC_MODULES = (
+    "argparse", "ast", "asyncio", "bisect", "calendar", "collections", "concurrent.futures", "configparser",
+    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "doctest", "email.message",
+    "enum", "fractions", "ftplib", "functools", "gettext", "glob", "heapq", "http.client", "http.cookiejar",
+    "imaplib", "inspect", "io", "ipaddress", "itertools", "json", "locale", "logging", "mailbox",
+    "multiprocessing", "optparse", "os", "pathlib", "pdb", "pickle", "pprint", "queue", "random", "re",
+    "sched", "selectors", "shlex", "shutil", "smtplib", "socket", "sqlite3", "ssl", "statistics", "string",
+    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback",
+    "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "zipfile",
+)
+
+
+def docstring_paragraphs(min_chars: int = 80) -> list[str]:
+    """English paragraphs from the docstrings of some 70 standard-library modules and their public
+    classes and functions (the API's own words, another register than the pydoc topics' reference
+    prose), in a fixed order without repeats."""
+    import importlib
+    import inspect
+
+    out: dict[str, None] = {}
+    for name in _DOC_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a Python built without it (sqlite3, ssl)
+            continue
+        objects = [module] + [v for k, v in sorted(vars(module).items()) if not k.startswith("_")
+                              and (inspect.isclass(v) or inspect.isfunction(v)) and v.__module__ == name]
+        with warnings.catch_warnings():  # typing's deprecated io / re namespaces warn when read
+            warnings.simplefilter("ignore", DeprecationWarning)
+            paragraphs = [" ".join(p.split()) for obj in objects for p in (inspect.getdoc(obj) or "").split("\n\n")]
+        out.update((p, None) for p in paragraphs if len(p) > min_chars)
+    return list(out)
+
+
+def builtin_text(seed: int = 0) -> list[str]:
+    """The built-in English text for a language model: the pydoc topics and the standard library's
+    docstrings (about 3,000 paragraphs), shuffled with a fixed seed so that any slice holds both."""
+    texts = text_paragraphs() + docstring_paragraphs()
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [texts[i] for i in order]
+
+
+def vocabulary_noise(texts: list[str], tokenizer, share: float = 0.3, seed: int = 0) -> list[str]:
+    """A copy of each text with `share` of its words replaced by words drawn at random from the
+    tokenizer's vocabulary. Distilled on these too, a student meets the words the model knows but the
+    training text lacks, and keeps closer to its teacher on text of other domains (MiniLM, one block
+    dropped, measured on the King James Bible: see benchmarks/fast_domains.py)."""
+    vocab = tokenizer.get_vocab()
+    ids = sorted(vocab.values())
+    words = sorted({w for w in (tokenizer.decode([i]).strip() for i in ids) if len(w) > 1 and w.isalpha()})
+    if not words:
+        raise ModelpressError("the tokenizer's vocabulary has no whole alphabetic words to draw from")
+    gen = np.random.default_rng(seed)
+    out = []
+    for text in texts:
+        parts = text.split()
+        swap = gen.random(len(parts)) < share
+        picks = gen.integers(0, len(words), len(parts))
+        out.append(" ".join(words[j] if s else w for w, s, j in zip(parts, swap, picks)))
+    return out
 
 
 MAX_TEXT_BYTES = 256 << 20

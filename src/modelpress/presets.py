@@ -44,18 +44,34 @@ stages:
   - distill: {epochs: 10, lr: 1.0e-3}
 """
 
-FAST_TRANSFORMER = """\
-# Faster transformers (what `fast` means for a model with attention layers): 40% of the attention
-# heads and FFN neurons go, ranked by what they contribute to the next layer's output on calibration
-# data; the output projections are refitted by least squares; then distillation from the original
-# (last and intermediate hidden states, dropout off) at a fine-tuning learning rate.
+FAST_ATTENTION = """\
+# Faster models with attention layers that block removal cannot shorten (no transformers config counts
+# their layers): 40% of the attention heads and FFN neurons go, ranked by what they contribute to the
+# next layer's output on calibration data; the output projections are refitted by least squares; then
+# distillation from the original (last and intermediate hidden states, dropout off).
 stages:
   - prune: {granularity: channel, sparsity: 0.4, criterion: activation, scope: global}
   - distill: {epochs: 3, lr: 1.5e-4, hidden: true}
 """
 
-# presets whose transformer form differs: chosen when the model has attention layers
+FAST_TRANSFORMER = """\
+# Faster transformers (what `fast` means for a model with attention layers): the block whose removal
+# changes the outputs least on calibration data goes; distillation from the original (last and
+# intermediate hidden states, dropout off) recovers; then int8 weights and activations as in `int8`.
+# Fast with modelpress.accelerate. Pruning heads and FFN neurons instead lost far more on text of
+# domains the distillation never saw (benchmarks/fast_domains.py).
+stages:
+  - prune: {granularity: block, blocks: 1}
+  - distill: {epochs: 2, lr: 1.5e-4, hidden: true}
+  - quantize: {bits: 8, activations: int8, method: gptq}
+"""
+
+# presets whose form differs for a transformers model (layers counted by its config) and for other
+# models with attention layers
 TRANSFORMER_PRESETS: dict[str, str] = {"fast": FAST_TRANSFORMER}
+ATTENTION_PRESETS: dict[str, str] = {"fast": FAST_ATTENTION}
+
+PRESETS: dict[str, str] = {"fast": FAST_TRANSFORMER}
 
 PRESETS: dict[str, str] = {
     "deep-compression": DEEP_COMPRESSION,
@@ -69,3 +85,4 @@ PRESETS: dict[str, str] = {
 def has_attention(model) -> bool:
     """True for a model with attention layers (a transformers model, or any module class named *Attention*)."""
     return any("Attention" in type(m).__name__ for m in model.modules())
+

@@ -91,15 +91,19 @@ class Recipe(BaseModel):
 
     @classmethod
     def preset(cls, name: str, model: Any = None) -> "Recipe":
-        """A named recipe; see `PRESETS`. Given the model, a preset with a transformer form
-        (`TRANSFORMER_PRESETS`) takes it when the model has attention layers."""
-        from .presets import PRESETS, TRANSFORMER_PRESETS, has_attention
+        """A named recipe; see `PRESETS`. Given the model, the preset's form that fits it: the transformer
+        form (`TRANSFORMER_PRESETS`) for a transformers model with attention and 2 or more layers, the
+        attention form (`ATTENTION_PRESETS`) for another model with attention layers."""
+        from .presets import ATTENTION_PRESETS, PRESETS, TRANSFORMER_PRESETS, has_attention
+        from .techniques.blocks import counted_list
 
         if name not in PRESETS:
             raise RecipeError(f"Unknown preset {name!r}. Available presets: {sorted(PRESETS)}.")
-        if name in TRANSFORMER_PRESETS and model is not None and has_attention(model):
-            return cls.from_yaml(TRANSFORMER_PRESETS[name])
-        return cls.from_yaml(PRESETS[name])
+        if model is None or not has_attention(model):
+            return cls.from_yaml(PRESETS[name])
+        layers = counted_list(model)
+        forms = TRANSFORMER_PRESETS if layers and len(model.get_submodule(layers)) > 1 else ATTENTION_PRESETS
+        return cls.from_yaml(forms.get(name, PRESETS[name]))
 
 
 def _is_path(text: str) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from modelpress import safe_yaml
 from modelpress.errors import RecipeError
-from modelpress.presets import PRESETS, TRANSFORMER_PRESETS
+from modelpress.presets import ATTENTION_PRESETS, PRESETS, TRANSFORMER_PRESETS
 from modelpress.recipe import Recipe
 
 MAX_SECONDS = 2        # the bound is 1 s; this catches hangs on a busy machine
@@ -285,7 +285,7 @@ def test_honest_numbers_still_pass():
                          "{quantize: {bits: 4, budget_mb: 1.0e7}}, {prune: {sparsity: 0, granularity: channel, refit: false}}]")
     assert r.stages[0].bits == 3 and r.stages[1].epochs == 1000.0 and r.stages[5].refit is False
     assert Recipe.from_yaml(r.to_yaml()) == r
-    for text in [*PRESETS.values(), *TRANSFORMER_PRESETS.values()]:
+    for text in [*PRESETS.values(), *TRANSFORMER_PRESETS.values(), *ATTENTION_PRESETS.values()]:
         assert Recipe.from_yaml(Recipe.from_yaml(text).to_yaml()) == Recipe.from_yaml(text)
 
 

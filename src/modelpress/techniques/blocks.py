@@ -61,7 +61,7 @@ def candidates(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
     """Names of the blocks that may be dropped (see the module docstring), excluded names left out."""
     exclude = list(exclude)
     names: list[str] = []
-    counted = _counted_list(model)
+    counted = counted_list(model)
     if counted is not None:
         names += [f"{counted}.{i}" for i in range(len(model.get_submodule(counted)))]
     for name, m in model.named_modules():
@@ -110,7 +110,7 @@ def drop_blocks(model: nn.Module, state: CompressionState, *, blocks: int | None
     return dropped
 
 
-def _counted_list(model: nn.Module) -> str | None:
+def counted_list(model: nn.Module) -> str | None:
     """The ModuleList whose length a transformers config counts as `num_hidden_layers`, if exactly one."""
     config = getattr(model, "config", None)
     count = getattr(config, "num_hidden_layers", None)
@@ -198,7 +198,7 @@ def _remove(model: nn.Module, state: CompressionState, names: list[str]) -> None
         prefix = name + "."
         for key in [k for k in state.params if k.startswith(prefix)]:
             del state.params[key]
-    counted = _counted_list(model)
+    counted = counted_list(model)
     by_list: dict[str, set[int]] = {}
     for name in names:
         parent, _, child = name.rpartition(".")
