@@ -55,8 +55,8 @@ stages:
 """
 
 FAST_TRANSFORMER = """\
-# Faster transformers (what `fast` means for a model with attention layers): the block whose removal
-# changes the outputs least on calibration data goes; distillation from the original (last and
+# Faster transformers (what `fast` means for a transformers model of 2 or more layers): the layer whose
+# removal changes the outputs least on calibration data goes; distillation from the original (last and
 # intermediate hidden states, dropout off) recovers; then int8 weights and activations as in `int8`.
 # Fast with modelpress.accelerate. Pruning heads and FFN neurons instead lost far more on text of
 # domains the distillation never saw (benchmarks/fast_domains.py).
@@ -71,8 +71,6 @@ stages:
 TRANSFORMER_PRESETS: dict[str, str] = {"fast": FAST_TRANSFORMER}
 ATTENTION_PRESETS: dict[str, str] = {"fast": FAST_ATTENTION}
 
-PRESETS: dict[str, str] = {"fast": FAST_TRANSFORMER}
-
 PRESETS: dict[str, str] = {
     "deep-compression": DEEP_COMPRESSION,
     "int8": INT8,
@@ -85,4 +83,3 @@ PRESETS: dict[str, str] = {
 def has_attention(model) -> bool:
     """True for a model with attention layers (a transformers model, or any module class named *Attention*)."""
     return any("Attention" in type(m).__name__ for m in model.modules())
-
