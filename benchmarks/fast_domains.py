@@ -77,7 +77,8 @@ def main() -> None:
     texts = data.builtin_text()
     held, pool = texts[:256], texts[256:]
     pydoc = data.text_paragraphs()
-    pydoc_pool = [t for t in pydoc if t not in set(held)]
+    held_set = set(held)
+    pydoc_pool = [t for t in pydoc if t not in held_set]
     calib = data.text_batches(tok, pool[:128])
     domains = {"built-in": held, "bible": bible(), "licences": licences()}
     evals = {k: data.text_batches(tok, v, batch_size=64) for k, v in domains.items()}
