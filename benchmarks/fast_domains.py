@@ -83,13 +83,13 @@ def main() -> None:
     domains = {"built-in": held, "bible": bible(), "licences": licences()}
     evals = {k: data.text_batches(tok, v, batch_size=64) for k, v in domains.items()}
     fidelity = {k: data.embedding_fidelity(model, b) for k, b in evals.items()}
-    trains = {"noise": data.text_batches(tok, pool + data.vocabulary_noise(pool, tok), by_length=True),
-              "plain": data.text_batches(tok, pool, by_length=True),
-              "pydoc": data.text_batches(tok, pydoc_pool, by_length=True)}
     recipes = {"int8": ("int8", None), "fast before (width 40%, pydoc)": (PREVIOUS_FAST, "pydoc"),
                "fast": ("fast", "noise")}
     if args.ablate:
         recipes["fast, no vocabulary noise"] = ("fast", "plain")
+    texts_of = {"noise": lambda: pool + data.vocabulary_noise(pool, tok), "plain": lambda: pool,
+                "pydoc": lambda: pydoc_pool}
+    trains = {k: data.text_batches(tok, texts_of[k](), by_length=True) for _, k in recipes.values() if k}
     print(machine_line())
     print(f"text: built-in {len(texts)} paragraphs ({len(held)} held out); bible {len(domains['bible'])}, "
           f"licences {len(domains['licences'])} paragraphs, both held out whole")

@@ -83,7 +83,8 @@ def test_a_users_text_file_calibrates_a_hugging_face_folder(tmp_path, monkeypatc
     seen = []
     real = cli._text_data
     monkeypatch.setattr(cli, "_text_data",
-                        lambda folder, model, texts, noise: seen.append((texts, noise)) or real(folder, model, texts))
+                        lambda folder, model, texts, noise: seen.append((texts, noise))
+                        or real(folder, model, texts, noise))
     out = runner.invoke(app, ["compress", str(folder), "--recipe", "int8", "--text", str(text), "-o",
                               str(tmp_path / "o.mpz")], terminal_width=200)
     assert out.exit_code == 0, out.output
