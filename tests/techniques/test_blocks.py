@@ -7,7 +7,7 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.errors import ModelpressError
-from modelpress.techniques.blocks import BlockPruneConfig, candidates
+from modelpress.techniques.blocks import BlockPruneConfig, _relative_error, candidates
 
 transformers = pytest.importorskip("transformers")
 
@@ -120,6 +120,18 @@ def test_a_user_model_loses_its_cheapest_residual_block_and_loads_into_its_skele
     result.save(path)
     loaded = mp.load(path, model=Net())
     assert isinstance(loaded.stage[1], nn.Identity) and torch.equal(loaded(x), result.model(x))
+
+
+def test_the_cost_counts_real_tokens_only_where_a_batch_has_an_attention_mask():
+    ref = torch.ones(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    out = ref.clone()
+    out[0, 3] = 9.0  # a padding position: nothing downstream reads it
+    out[1, 2:] = -5.0
+    assert _relative_error([out], [ref], [{"attention_mask": mask}]) == 0.0
+    out[0, 0] = 3.0  # a real token, off by 2 in each of 3 features: 12 over 5 tokens x 3 features of 1
+    assert _relative_error([out], [ref], [{"attention_mask": mask}]) == pytest.approx(12 / 15)
+    assert _relative_error([out], [ref], [out]) > 10  # a plain tensor input: every position counts
 
 
 def test_no_candidates_or_too_many_is_a_clear_error(tiny_bert):

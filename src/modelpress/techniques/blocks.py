@@ -5,8 +5,10 @@ or transformer layers whose removal changes the model's output least on calibrat
 Candidates are the members of the ModuleList a transformers config counts (`num_hidden_layers`) and,
 in any model, the composite children of an nn.Sequential that map their input to an output of the
 same shape (a ResNet stage's blocks). A candidate's cost is the relative squared error of the model's
-output to the original's with the block skipped (its output replaced by its input); blocks go one at a
-time, the cheapest first, with the costs measured again after each. A dropped transformers layer is
+output to the original's with the block skipped (its output replaced by its input; with a tokenizer's
+attention_mask, over the real tokens only: on all-MiniLM-L6-v2 the padding made layer 1 look cheaper
+than layer 2, whose removal keeps the sentence embeddings better on every domain measured); blocks go
+one at a time, the cheapest first, with the costs measured again after each. A dropped transformers layer is
 deleted (the layers renumber, the config and the attention modules' `layer_idx` follow, so the file
 rebuilds the model from its config); a dropped block elsewhere becomes nn.Identity.
 """
@@ -100,7 +102,7 @@ def drop_blocks(model: nn.Module, state: CompressionState, *, blocks: int | None
         costs = {}
         for c in live:
             with _skipped(model, [d for d, _ in dropped] + [c]):
-                costs[c] = _relative_error(_outputs(model, inputs), reference)
+                costs[c] = _relative_error(_outputs(model, inputs), reference, inputs)
         best = min(live, key=lambda c: costs[c])
         dropped.append((best, costs[best]))
         log.info("block removal %d/%d: %s (output error %.4g; next cheapest %s)", step + 1, n, best, costs[best],
@@ -176,9 +178,17 @@ def _outputs(model: nn.Module, inputs: list) -> list[torch.Tensor]:
     return [logits_of(call_model(model, x)).float() for x in inputs]
 
 
-def _relative_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
-    err = sum(float((o - r).pow(2).sum()) for o, r in zip(outs, refs))
-    return err / max(sum(float(r.pow(2).sum()) for r in refs), 1e-30)
+def _relative_error(outs: list[torch.Tensor], refs: list[torch.Tensor], inputs: list) -> float:
+    """Squared error over the reference's square, summed over the batches; with a tokenizer's
+    attention_mask only the real tokens count (what padding positions hold is never used)."""
+    err = power = 0.0
+    for o, r, x in zip(outs, refs, inputs):
+        mask = x.get("attention_mask") if isinstance(x, dict) else None
+        w = mask.to(r.dtype).unsqueeze(-1) if isinstance(mask, torch.Tensor) and r.dim() >= 3 \
+            and tuple(mask.shape) == tuple(r.shape[:2]) else 1.0
+        err += float(((o - r).pow(2) * w).sum())
+        power += float((r.pow(2) * w).sum())
+    return err / max(power, 1e-30)
 
 
 def _last_of_list(model: nn.Module, name: str, dropped: dict) -> bool:
