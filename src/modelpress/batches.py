@@ -47,6 +47,33 @@ def logits_of(output: Any) -> torch.Tensor:
     raise ModelpressError(f"cannot find an output tensor in a model output of type {type(output).__name__}")
 
 
+HOLD_OUT_EVERY = 10  # every 10th sample (or batch) is held out
+
+
+def hold_out(data: Iterable) -> tuple[Iterable, Iterable | None]:
+    """(batches to train on, batches held out to measure on): every 10th sample of a DataLoader over a
+    map-style dataset with plain batching (the same samples on every pass, shuffled or not), or every
+    10th batch of a list or tuple; `(data, None)` for anything else or for data too small to split."""
+    from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
+
+    if isinstance(data, DataLoader) and hasattr(data.dataset, "__len__") and hasattr(data.dataset, "__getitem__") \
+            and type(data.sampler) in (RandomSampler, SequentialSampler) and data.batch_size is not None \
+            and len(data.dataset) >= 2 * HOLD_OUT_EVERY:
+        n = len(data.dataset)
+        held = list(range(HOLD_OUT_EVERY - 1, n, HOLD_OUT_EVERY))
+        fit = sorted(set(range(n)) - set(held))
+
+        def loader(idx: list[int], shuffle: bool) -> DataLoader:
+            return DataLoader(Subset(data.dataset, idx), batch_size=data.batch_size, shuffle=shuffle,
+                              collate_fn=data.collate_fn, drop_last=data.drop_last, generator=data.generator,
+                              num_workers=data.num_workers)
+        return loader(fit, isinstance(data.sampler, RandomSampler)), loader(held, False)
+    if isinstance(data, (list, tuple)) and len(data) >= HOLD_OUT_EVERY:
+        held_at = set(range(HOLD_OUT_EVERY - 1, len(data), HOLD_OUT_EVERY))
+        return [b for i, b in enumerate(data) if i not in held_at], [data[i] for i in sorted(held_at)]
+    return data, None
+
+
 def summary(x: Any) -> str:
     """A short type and shape summary of a batch: "Tensor float32 [64, 20]", "(Tensor ..., int)"."""
     if isinstance(x, torch.Tensor):

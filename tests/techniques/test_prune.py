@@ -1,9 +1,14 @@
+import copy
+import logging
+
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from modelpress.batches import hold_out
 from modelpress.state import CompressionState
 from modelpress.context import RunContext
-from modelpress.techniques.finetune import train
+from modelpress.techniques.finetune import points_lost, train
 from modelpress.techniques.prune import agp_schedule, masks_from_scores, prune
 
 
@@ -65,3 +70,65 @@ def test_taylor_criterion_prunes_weights_of_a_dead_input(toy_data):
     state = CompressionState()
     prune(model, state, sparsity=0.25, criterion="taylor", scope="layer", run=RunContext(train_data=batches))
     assert not state.params["0.weight"].mask[:, 19].any()
+
+
+def test_hold_out_keeps_every_tenth_sample_of_a_loader_apart_on_every_pass():
+    x, y = torch.arange(100.0).unsqueeze(1), torch.zeros(100, dtype=torch.long)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    fit, held = hold_out(loader)
+
+    def seen(data):
+        return sorted(int(v) for xb, _ in data for v in xb[:, 0])
+    assert seen(held) == seen(held) == list(range(9, 100, 10))
+    assert seen(fit) == sorted(set(range(100)) - set(range(9, 100, 10)))
+    assert fit.batch_size == 8 and isinstance(fit.sampler, RandomSampler)  # still shuffled, as given
+    batches = [(x[i:i + 5], y[i:i + 5]) for i in range(0, 100, 5)]
+    fit, held = hold_out(batches)
+    assert len(fit) == 18 and [float(b[0][0, 0]) for b in held] == [45.0, 95.0]
+    assert hold_out(batches[:9]) == (batches[:9], None)  # too few batches to spare one
+
+    class Stream:
+        def __iter__(self):
+            return iter(batches)
+    stream = Stream()
+    assert hold_out(stream) == (stream, None)
+
+
+def test_points_lost_is_accuracy_with_labels_and_agreement_without():
+    teacher, student = nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.eye(2))
+        student.weight.copy_(torch.eye(2).flip(0))  # always the other class
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0, 0, 1])  # the teacher gets 3 of 4 right, the student 1
+    assert points_lost(student, teacher, [(x, y)]) == (50.0, "accuracy")
+    assert points_lost(student, teacher, [x]) == (100.0, "top-1 agreement")
+
+
+def test_sparsity_auto_stops_where_held_out_data_says(mlp, toy_data, caplog):
+    train(mlp, CompressionState(), RunContext(train_data=toy_data), epochs=20, lr=1e-2)
+    teacher = copy.deepcopy(mlp).eval()
+    reached = {}
+    for tolerance in (1e-6, 100.0):
+        model = copy.deepcopy(mlp)
+        with caplog.at_level(logging.INFO, logger="modelpress"):
+            reached[tolerance] = prune(model, CompressionState(), sparsity="auto", max_sparsity=0.98, steps=4,
+                                       epochs=1, tolerance=tolerance,
+                                       run=RunContext(train_data=toy_data, teacher=teacher))
+    assert reached[100.0] == 0.98
+    assert reached[1e-6] < 0.98  # some step lost accuracy on the held-out tenth
+    assert "accuracy" in caplog.text and "on held-out data" in caplog.text
+
+
+def test_sparsity_auto_forgives_one_step_past_tolerance_but_not_two(mlp, toy_data, monkeypatch):
+    from modelpress.techniques import prune as prune_module
+    script = iter([0.0, 2.0, 0.5, 2.0, 3.0, 0.0])  # points lost after each step; tolerance 1
+    monkeypatch.setattr(prune_module, "points_lost", lambda *a, **k: (next(script), "accuracy"))
+    state = CompressionState()
+    reached = prune(mlp, state, sparsity="auto", max_sparsity=0.9, steps=6, run=RunContext(train_data=toy_data,
+                                                                                          teacher=mlp), tolerance=1.0)
+    targets = agp_schedule(0.9, 6)
+    assert reached == targets[2]  # step 2's miss was forgiven; steps 4 and 5 in a row ended it
+    kept = sum(int(st.mask.sum()) for st in state.params.values())
+    total = sum(st.mask.numel() for st in state.params.values())
+    assert abs(1 - kept / total - targets[2]) < 0.01  # the masks are step 3's again

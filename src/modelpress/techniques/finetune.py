@@ -110,18 +110,28 @@ def _count(data: Iterable) -> int:
 
 
 @torch.no_grad()
-def agreement(model: nn.Module, teacher: nn.Module, data: Iterable, max_batches: int = 50) -> float:
-    """Percent of samples whose top-1 class is the teacher's: a label-free fidelity measure."""
+def points_lost(model: nn.Module, teacher: nn.Module, data: Iterable, max_batches: int = 50) -> tuple[float, str]:
+    """(points lost, what was measured): accuracy below the teacher's where the batches carry integer
+    class labels, else the percent of samples whose top-1 class is not the teacher's (label-free)."""
     model.eval()
-    same = total = 0
+    same = total = right = teacher_right = 0
+    labelled = True
     for i, batch in enumerate(data):
         if i >= max_batches:
             break
-        inputs, _ = split_batch(batch)
+        inputs, targets = split_batch(batch)
         s, t = logits_of(call_model(model, inputs)), logits_of(call_model(teacher, inputs))
         if s.shape[-1] < 2:
             raise ModelpressError("top-1 agreement needs class scores (a last dimension of 2 or more); "
                                   f"the model outputs shape {list(s.shape)}: give a numeric sparsity instead")
-        same += int((s.argmax(-1) == t.argmax(-1)).sum())
-        total += s.argmax(-1).numel()
-    return 100.0 * same / max(1, total)
+        s, t = s.argmax(-1), t.argmax(-1)
+        labelled = labelled and isinstance(targets, torch.Tensor) and not targets.is_floating_point() \
+            and targets.shape == s.shape
+        if labelled:
+            right += int((s == targets).sum())
+            teacher_right += int((t == targets).sum())
+        same += int((s == t).sum())
+        total += s.numel()
+    if labelled and total:
+        return 100.0 * (teacher_right - right) / total, "accuracy"
+    return 100.0 - 100.0 * same / max(1, total), "top-1 agreement"

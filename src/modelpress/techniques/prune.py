@@ -3,6 +3,7 @@ per-layer thresholds, one-shot or gradual with the AGP schedule (Zhu & Gupta 201
 training between steps. Masks only ever grow sparser, and stay fixed in later training."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any, ClassVar, Literal, Union
@@ -11,13 +12,15 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from ..batches import hold_out
 from ..context import RunContext
 from ..errors import ModelpressError
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import target_params
 from .criteria import CRITERIA, gradients
-from .finetune import agreement, train
+from .finetune import points_lost, train
+from .losses import Objective
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +28,21 @@ log = logging.getLogger(__name__)
 @register_stage
 class PruneConfig(StageConfig):
     """Pruning single weights to `sparsity` (granularity: element, the default), with recovery training
-    spread over the schedule; `sparsity: auto` stops where the model stops agreeing with the original."""
+    spread over the schedule; `sparsity: auto` stops where the model, measured on a tenth of train_data
+    held out from its training, loses more than `tolerance` points against the original."""
 
     key: ClassVar[str] = "prune"
     sparsity: Union[float, Literal["auto"]]
     granularity: Literal["element"] = "element"
     max_sparsity: float = Field(default=0.99, gt=0.0, lt=1.0)  # for sparsity: auto
-    tolerance: float = Field(default=1.5, gt=0.0, le=100.0)    # points of top-1 agreement, for auto
+    tolerance: float = Field(default=1.5, gt=0.0, le=100.0)    # points lost on held-out data, for auto
     criterion: Literal["magnitude", "taylor"] = "magnitude"
     scope: Literal["global", "layer"] = "global"
     schedule: Literal["oneshot", "agp"] = "oneshot"
     steps: int = Field(default=10, ge=1, le=1000)
     epochs: float = Field(default=0.0, ge=0.0, le=1000)
     lr: float = Field(default=1e-3, gt=0.0, lt=1.0)
+    distill: bool = False  # recovery training by distillation from the original, even where batches have labels
 
     @field_validator("sparsity", mode="before")
     @classmethod
@@ -54,7 +59,7 @@ class PruneConfig(StageConfig):
 def _apply(model: nn.Module, state: CompressionState, cfg: PruneConfig, run: RunContext) -> None:
     prune(model, state, sparsity=cfg.sparsity, criterion=cfg.criterion, scope=cfg.scope, schedule=cfg.schedule,
           steps=cfg.steps, epochs=cfg.epochs, lr=cfg.lr, max_sparsity=cfg.max_sparsity, tolerance=cfg.tolerance,
-          exclude=run.excluded(cfg), run=run)
+          distill=cfg.distill, exclude=run.excluded(cfg), run=run)
 
 
 def magnitude_scores(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -137,12 +142,16 @@ def agp_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
 def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, criterion: str = "magnitude",
           scope: str = "global", schedule: str = "oneshot", steps: int = 10, epochs: float = 0.0,
           lr: float = 1e-3, max_sparsity: float = 0.99, tolerance: float = 1.5,
-          exclude: tuple[str, ...] = (), run: RunContext | None = None) -> float:
-    """Prune Linear/Conv weights to `sparsity`, training `epochs` in all (spread over the AGP steps).
+          distill: bool = False, exclude: tuple[str, ...] = (), run: RunContext | None = None) -> float:
+    """Prune Linear/Conv weights to `sparsity`, training `epochs` in all (spread over the AGP steps), with
+    labels where batches carry them, or by distillation from the original (`distill`, or no labels).
 
     `sparsity="auto"` follows the AGP schedule towards `max_sparsity` and stops at the last step whose
-    fine-tuned model still agrees with the original's top-1 class on at least 100 - `tolerance` percent
-    of the training samples (no labels or test data needed). Returns the sparsity reached.
+    fine-tuned model loses at most `tolerance` points against the original on every 10th sample of
+    train_data, held out from training and scoring (`batches.hold_out`): accuracy points where the
+    batches carry class labels, else points of top-1 agreement with the original. Where train_data
+    can't be split (an iterable that is neither a list nor a DataLoader over a dataset), it measures
+    on the training data, which lets it go too far. Returns the sparsity reached.
     """
     params = target_params(model, exclude)
     if not params:
@@ -151,11 +160,21 @@ def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, c
     auto = sparsity == "auto"
     if epochs > 0 or auto:
         run.require_train_data("pruning with fine-tuning or sparsity 'auto'")
+    held = None
+    if auto:
+        fit, held = hold_out(run.train_data)
+        run = dataclasses.replace(run, train_data=fit)
+        if held is None:
+            log.warning("sparsity auto: train_data is neither a list nor a DataLoader over a dataset (or too small "
+                        "to split), so nothing is held out and the stopping point is measured on the data the "
+                        "model trains on; pass a list of batches or a DataLoader to hold out a tenth")
     final = max_sparsity if auto else float(sparsity)
     targets = agp_schedule(final, steps) if schedule == "agp" or auto else [final]
     reached = 0.0
+    good, strikes = None, 0  # auto: (snapshot, sparsity) of the last step within tolerance; steps past it since
     for i, s in enumerate(targets):
-        saved = _snapshot(model, state, params) if auto else None
+        if auto and strikes == 0:
+            good = (_snapshot(model, state, params), reached)
         scores = taylor_scores(model, params, run) if criterion == "taylor" else magnitude_scores(params)
         with torch.no_grad():
             masks = masks_from_scores(scores, s, scope, {n: state.get(n).mask for n in params})
@@ -163,13 +182,19 @@ def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, c
                 state.get(n).mask = masks[n]
                 p.mul_(masks[n])
         if epochs > 0:
-            train(model, state, run, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}")
+            train(model, state, run, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}",
+                  objective=Objective(distill=distill))
         if auto:
-            fidelity = agreement(model, run.teacher, run.train_data)
-            log.info("prune step %d: sparsity %.4f, top-1 agreement %.2f%%", i + 1, s, fidelity)
-            if fidelity < 100.0 - tolerance:
-                _restore(model, state, params, saved)
-                break
+            lost, what = points_lost(model, run.teacher, held if held is not None else run.train_data)
+            log.info("prune step %d: sparsity %.4f, %s %.2f points below the original on %s", i + 1, s, what, lost,
+                     "held-out data" if held is not None else "training data")
+            if lost > tolerance:  # one step past it may be noise of a small held-out set: the next step's
+                strikes += 1      # recovery training gets one chance; a second (or the last step) ends it
+                if strikes == 2 or i == len(targets) - 1:
+                    _restore(model, state, params, good[0])
+                    return good[1]
+            else:
+                strikes = 0
         reached = s
     return reached
 
