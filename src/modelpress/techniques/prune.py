@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class PruneConfig(StageConfig):
     """Pruning single weights to `sparsity` (granularity: element, the default), with recovery training
     spread over the schedule; `sparsity: auto` stops where the model, measured on a tenth of train_data
-    held out from its training, loses more than `tolerance` points against the original."""
+    held out from its training, loses more than `tolerance` points against the original two steps in a row."""
 
     key: ClassVar[str] = "prune"
     sparsity: Union[float, Literal["auto"]]
@@ -149,7 +149,9 @@ def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, c
     `sparsity="auto"` follows the AGP schedule towards `max_sparsity` and stops at the last step whose
     fine-tuned model loses at most `tolerance` points against the original on every 10th sample of
     train_data, held out from training and scoring (`batches.hold_out`): accuracy points where the
-    batches carry class labels, else points of top-1 agreement with the original. Where train_data
+    batches carry class labels, else points of top-1 agreement with the original. One step past the
+    tolerance is forgiven when the next step's recovery brings it back (a small held-out tenth is
+    noisy); two in a row, or the last step, restore the last step within it. Where train_data
     can't be split (an iterable that is neither a list nor a DataLoader over a dataset), it measures
     on the training data, which lets it go too far. Returns the sparsity reached.
     """
