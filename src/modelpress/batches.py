@@ -61,7 +61,7 @@ def hold_out(data: Iterable) -> tuple[Iterable, Iterable | None]:
             and len(data.dataset) >= 2 * HOLD_OUT_EVERY:
         n = len(data.dataset)
         held = list(range(HOLD_OUT_EVERY - 1, n, HOLD_OUT_EVERY))
-        fit = sorted(set(range(n)) - set(held))
+        fit = [i for i in range(n) if i % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1]
 
         def loader(idx: list[int], shuffle: bool) -> DataLoader:
             return DataLoader(Subset(data.dataset, idx), batch_size=data.batch_size, shuffle=shuffle,

@@ -29,6 +29,7 @@ from ..runtime import register_runtime_module
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import excluded
+from .losses import token_weights
 
 log = logging.getLogger(__name__)
 register_runtime_module(nn.Identity)  # a dropped block of a user's class: a skeleton rebuilds it as Identity
@@ -183,9 +184,8 @@ def _relative_error(outs: list[torch.Tensor], refs: list[torch.Tensor], inputs: 
     attention_mask only the real tokens count (what padding positions hold is never used)."""
     err = power = 0.0
     for o, r, x in zip(outs, refs, inputs):
-        mask = x.get("attention_mask") if isinstance(x, dict) else None
-        w = mask.to(r.dtype).unsqueeze(-1) if isinstance(mask, torch.Tensor) and r.dim() >= 3 \
-            and tuple(mask.shape) == tuple(r.shape[:2]) else 1.0
+        w = token_weights(x.get("attention_mask") if isinstance(x, dict) else None, r)
+        w = 1.0 if w is None else w
         err += float(((o - r).pow(2) * w).sum())
         power += float((r.pow(2) * w).sum())
     return err / max(power, 1e-30)

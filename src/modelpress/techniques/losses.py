@@ -74,12 +74,20 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
                     log_target=True, reduction="batchmean") * t * t
 
 
+def token_weights(mask: Any, output: torch.Tensor) -> torch.Tensor | None:
+    """A token `mask` ([batch, tokens], a tokenizer's attention_mask) as weights that broadcast over
+    `output` ([batch, tokens, ...]), so that only the real tokens count; None where it does not fit."""
+    if not isinstance(mask, torch.Tensor) or output.dim() < 3 or tuple(mask.shape) != tuple(output.shape[:2]):
+        return None
+    return mask.to(output.dtype).unsqueeze(-1)
+
+
 def relative_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error relative to the teacher's mean square; with a token `mask` ([batch, tokens],
     a tokenizer's attention_mask), only the real tokens count, not the padding."""
-    if mask is None or tuple(mask.shape) != tuple(teacher.shape[:2]) or teacher.dim() < 3:
+    w = token_weights(mask, teacher)
+    if w is None:
         return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
-    w = mask.to(teacher.dtype).unsqueeze(-1)
     return ((student - teacher).pow(2) * w).sum() / (teacher.pow(2) * w).sum().clamp_min(1e-12)
 
 
