@@ -121,9 +121,9 @@ def test_sparsity_auto_stops_where_held_out_data_says(mlp, toy_data, caplog):
 
 
 def test_sparsity_auto_forgives_one_step_past_tolerance_but_not_two(mlp, toy_data, monkeypatch):
-    from modelpress.techniques import prune as prune_module
+    from modelpress.techniques import stopping
     script = iter([0.0, 2.0, 0.5, 2.0, 3.0, 0.0])  # points lost after each step; tolerance 1
-    monkeypatch.setattr(prune_module, "points_lost", lambda *a, **k: (next(script), "accuracy"))
+    monkeypatch.setattr(stopping, "points_lost", lambda *a, **k: (next(script), "accuracy"))
     state = CompressionState()
     reached = prune(mlp, state, sparsity="auto", max_sparsity=0.9, steps=6, run=RunContext(train_data=toy_data,
                                                                                           teacher=mlp), tolerance=1.0)

@@ -1,3 +1,6 @@
+import copy
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +11,8 @@ from modelpress.data import TinyResNet
 from modelpress.graph import trace
 from modelpress.state import CompressionState
 from modelpress.context import RunContext
+from modelpress.techniques.finetune import train
+from modelpress.techniques.stopping import agp_schedule
 from modelpress.techniques.structured import InputStats, compensate, prune_channels
 
 
@@ -149,3 +154,51 @@ def test_refit_carries_removed_inputs_that_correlate_with_kept_ones():
     w = full.weight.detach().clone()
     compensate(full, torch.arange(8), stats, damp=1e-9)  # nothing removed: the same layer
     assert torch.allclose(full.weight, w, atol=1e-4)
+
+
+def _hidden(model: nn.Sequential) -> int:
+    return model[0].out_features
+
+
+def test_gradual_channel_pruning_with_recovery_reaches_the_asked_share(mlp, toy_data):
+    out = prune_channels(mlp, CompressionState(), sparsity=0.5, criterion="l2", epochs=2, steps=3,
+                         run=RunContext(train_data=toy_data))
+    assert (out["channels_before"], out["channels_after"], out["sparsity"]) == (64, 32, 0.5)
+    assert _hidden(mlp) == mlp[2].in_features == 32
+
+
+def test_channel_sparsity_auto_stops_where_held_out_data_says(mlp, toy_data, caplog):
+    train(mlp, CompressionState(), RunContext(train_data=toy_data), epochs=20, lr=1e-2)
+    teacher = copy.deepcopy(mlp).eval()
+    widths = {}
+    for tolerance in (1e-6, 100.0):
+        model = copy.deepcopy(mlp)
+        with caplog.at_level(logging.INFO, logger="modelpress"):
+            out = prune_channels(model, CompressionState(), sparsity="auto", max_sparsity=0.95, steps=4, epochs=1,
+                                 tolerance=tolerance, criterion="l2",
+                                 run=RunContext(train_data=toy_data, teacher=teacher))
+        widths[tolerance] = (_hidden(model), out["channels_after"], out["sparsity"])
+    assert widths[100.0] == (4, 4, 0.95)  # int(0.95 * 64) = 60 of 64 neurons gone
+    assert widths[1e-6][0] == widths[1e-6][1] > 4 and widths[1e-6][2] < 0.95  # it stopped earlier
+    assert "on held-out data" in caplog.text
+
+
+def test_channel_sparsity_auto_restores_the_last_good_step_whole(mlp, toy_data, monkeypatch, tmp_path):
+    from modelpress.techniques import stopping
+    script = iter([0.0, 2.0, 3.0])  # points lost after each step; tolerance 1
+    monkeypatch.setattr(stopping, "points_lost", lambda *a, **k: (next(script), "accuracy"))
+    x = torch.randn(5, 20)
+    result = mp.compress(mlp, {"stages": [{"prune": {"granularity": "neuron", "sparsity": "auto", "steps": 3,
+                                                     "max_sparsity": 0.9, "tolerance": 1.0, "criterion": "l2"}}]},
+                         train_data=toy_data)
+    first = 64 - int(agp_schedule(0.9, 3)[0] * 64)
+    assert _hidden(result.model) == result.model[2].in_features == first  # step 1's model, shapes and all
+    path = tmp_path / "auto.mpz"
+    result.save(path)
+    loaded = mp.load(path, model=nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4)))
+    assert torch.equal(loaded(x), result.model(x))
+
+
+def test_channel_sparsity_auto_needs_train_data(mlp):
+    with pytest.raises(ModelpressError, match="train_data"):
+        prune_channels(mlp, CompressionState(), sparsity="auto", run=RunContext(calib_data=[torch.randn(4, 20)]))

@@ -3,26 +3,22 @@ per-layer thresholds, one-shot or gradual with the AGP schedule (Zhu & Gupta 201
 training between steps. Masks only ever grow sparser, and stay fixed in later training."""
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
-from typing import Any, ClassVar, Literal, Union
+from typing import ClassVar, Literal, Union
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from ..batches import hold_out
 from ..context import RunContext
 from ..errors import ModelpressError
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import target_params
 from .criteria import CRITERIA, gradients
-from .finetune import points_lost, train
+from .finetune import train
 from .losses import Objective
-
-log = logging.getLogger(__name__)
+from .stopping import agp_schedule, check_sparsity, gradual
 
 
 @register_stage
@@ -44,12 +40,7 @@ class PruneConfig(StageConfig):
     lr: float = Field(default=1e-3, gt=0.0, lt=1.0)
     distill: bool = False  # recovery training by distillation from the original, even where batches have labels
 
-    @field_validator("sparsity", mode="before")
-    @classmethod
-    def _sparsity(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
-            return v
-        raise ValueError("must be a float in [0, 1) or 'auto'")
+    _sparsity = field_validator("sparsity", mode="before")(check_sparsity)
 
     def without_training(self) -> "PruneConfig":
         return self.model_copy(update={"schedule": "oneshot", "epochs": 0.0, "criterion": "magnitude"})
@@ -134,11 +125,6 @@ def _global_budget(scores: list[torch.Tensor], sparsity: float, floor_share: flo
         fixed.update({i: floors[i] for i in short})
 
 
-def agp_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
-    """Sparsity after each of `steps` steps: s_t = s_f + (s_i - s_f) (1 - t/n)^3."""
-    return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
-
-
 def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, criterion: str = "magnitude",
           scope: str = "global", schedule: str = "oneshot", steps: int = 10, epochs: float = 0.0,
           lr: float = 1e-3, max_sparsity: float = 0.99, tolerance: float = 1.5,
@@ -148,12 +134,7 @@ def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, c
 
     `sparsity="auto"` follows the AGP schedule towards `max_sparsity` and stops at the last step whose
     fine-tuned model loses at most `tolerance` points against the original on every 10th sample of
-    train_data, held out from training and scoring (`batches.hold_out`): accuracy points where the
-    batches carry class labels, else points of top-1 agreement with the original. One step past the
-    tolerance is forgiven when the next step's recovery brings it back (a small held-out tenth is
-    noisy); two in a row, or the last step, restore the last step within it. Where train_data
-    can't be split (an iterable that is neither a list nor a DataLoader over a dataset), it measures
-    on the training data, which lets it go too far. Returns the sparsity reached.
+    train_data, held out from training and scoring (`stopping.gradual`). Returns the sparsity reached.
     """
     params = target_params(model, exclude)
     if not params:
@@ -162,21 +143,10 @@ def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, c
     auto = sparsity == "auto"
     if epochs > 0 or auto:
         run.require_train_data("pruning with fine-tuning or sparsity 'auto'")
-    held = None
-    if auto:
-        fit, held = hold_out(run.train_data)
-        run = dataclasses.replace(run, train_data=fit)
-        if held is None:
-            log.warning("sparsity auto: train_data is neither a list nor a DataLoader over a dataset (or too small "
-                        "to split), so nothing is held out and the stopping point is measured on the data the "
-                        "model trains on; pass a list of batches or a DataLoader to hold out a tenth")
     final = max_sparsity if auto else float(sparsity)
     targets = agp_schedule(final, steps) if schedule == "agp" or auto else [final]
-    reached = 0.0
-    good, strikes = None, 0  # auto: (snapshot, sparsity) of the last step within tolerance; steps past it since
-    for i, s in enumerate(targets):
-        if auto and strikes == 0:
-            good = (_snapshot(model, state, params), reached)
+
+    def step(i: int, s: float, run: RunContext) -> None:
         scores = taylor_scores(model, params, run) if criterion == "taylor" else magnitude_scores(params)
         with torch.no_grad():
             masks = masks_from_scores(scores, s, scope, {n: state.get(n).mask for n in params})
@@ -186,19 +156,10 @@ def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, c
         if epochs > 0:
             train(model, state, run, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}",
                   objective=Objective(distill=distill))
-        if auto:
-            lost, what = points_lost(model, run.teacher, held if held is not None else run.train_data)
-            log.info("prune step %d: sparsity %.4f, %s %.2f points below the original on %s", i + 1, s, what, lost,
-                     "held-out data" if held is not None else "training data")
-            if lost > tolerance:  # one step past it may be noise of a small held-out set: the next step's
-                strikes += 1      # recovery training gets one chance; a second (or the last step) ends it
-                if strikes == 2 or i == len(targets) - 1:
-                    _restore(model, state, params, good[0])
-                    return good[1]
-            else:
-                strikes = 0
-        reached = s
-    return reached
+
+    return gradual(model, run, targets, step, auto=auto, tolerance=tolerance,
+                   snapshot=lambda: _snapshot(model, state, params),
+                   restore=lambda saved: _restore(model, state, params, saved))
 
 
 def _snapshot(model: nn.Module, state: CompressionState, params: dict) -> tuple:

@@ -6,12 +6,13 @@ conv) and consumer (input columns, at the channel's positions after concatenatio
 The result is a plain, smaller model: no masks."""
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal, Union
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..batches import call_model, split_batch
@@ -23,6 +24,9 @@ from ..state import CompressionState
 from ..surgery import keep_inputs, keep_outputs
 from .common import excluded
 from .criteria import CRITERIA, gradients
+from .finetune import train
+from .losses import Objective
+from .stopping import agp_schedule, check_sparsity, gradual
 
 log = logging.getLogger(__name__)
 UNITS = {"channel": "all", "filter": "channels", "neuron": "channels", "head": "heads"}
@@ -32,21 +36,36 @@ UNITS = {"channel": "all", "filter": "channels", "neuron": "channels", "head": "
 class ChannelPruneConfig(StageConfig):
     """Pruning whole channels, neurons and attention heads to `sparsity`, so layers shrink (channel: all of
     them; filter or neuron: conv filters and Linear neurons; head: attention heads). With `refit`, a
-    Linear that loses inputs is refitted to its calibration outputs."""
+    Linear that loses inputs is refitted to its calibration outputs. With `epochs`, pruning goes in
+    `steps` steps (AGP) with recovery training after each; `sparsity: auto` stops where the model, measured
+    on a tenth of train_data held out from its training, loses more than `tolerance` points."""
 
     key: ClassVar[str] = "prune"
     route: ClassVar[dict] = {"granularity": tuple(UNITS)}
-    sparsity: float = Field(ge=0.0, lt=1.0)
+    sparsity: Union[float, Literal["auto"]]
     granularity: Literal["channel", "filter", "neuron", "head"]
     criterion: Literal["magnitude", "taylor", "l1", "l2", "bn_scale", "activation"] = "magnitude"
     scope: Literal["global", "layer"] = "global"
     refit: bool = True
+    max_sparsity: float = Field(default=0.9, gt=0.0, lt=1.0)  # for sparsity: auto
+    tolerance: float = Field(default=1.5, gt=0.0, le=100.0)   # points lost on held-out data, for auto
+    steps: int = Field(default=6, ge=1, le=100)               # with epochs or auto
+    epochs: float = Field(default=0.0, ge=0.0, le=1000)       # recovery training, in all
+    lr: float = Field(default=1e-3, gt=0.0, lt=1.0)
+    distill: bool = False  # recovery by distillation from the original, even where batches have labels
+
+    _sparsity = field_validator("sparsity", mode="before")(check_sparsity)
+
+    def without_training(self) -> "ChannelPruneConfig":
+        return self.model_copy(update={"epochs": 0.0})
 
 
 @handles(ChannelPruneConfig)
 def _apply(model: nn.Module, state: CompressionState, cfg: ChannelPruneConfig, run: RunContext) -> None:
     prune_channels(model, state, sparsity=cfg.sparsity, criterion=cfg.criterion, scope=cfg.scope,
-                   exclude=run.excluded(cfg), run=run, units=UNITS[cfg.granularity], refit=cfg.refit)
+                   exclude=run.excluded(cfg), run=run, units=UNITS[cfg.granularity], refit=cfg.refit,
+                   max_sparsity=cfg.max_sparsity, tolerance=cfg.tolerance, steps=cfg.steps, epochs=cfg.epochs,
+                   lr=cfg.lr, distill=cfg.distill)
 
 
 def channel_importance(model: nn.Module, graph: ChannelGraph, criterion: str,
@@ -197,19 +216,58 @@ def example_input(run: RunContext) -> Any:
     raise ModelpressError("structured pruning needs one example batch to trace shapes: pass train_data or calib_data")
 
 
-def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float, criterion: str = "l1",
+def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float | str, criterion: str = "l1",
                    scope: str = "global", exclude: Iterable[str] = (), run: RunContext,
-                   units: str = "all", refit: bool = True) -> dict[str, Any]:
-    """Remove `sparsity` of the prunable channels; returns a summary (channels before/after, notes).
+                   units: str = "all", refit: bool = True, max_sparsity: float = 0.9, tolerance: float = 1.5,
+                   steps: int = 6, epochs: float = 0.0, lr: float = 1e-3, distill: bool = False) -> dict[str, Any]:
+    """Remove `sparsity` of the prunable channels; returns a summary (channels before/after, sparsity, notes).
 
     With `refit`, each Linear that loses input columns has its kept weights refitted by least squares
-    on calibration inputs (`compensate`).
+    on calibration inputs (`compensate`). With `epochs`, the channels go in `steps` AGP steps, each
+    followed by recovery training (labels where batches carry them, else distillation from the
+    original); `sparsity="auto"` steps towards `max_sparsity` and keeps the last step that loses at most
+    `tolerance` points on a held-out tenth of train_data (`stopping.gradual`).
 
     `units`: "all" (channels and whole attention heads), "channels" (conv filters and Linear neurons
     only) or "heads" (attention heads only)."""
     if state.params:
         raise ModelpressError("structured pruning must come before unstructured pruning, clustering or "
                               "quantization in the recipe")
+    auto = sparsity == "auto"
+    if epochs > 0 or auto:
+        run.require_train_data("channel pruning with recovery training or sparsity 'auto'")
+    final = max_sparsity if auto else float(sparsity)
+    targets = agp_schedule(final, steps) if epochs > 0 or auto else [final]
+    summary: dict[str, Any] = {}  # of the last step: channels before it and after it, the tracer's notes
+    first: dict[str, int] = {}
+
+    def step(i: int, s: float, run: RunContext) -> None:
+        kept = summary["channels_after"] / first["channels"] if summary else 1.0
+        summary.update(_prune_once(model, max(0.0, 1 - (1 - s) / kept), criterion, scope, exclude, run, units, refit))
+        if not first and summary["notes"]:
+            notes = summary["notes"]
+            log.warning("structured pruning keeps the channels that reach %d operation(s) it does not follow: %s",
+                        len(notes), "; ".join(notes[:6]) + ("; ..." if len(notes) > 6 else ""))
+        first.setdefault("channels", summary["channels_before"])
+        if epochs > 0:
+            train(model, state, run, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}",
+                  objective=Objective(distill=distill))
+
+    def restore(saved: tuple[nn.Module, dict]) -> None:
+        vars(model).update(vars(saved[0]))
+        summary.clear()
+        summary.update(saved[1])
+
+    reached = gradual(model, run, targets, step, auto=auto, tolerance=tolerance,
+                      snapshot=lambda: (copy.deepcopy(model), dict(summary)), restore=restore)
+    before = first.get("channels", 0)
+    return {"channels_before": before, "channels_after": summary.get("channels_after", before),
+            "sparsity": reached, "notes": summary.get("notes", [])}
+
+
+def _prune_once(model: nn.Module, sparsity: float, criterion: str, scope: str, exclude: Iterable[str],
+                run: RunContext, units: str, refit: bool) -> dict[str, Any]:
+    """Remove `sparsity` of the model's prunable channels as they are now."""
     graph = trace(model, example_input(run))
     exclude = list(exclude)
     for g in graph.groups.values():
@@ -217,9 +275,6 @@ def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float
                 units == "heads" and g.block == 1 or units == "channels" and g.block > 1:
             g.frozen = True
     live = {gid: g for gid, g in graph.groups.items() if not g.frozen}
-    if graph.notes:
-        log.warning("structured pruning keeps the channels that reach %d operation(s) it does not follow: %s",
-                    len(graph.notes), "; ".join(graph.notes[:6]) + ("; ..." if len(graph.notes) > 6 else ""))
     if not live:
         what = {"heads": "attention heads", "channels": "channels"}.get(units, "channels")
         raise ModelpressError(f"structured pruning found no {what} it can remove" +

@@ -1,0 +1,69 @@
+"""Gradual pruning and `sparsity: auto`, shared by element and channel pruning: step up a schedule of
+sparsities with recovery training after each step and, for `auto`, stop where the model loses more than
+`tolerance` points against the original on a tenth of train_data held out from training and scoring."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+from torch import nn
+
+from ..batches import hold_out
+from ..context import RunContext
+from .finetune import points_lost
+
+log = logging.getLogger(__name__)
+
+
+def check_sparsity(cls: type, v: Any) -> Any:
+    """A prune stage's `sparsity`: a fraction in [0, 1), or 'auto'."""
+    if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
+        return v
+    raise ValueError("must be a float in [0, 1) or 'auto'")
+
+
+def agp_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
+    """Sparsity after each of `steps` steps: s_t = s_f + (s_i - s_f) (1 - t/n)^3 (Zhu & Gupta 2017)."""
+    return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
+
+
+def gradual(model: nn.Module, run: RunContext, targets: list[float], step: Callable[[int, float, RunContext], None],
+            *, auto: bool, tolerance: float, snapshot: Callable[[], Any], restore: Callable[[Any], None]) -> float:
+    """Run `step(i, sparsity, run)` (prune to that sparsity, then recover) for each target; returns the
+    sparsity reached.
+
+    With `auto`, the data `step` sees is train_data less every 10th sample (`batches.hold_out`), and after
+    each step the model is measured on that held-out tenth against `run.teacher`: accuracy points where
+    the batches carry class labels, else points of top-1 agreement. One step past `tolerance` is forgiven
+    when the next step's recovery brings it back (a small held-out tenth is noisy); two in a row, or the
+    last step, `restore` the `snapshot` of the last step within it. Where train_data can't be split (an
+    iterable that is neither a list nor a DataLoader over a dataset), it measures on the training data,
+    which lets it go too far."""
+    held = None
+    if auto:
+        fit, held = hold_out(run.train_data)
+        run = dataclasses.replace(run, train_data=fit)
+        if held is None:
+            log.warning("sparsity auto: train_data is neither a list nor a DataLoader over a dataset (or too small "
+                        "to split), so nothing is held out and the stopping point is measured on the data the "
+                        "model trains on; pass a list of batches or a DataLoader to hold out a tenth")
+    reached = 0.0
+    good, strikes = None, 0  # auto: (snapshot, sparsity) of the last step within tolerance; steps past it since
+    for i, s in enumerate(targets):
+        if auto and strikes == 0:
+            good = (snapshot(), reached)
+        step(i, s, run)
+        if auto:
+            lost, what = points_lost(model, run.teacher, held if held is not None else run.train_data)
+            log.info("prune step %d: sparsity %.4f, %s %.2f points below the original on %s", i + 1, s, what, lost,
+                     "held-out data" if held is not None else "training data")
+            if lost > tolerance:  # one step past it may be noise of a small held-out set: the next step's
+                strikes += 1      # recovery training gets one chance; a second (or the last step) ends it
+                if strikes == 2 or i == len(targets) - 1:
+                    restore(good[0])
+                    return good[1]
+            else:
+                strikes = 0
+        reached = s
+    return reached
