@@ -41,6 +41,7 @@ def test_auto_is_deterministic_and_says_when_the_budget_cannot_be_met(digits_mlp
     assert not hopeless.met and hopeless.message.startswith("no candidate met the budget")
     closest = min((r for r in hopeless.proxies if r.bytes), key=lambda r: r.bytes)
     assert hopeless.tried.rows[1].name == closest.name  # the smallest file it could find
+    assert runs[0].message.endswith("agreement measured on calibration/training batches (none could be held out)")
 
 
 def test_auto_needs_a_budget(mlp, toy_data):

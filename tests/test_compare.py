@@ -117,3 +117,33 @@ def _load_screenshot():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.screenshot
+
+
+def test_the_default_metric_is_measured_on_batches_held_out_of_training_and_calibration(caplog):
+    import torch
+    from modelpress.compare import held_out_metric
+    net = torch.nn.Linear(4, 3)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(20)]
+    metric, train, calib, where = held_out_metric(net, batches, batches)  # the same list for both
+    assert train is calib and len(train) == 18 and all(b is not batches[9] and b is not batches[19] for b in train)
+    assert where == "16 samples held out of train_data" and metric(net) == {"agreement": 100.0}
+    metric, train, calib, where = held_out_metric(net, None, batches)
+    assert train is None and len(calib) == 18 and where == "16 samples held out of calib_data"
+    few = batches[:4]
+    metric, train, calib, where = held_out_metric(net, few, None)
+    assert train is few and where == "calibration/training batches (none could be held out)"
+    assert "pass eval_fn" in caplog.text
+
+
+def test_compare_trains_the_candidates_without_the_held_out_batches(monkeypatch):
+    import torch
+    import sys
+    cmp = sys.modules["modelpress.compare"]  # the package exports the function under the same name
+    seen = []
+    real = cmp.compress
+    monkeypatch.setattr(cmp, "compress", lambda model, recipe, train_data=None, **k: (
+        seen.append(len(train_data)), real(model, recipe, train_data=train_data, **k))[1])
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(20)]
+    c = compare(torch.nn.Linear(4, 3), [{"stages": [{"finetune": {"epochs": 1}}]}], train_data=batches, repeats=1)
+    assert seen == [18] and c.measured_on == "16 samples held out of train_data"
+    assert c.to_dict()["measured_on"] == c.measured_on and c.rows[1].error is None

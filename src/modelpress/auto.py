@@ -21,7 +21,7 @@ from torch import nn
 
 from .api import CompressionResult, compress
 from .batches import call_model, reusable, split_batch
-from .compare import Comparison, Row, compare, output_fidelity
+from .compare import Comparison, Row, compare, held_out_metric
 from .errors import ModelpressError
 from .measure import latencies
 from .pipeline import evaluate
@@ -157,8 +157,9 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
         raise ModelpressError("auto needs calib_data or train_data (to calibrate, measure and time the candidates)")
     if example is None:
         example = split_batch(next(iter(data)))[0]
+    measured_on = "eval_fn"
     if eval_fn is None:
-        eval_fn = output_fidelity(model, [b for _, b in zip(range(8), data)])
+        eval_fn, train_data, calib_data, measured_on = held_out_metric(model, train_data, calib_data)
     fp32 = 4 * sum(p.numel() for p in model.parameters())
     base = evaluate(model, eval_fn)
     metric = metric or next(iter(base), None)
@@ -218,6 +219,8 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
         message = f"the budget ({budget}) is met, but no candidate kept the drop within {max_drop}; the closest: {summary}"
     else:
         message = f"no candidate met the budget ({budget}); the closest: {summary}"
+    message += f"; {metric} measured on {measured_on}"
+    tried.measured_on = measured_on
     result = tried.results[best.name]
     return AutoResult(model=result.model, report=result.report, state=result.state, recipe=result.recipe,
                       manifest=result.manifest, streams=result.streams, met=met, message=message, proxies=proxies,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -21,12 +22,14 @@ import torch
 from torch import nn
 
 from .api import as_recipe, compress
-from .batches import call_model, logits_of, reusable, split_batch
+from .batches import call_model, hold_out, logits_of, reusable, split_batch
 from .errors import ModelpressError
 from .html import render
 from .measure import latencies, macs, machine_line, weights
 from .pipeline import evaluate
 from .report import fmt_metric
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Comparison:
     machine: str
     latency_input: str           # what one timed call processes, e.g. "one batch of shape [256, 1, 28, 28]"
     results: dict = field(default_factory=dict, repr=False)   # name -> CompressionResult, if kept
+    measured_on: str = "eval_fn"  # what the metric was measured on (the default metric's batches)
 
     def front(self, x: str) -> list[str]:
         """Names on the Pareto front of `x` ("bytes" or "latency_ms", lower is better) against the metric."""
@@ -86,7 +90,8 @@ class Comparison:
         from rich.table import Table
 
         header, cells = self.table()
-        table = Table(title=title, caption=f"{self.machine}; latency: {self.latency_input}")
+        table = Table(title=title, caption=f"{self.machine}; latency: {self.latency_input}; "
+                                           f"metric measured on {self.measured_on}")
         for i, h in enumerate(header):
             table.add_column(h, justify="left" if i in (0, len(header) - 1) else "right",
                              overflow="fold", max_width=60 if h == "error" else None)
@@ -103,6 +108,7 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {"machine": self.machine, "latency_input": self.latency_input, "metric": self.metric,
+                "measured_on": self.measured_on,
                 "pareto": {"bytes": self.front("bytes"), "latency_ms": self.front("latency_ms")},
                 "rows": [asdict(r) for r in self.rows]}
 
@@ -152,6 +158,35 @@ def output_fidelity(reference: nn.Module, batches: list) -> Callable[[nn.Module]
     return fn
 
 
+def held_out_metric(model: nn.Module, train_data: Iterable | None, calib_data: Iterable | None
+                    ) -> tuple[Callable[[nn.Module], dict[str, float]], Iterable | None, Iterable | None, str]:
+    """The default metric (`output_fidelity`) on batches no candidate trains or calibrates on: a tenth of
+    train_data held out (`batches.hold_out`), else of calib_data. Returns (metric, train_data, calib_data
+    less what was held out, what it measures on); where neither can be split, it measures on up to 8
+    batches of the data itself, and says so."""
+    for which, data in (("train_data", train_data), ("calib_data", calib_data)):
+        if data is None:
+            continue
+        fit, held = hold_out(data)
+        if held is not None:
+            train_data, calib_data = (fit if train_data is data else train_data), (fit if calib_data is data else calib_data)
+            held = [b for _, b in zip(range(16), held)]
+            return output_fidelity(model, held), train_data, calib_data, \
+                f"{sum(map(_samples, held))} samples held out of {which}"
+    data = calib_data if calib_data is not None else train_data
+    log.warning("the default metric is measured on batches the candidates also calibrate or train on (too few to "
+                "hold a tenth out: 10 or more batches, or a DataLoader over 20 or more samples, can be split); "
+                "pass eval_fn=... to measure on data of your own")
+    return output_fidelity(model, [b for _, b in zip(range(8), data)]), train_data, calib_data, \
+        "calibration/training batches (none could be held out)"
+
+
+def _samples(batch: Any) -> int:
+    x = split_batch(batch)[0]
+    x = next((v for v in x.values() if isinstance(v, torch.Tensor)), None) if isinstance(x, dict) else x
+    return len(x) if isinstance(x, torch.Tensor) and x.dim() > 0 else 1
+
+
 def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | None = None,
             calib_data: Iterable | None = None, eval_fn: Callable[[nn.Module], float | dict] | None = None,
             example: Any = None, out_dir: str | os.PathLike | None = None, metric: str | None = None,
@@ -178,10 +213,11 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
         if data is None:
             raise ModelpressError("compare needs example inputs to time: pass example=..., calib_data or train_data")
         example = split_batch(next(iter(data)))[0]
+    measured_on = "eval_fn"
     if eval_fn is None:
         if data is None:
             raise ModelpressError("compare needs eval_fn, or calib_data/train_data to measure fidelity on")
-        eval_fn = output_fidelity(model, [b for _, b in zip(range(8), data)])
+        eval_fn, train_data, calib_data, measured_on = held_out_metric(model, train_data, calib_data)
     model = copy.deepcopy(model).eval()
     tmp = tempfile.TemporaryDirectory(prefix="modelpress-compare-") if out_dir is None else None
     workdir = Path(out_dir) if out_dir is not None else Path(tmp.name)
@@ -232,7 +268,7 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
             r.latency_ms, r.latency_spread = statistics.median(times[r.name]), (min(times[r.name]), max(times[r.name]))
     if metric is None:
         metric = next(iter(base.metrics), None)
-    comparison = Comparison(rows, metric, machine_line(), _describe_input(example), kept)
+    comparison = Comparison(rows, metric, machine_line(), _describe_input(example), kept, measured_on)
     if out_dir is not None:
         comparison.write(out_dir)
     return comparison

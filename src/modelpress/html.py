@@ -28,7 +28,8 @@ def render(comp: Any, title: str = "modelpress comparison") -> str:
     body = [f"<h1>{html.escape(title)}</h1>",
             f"<p class='muted'>{html.escape(comp.machine)}. Latency: median of round-by-round timings of "
             f"{html.escape(comp.latency_input)} (spread: fastest-slowest). Pareto metric: "
-            f"{html.escape(str(comp.metric))} (higher is better); names in bold are on a Pareto front.</p>",
+            f"{html.escape(str(comp.metric))} (higher is better), measured on {html.escape(comp.measured_on)}; "
+            "names in bold are on a Pareto front.</p>",
             "<table id='results'><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) +
             "</tr></thead><tbody>"]
     for row, cs in zip(comp.rows, cells):
