@@ -170,3 +170,23 @@ def test_unbatched_convolution_inputs_count_as_one_image():
     x = torch.randn(2, 5, 5)
     assert torch.allclose(collect_hessians(conv, {"c": conv}, [x])["c"],
                           collect_hessians(conv, {"c": conv}, [x[None]])["c"])
+
+
+def test_a_classifiers_sensitivity_weighs_the_classes_that_decide_its_top_1():
+    from modelpress.techniques.mixed import sensitivities
+
+    class Scores(nn.Module):  # logits a + b whatever the input: class 0 just ahead of class 1
+        def __init__(self, shape):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor([2.0, 1.9, -5.0]).expand(*shape, 3).clone())
+            self.b = nn.Parameter(torch.zeros(*shape, 3))
+
+        def forward(self, x):
+            return self.a + self.b + 0 * x.sum()
+
+    change = {"a": torch.tensor([0.0, 0.0, 2.0]),   # an unlikely class's logit: a large squared error
+              "b": torch.tensor([-0.3, 0.3, 0.0])}  # the top-1 flips: a small squared error
+    for shape, louder in (((4,), "b"), ((4, 5), "a")):  # class scores: KL; other outputs: relative MSE
+        model = Scores(shape)
+        sens = sensitivities(model, dict(model.named_parameters()), lambda n, w: w + change[n], [torch.zeros(4)])
+        assert max(sens, key=sens.get) == louder, sens

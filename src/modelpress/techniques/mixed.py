@@ -1,7 +1,8 @@
 """Per-layer bit-widths under a size budget, from measured sensitivity.
 
-Each target tensor is quantized alone to the base bit-width (round to nearest) and the model's
-output error on a few calibration batches is measured. One more bit roughly quarters a tensor's
+Each target tensor is quantized alone to the base bit-width (round to nearest) and the change of the
+model's output on a few calibration batches is measured (KL divergence of class probabilities for a
+classifier, relative squared error otherwise). One more bit roughly quarters a tensor's
 quantization error, so the expected gain of raising a tensor from b to b+1 bits is taken as
 0.75 x sensitivity x 4^-(b - base); bits are handed out greedily by gain per stored bit until
 the budget is spent."""
@@ -11,6 +12,7 @@ import heapq
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..batches import call_model, logits_of, split_batch
@@ -23,7 +25,10 @@ MAX_BITS = 8
 def sensitivities(model: nn.Module, params: dict[str, nn.Parameter],
                   quantize_fn: Callable[[str, torch.Tensor], torch.Tensor],
                   batches: list, progress: Callable[[str, float], None] | None = None) -> dict[str, float]:
-    """Relative output error (MSE / mean square of the output) when only that tensor is quantized."""
+    """How much the model's output changes when only that tensor is quantized: for class scores (a
+    [batch, classes] output), the KL divergence of the class probabilities from the original's, which
+    weighs the classes that decide the top-1; for other outputs, the squared error relative to the
+    output's mean square."""
     model.eval()
     inputs = [split_batch(b)[0] for b in batches]
     refs = [logits_of(call_model(model, x)).float() for x in inputs]
@@ -31,14 +36,21 @@ def sensitivities(model: nn.Module, params: dict[str, nn.Parameter],
     if bad:
         raise ModelpressError(f"per-layer bits: the model's outputs on calib_data batch(es) {bad[:5]} hold NaN or "
                               "Inf, so no sensitivity can be measured; check those batches for NaN or Inf")
-    power = sum(float((r ** 2).mean()) for r in refs) / len(refs) or 1.0
+    classes = refs[0].dim() == 2 and refs[0].shape[-1] >= 2
+    if classes:
+        refs = [r.log_softmax(-1) for r in refs]
+        change = lambda out, ref: float(F.kl_div(out.log_softmax(-1), ref, log_target=True,  # noqa: E731
+                                                 reduction="batchmean"))
+    else:
+        power = sum(float((r ** 2).mean()) for r in refs) / len(refs) or 1.0
+        change = lambda out, ref: float(((out - ref) ** 2).mean()) / power  # noqa: E731
     out = {}
     for i, (name, p) in enumerate(params.items()):
         saved = p.detach().clone()
         p.copy_(quantize_fn(name, saved))
-        err = sum(float(((logits_of(call_model(model, x)).float() - r) ** 2).mean()) for x, r in zip(inputs, refs))
+        err = sum(change(logits_of(call_model(model, x)).float(), r) for x, r in zip(inputs, refs))
         p.copy_(saved)
-        out[name] = err / len(refs) / power
+        out[name] = err / len(refs)
         if progress is not None:
             progress("sensitivity", (i + 1) / len(params))
     return out
