@@ -157,7 +157,7 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
         raise ModelpressError("auto needs calib_data or train_data (to calibrate, measure and time the candidates)")
     if example is None:
         example = split_batch(next(iter(data)))[0]
-    measured_on = "eval_fn"
+    measured_on = "the eval_fn given"
     if eval_fn is None:
         eval_fn, train_data, calib_data, measured_on = held_out_metric(model, train_data, calib_data)
     fp32 = 4 * sum(p.numel() for p in model.parameters())

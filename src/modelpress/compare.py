@@ -58,7 +58,7 @@ class Comparison:
     machine: str
     latency_input: str           # what one timed call processes, e.g. "one batch of shape [256, 1, 28, 28]"
     results: dict = field(default_factory=dict, repr=False)   # name -> CompressionResult, if kept
-    measured_on: str = "eval_fn"  # what the metric was measured on (the default metric's batches)
+    measured_on: str = "the eval_fn given"  # or, for the default metric, the batches it measures on
 
     def front(self, x: str) -> list[str]:
         """Names on the Pareto front of `x` ("bytes" or "latency_ms", lower is better) against the metric."""
@@ -169,7 +169,8 @@ def held_out_metric(model: nn.Module, train_data: Iterable | None, calib_data: I
             continue
         fit, held = hold_out(data)
         if held is not None:
-            train_data, calib_data = (fit if train_data is data else train_data), (fit if calib_data is data else calib_data)
+            train_data = fit if train_data is data else train_data
+            calib_data = fit if calib_data is data else calib_data
             held = [b for _, b in zip(range(16), held)]
             return output_fidelity(model, held), train_data, calib_data, \
                 f"{sum(map(_samples, held))} samples held out of {which}"
@@ -213,7 +214,7 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
         if data is None:
             raise ModelpressError("compare needs example inputs to time: pass example=..., calib_data or train_data")
         example = split_batch(next(iter(data)))[0]
-    measured_on = "eval_fn"
+    measured_on = "the eval_fn given"
     if eval_fn is None:
         if data is None:
             raise ModelpressError("compare needs eval_fn, or calib_data/train_data to measure fidelity on")
