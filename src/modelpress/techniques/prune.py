@@ -16,8 +16,6 @@ from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import target_params
 from .criteria import CRITERIA, gradients
-from .finetune import train
-from .losses import Objective
 from .stopping import agp_schedule, check_sparsity, gradual
 
 
@@ -146,18 +144,16 @@ def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, c
     final = max_sparsity if auto else float(sparsity)
     targets = agp_schedule(final, steps) if schedule == "agp" or auto else [final]
 
-    def step(i: int, s: float, run: RunContext) -> None:
+    def prune_to(s: float, run: RunContext) -> None:
         scores = taylor_scores(model, params, run) if criterion == "taylor" else magnitude_scores(params)
         with torch.no_grad():
             masks = masks_from_scores(scores, s, scope, {n: state.get(n).mask for n in params})
             for n, p in params.items():
                 state.get(n).mask = masks[n]
                 p.mul_(masks[n])
-        if epochs > 0:
-            train(model, state, run, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}",
-                  objective=Objective(distill=distill))
 
-    return gradual(model, run, targets, step, auto=auto, tolerance=tolerance,
+    return gradual(model, state, run, targets, prune_to, epochs=epochs, lr=lr, distill=distill, auto=auto,
+                   tolerance=tolerance,
                    snapshot=lambda: _snapshot(model, state, params),
                    restore=lambda saved: _restore(model, state, params, saved))
 

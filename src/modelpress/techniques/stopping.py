@@ -11,7 +11,9 @@ from torch import nn
 
 from ..batches import hold_out
 from ..context import RunContext
-from .finetune import points_lost
+from ..state import CompressionState
+from .finetune import points_lost, train
+from .losses import Objective
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,14 @@ def agp_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
     return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
 
 
-def gradual(model: nn.Module, run: RunContext, targets: list[float], step: Callable[[int, float, RunContext], None],
-            *, auto: bool, tolerance: float, snapshot: Callable[[], Any], restore: Callable[[Any], None]) -> float:
-    """Run `step(i, sparsity, run)` (prune to that sparsity, then recover) for each target; returns the
-    sparsity reached.
+def gradual(model: nn.Module, state: CompressionState, run: RunContext, targets: list[float],
+            prune_to: Callable[[float, RunContext], None], *, epochs: float, lr: float, distill: bool, auto: bool,
+            tolerance: float, snapshot: Callable[[], Any], restore: Callable[[Any], None]) -> float:
+    """For each target, `prune_to(sparsity, run)` and then recovery training (`epochs` in all, spread over
+    the targets; labels where batches carry them, else or with `distill` distillation from the
+    original); returns the sparsity reached.
 
-    With `auto`, the data `step` sees is train_data less every 10th sample (`batches.hold_out`), and after
+    With `auto`, the data pruning and recovery see is train_data less every 10th sample (`batches.hold_out`), and after
     each step the model is measured on that held-out tenth against `run.teacher`: accuracy points where
     the batches carry class labels, else points of top-1 agreement. One step past `tolerance` is forgiven
     when the next step's recovery brings it back (a small held-out tenth is noisy); two in a row, or the
@@ -53,7 +57,10 @@ def gradual(model: nn.Module, run: RunContext, targets: list[float], step: Calla
     for i, s in enumerate(targets):
         if auto and strikes == 0:
             good = (snapshot(), reached)
-        step(i, s, run)
+        prune_to(s, run)
+        if epochs > 0:
+            train(model, state, run, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}",
+                  objective=Objective(distill=distill))
         if auto:
             lost, what = points_lost(model, run.teacher, held if held is not None else run.train_data)
             log.info("prune step %d: sparsity %.4f, %s %.2f points below the original on %s", i + 1, s, what, lost,

@@ -24,8 +24,6 @@ from ..state import CompressionState
 from ..surgery import keep_inputs, keep_outputs
 from .common import excluded
 from .criteria import CRITERIA, gradients
-from .finetune import train
-from .losses import Objective
 from .stopping import agp_schedule, check_sparsity, gradual
 
 log = logging.getLogger(__name__)
@@ -241,7 +239,7 @@ def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float
     summary: dict[str, Any] = {}  # of the last step: channels before it and after it, the tracer's notes
     first: dict[str, int] = {}
 
-    def step(i: int, s: float, run: RunContext) -> None:
+    def prune_to(s: float, run: RunContext) -> None:
         kept = summary["channels_after"] / first["channels"] if summary else 1.0
         summary.update(_prune_once(model, max(0.0, 1 - (1 - s) / kept), criterion, scope, exclude, run, units, refit))
         if not first and summary["notes"]:
@@ -249,16 +247,14 @@ def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float
             log.warning("structured pruning keeps the channels that reach %d operation(s) it does not follow: %s",
                         len(notes), "; ".join(notes[:6]) + ("; ..." if len(notes) > 6 else ""))
         first.setdefault("channels", summary["channels_before"])
-        if epochs > 0:
-            train(model, state, run, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}",
-                  objective=Objective(distill=distill))
 
     def restore(saved: tuple[nn.Module, dict]) -> None:
         vars(model).update(vars(saved[0]))
         summary.clear()
         summary.update(saved[1])
 
-    reached = gradual(model, run, targets, step, auto=auto, tolerance=tolerance,
+    reached = gradual(model, state, run, targets, prune_to, epochs=epochs, lr=lr, distill=distill, auto=auto,
+                      tolerance=tolerance,
                       snapshot=lambda: (copy.deepcopy(model), dict(summary)), restore=restore)
     before = first.get("channels", 0)
     return {"channels_before": before, "channels_after": summary.get("channels_after", before),
