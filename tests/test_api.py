@@ -55,6 +55,19 @@ def test_label_free_recovery_distills_from_the_original(mlp, toy_data):
     assert agree["recovered"] > agree["pruned"] + 0.05, agree
 
 
+def test_recovery_training_keeps_batchnorm_statistics(toy_data):
+    model = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    model[1].running_mean.normal_()
+    shifted = [x * 3 + 5 for x, _ in toy_data]  # batch statistics far from the running ones
+    res = mp.compress(model, {"stages": [{"prune": {"sparsity": 0.5}}, {"distill": {"epochs": 2, "lr": 1e-2}}]},
+                      train_data=shifted)
+    bn = res.model[1]
+    assert torch.equal(bn.running_mean, model[1].running_mean) and torch.equal(bn.running_var, model[1].running_var)
+    assert int(bn.num_batches_tracked) == 0
+    assert not torch.equal(bn.weight, model[1].weight)  # its scale and shift still train
+    assert not bn.training
+
+
 def test_custom_module_needs_a_skeleton(toy_data, tmp_path):
     class Net(nn.Module):
         def __init__(self):

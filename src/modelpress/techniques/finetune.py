@@ -41,7 +41,11 @@ def train(model: nn.Module, state: CompressionState, run: RunContext, *, epochs:
           label: str = "finetune", objective: Objective = Objective(), weight_decay: float = 0.0) -> int:
     """Train for `epochs` passes (fractions allowed) over train_data under the state's constraints.
 
-    Returns the number of optimizer steps taken. Adam with a cosine-decayed learning rate.
+    Returns the number of optimizer steps taken. Adam with a cosine-decayed learning rate. BatchNorm
+    layers keep the running statistics the model came with (their scale and shift still train): statistics
+    re-estimated from the few small batches recovery trains on wreck a pretrained CNN (EfficientNet-Lite0,
+    `w4` then 2 epochs of distillation on 448 crops of 7 photos: 56.8% top-1 agreement with fp32 on other
+    photos, 85.2% with the statistics kept).
     """
     data = run.require_train_data(label)
     if epochs <= 0:
@@ -54,6 +58,9 @@ def train(model: nn.Module, state: CompressionState, run: RunContext, *, epochs:
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
         model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
         while steps < total:
             j = -1
             for j, batch in enumerate(data):
