@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "modelpress"
 LAYERS = [
     {"errors", "safe_yaml", "presets", "capabilities"},
     {"batches", "context", "stage", "state"},
-    {"format", "runtime", "graph", "measure", "report", "surgery", "forms"},
+    {"format", "runtime", "graph", "measure", "report", "surgery", "forms", "keras_model"},
     {"techniques"},
     {"recipe"},
     {"pipeline"},

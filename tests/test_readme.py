@@ -1,7 +1,9 @@
 """The README's Python examples run as written: each in order, in the same folder (a later one reads the
 files an earlier one wrote), given `modelpress as mp` and the names a user brings (`model`, `loader`,
-`accuracy`, `MyNet`, `x`, `folder`, `batches`, `fidelity`, `my.yaml`): here a digits MLP trained by the
-test and a small random BERT folder (model and WordPiece tokenizer) written by it."""
+`accuracy`, `MyNet`, `x`, `folder`, `batches`, `fidelity`, `my.yaml`, `keras_model`, `x_train`, `y_train`):
+here a digits MLP trained by the test, the same layers as a Keras model, and a small random BERT folder (model
+and WordPiece tokenizer) written by it."""
+import os
 import re
 import shlex
 from pathlib import Path
@@ -60,7 +62,12 @@ def test_every_python_example_in_the_readme_runs(tmp_path, monkeypatch):
     def fidelity(m):
         return {"cos": float(torch.cosine_similarity(m(split.x_test), reference(split.x_test)).mean())}
 
-    names = {"mp": mp, "model": model, "loader": split.loader(64), "MyNet": MyNet, "x": split.x_test[:64],
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    keras_model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(128, activation="relu"),
+                                    keras.layers.Dense(10, activation="softmax")])
+    names = {"mp": mp, "model": model, "keras_model": keras_model, "x_train": split.x_train.numpy(),
+             "y_train": split.y_train.numpy(), "loader": split.loader(64), "MyNet": MyNet, "x": split.x_test[:64],
              "accuracy": lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)},
              "folder": path, "batches": batches, "fidelity": fidelity}
     for i, code in enumerate(python_examples()):
@@ -70,6 +77,7 @@ def test_every_python_example_in_the_readme_runs(tmp_path, monkeypatch):
             raise AssertionError(f"README python example {i + 1} failed: {type(e).__name__}: {e}\n{code}") from e
     assert (tmp_path / "model.mpz").exists() and (tmp_path / "minilm.mpz").exists()
     assert (tmp_path / "best.mpz").exists() and (tmp_path / "report" / "report.html").exists()
+    assert (tmp_path / "small.keras").exists()
 
 
 def cli_examples() -> list[str]:

@@ -13,6 +13,7 @@ from .batches import check_batches, reusable
 from .context import RunContext
 from .errors import ModelpressError, RecipeError
 from .format import mpz
+from .keras_model import from_keras, is_keras
 from .pipeline import check_weights, run_pipeline
 from .recipe import Recipe
 from .report import Report, StageRow
@@ -84,8 +85,11 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     progress: called as `progress(label, fraction_done)` during long steps.
     on_stage: called with each report row as soon as it is measured.
     """
+    if is_keras(model):  # the torch form of a Keras model; to_keras(result.model, model) gives Keras back
+        model = from_keras(model)
     if not isinstance(model, nn.Module):
-        raise ModelpressError(f"model must be a torch.nn.Module. Got {type(model).__name__} instead.")
+        raise ModelpressError(f"model must be a torch.nn.Module or a Keras 3 model. Got {type(model).__name__} "
+                              "instead.")
     check_weights(model)
     recipe = as_recipe(recipe, model)
     train_data, calib_data = reusable(train_data, "train_data"), reusable(calib_data, "calib_data")

@@ -1,0 +1,324 @@
+"""Keras 3 models in and out.
+
+`from_keras` turns a Keras Sequential model (or a functional model whose layers form one chain) into a
+`torch.nn.Sequential` of standard layers that computes the same function on the same inputs
+(channels-last images, as Keras takes them): every technique then applies to it, and its file
+rebuilds without user code. `to_keras` writes the compressed weights back into a copy of the Keras
+model, with smaller layers where channel pruning removed units or filters. Weights are read with
+`get_weights()` and written with `set_weights()`, so any Keras backend works (TensorFlow, JAX or torch).
+
+Layouts: a Dense kernel is (in, out), a Conv kernel (k..., in, out), a DepthwiseConv2D kernel
+(kh, kw, in, multiplier); torch wants (out, in, k...). The images are permuted to channels-first once,
+at the input; a Flatten after convolutions keeps torch's (C, H, W) order and the next Dense's kernel rows
+are permuted from Keras's (H, W, C) order instead, so the torch model stays a plain conv -> flatten ->
+Linear chain that structured pruning can trace. A final softmax is left out (the torch model returns
+logits, which distillation and cross-entropy want; the argmax is the same) and `to_keras` keeps it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .errors import ModelpressError
+from .runtime import register_runtime_module
+
+
+@register_runtime_module
+class Permute(nn.Module):
+    """x.permute(*dims): a Keras model's channels-last input made channels-first for torch's layers."""
+
+    def __init__(self, dims: tuple[int, ...]):
+        super().__init__()
+        self.dims = tuple(dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
+                "silu": nn.SiLU, "swish": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU,
+                "hard_swish": nn.Hardswish}
+SUPPORTED = ("InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "MaxPooling1D", "MaxPooling2D",
+             "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "Flatten",
+             "Dropout", "Activation", "ReLU", "Softmax", "BatchNormalization")
+
+
+@dataclass
+class _Link:
+    """One Keras layer with weights and the torch module that holds them."""
+
+    keras_name: str
+    kind: str                      # dense, conv, depthwise, bn
+    index: int                     # position of the torch module in the Sequential
+    flat_from: tuple[int, ...] = ()  # a Dense after Flatten: the (C, H, W) its rows come from
+
+
+@dataclass
+class _Builder:
+    layers: list[nn.Module] = field(default_factory=list)
+    links: list[_Link] = field(default_factory=list)
+    shape: tuple[int, ...] = ()    # one sample's shape in torch's layout (channels first)
+    flat_from: tuple[int, ...] = ()
+
+    def add(self, m: nn.Module) -> int:
+        self.layers.append(m)
+        return len(self.layers) - 1
+
+
+def is_keras(model: Any) -> bool:
+    """True for a Keras 3 model (on any backend)."""
+    return any(c.__module__.startswith("keras.") and c.__name__ == "Model" for c in type(model).__mro__)
+
+
+def _chain(model) -> list:
+    layers = list(model.layers)
+    if type(model).__name__ != "Sequential":
+        for prev, layer in zip(layers, layers[1:]):
+            inbound = [t._keras_history[0] for t in _inputs_of(layer)]
+            if inbound and inbound != [prev]:
+                raise ModelpressError(f"Keras model '{model.name}': layer '{layer.name}' does not take the previous "
+                                      "layer's output alone; only chains of layers (a Sequential, or a functional "
+                                      "model without branches) convert")
+    return [layer for layer in layers if type(layer).__name__ != "InputLayer"]
+
+
+def _inputs_of(layer) -> list:
+    node = layer._inbound_nodes[0] if getattr(layer, "_inbound_nodes", None) else None
+    return list(node.input_tensors) if node is not None else []
+
+
+def _padding(cfg: dict, kernel: tuple[int, ...], where: str) -> int | str:
+    if cfg["padding"] == "valid":
+        return 0
+    if cfg["padding"] == "same" and all(s == 1 for s in cfg["strides"]) and all(k % 2 for k in kernel):
+        return "same"
+    raise ModelpressError(f"Keras layer '{where}': padding '{cfg['padding']}' with strides {cfg['strides']} and "
+                          f"kernel {kernel} has no exact torch equivalent; use padding 'valid', or 'same' with "
+                          "stride 1 and odd kernels")
+
+
+def _activation(b: _Builder, name: str | None, where: str, last: bool) -> None:
+    if name in (None, "linear"):
+        return
+    if name == "softmax":
+        if not last:
+            raise ModelpressError(f"Keras layer '{where}': softmax is supported only as the model's last step")
+        return  # left out: logits out; to_keras keeps it
+    if name not in _ACTIVATIONS:
+        raise ModelpressError(f"Keras layer '{where}': activation '{name}' is not supported "
+                              f"(supported: {', '.join(sorted(_ACTIVATIONS))}, softmax last)")
+    b.add(_ACTIVATIONS[name]())
+
+
+def _check_channels_last(cfg: dict, where: str) -> None:
+    if cfg.get("data_format", "channels_last") != "channels_last":
+        raise ModelpressError(f"Keras layer '{where}': data_format '{cfg['data_format']}' is not supported; "
+                              "build the model channels_last (Keras's default)")
+
+
+def from_keras(model) -> nn.Sequential:
+    """A torch.nn.Sequential computing what the Keras `model` computes (logits where it ends in a softmax),
+    taking the same channels-last inputs. Raises ModelpressError naming the first layer that has no exact
+    torch equivalent."""
+    if not is_keras(model):
+        raise ModelpressError(f"from_keras needs a Keras 3 model; got {type(model).__name__}")
+    if not model.built or not getattr(model, "inputs", None):
+        raise ModelpressError(f"Keras model '{model.name}' has no known input shape; build it with keras.Input(...) "
+                              "as its first layer, or call it once on a batch")
+    b = _Builder(shape=tuple(int(d) for d in model.inputs[0].shape[1:]))
+    if len(b.shape) in (2, 3):  # (L, C) or (H, W, C): channels first for torch
+        b.add(Permute((0, len(b.shape)) + tuple(range(1, len(b.shape)))))
+        b.shape = (b.shape[-1],) + b.shape[:-1]
+    layers = _chain(model)
+    for i, layer in enumerate(layers):
+        _convert(b, layer, last=i == len(layers) - 1)
+    torch_model = nn.Sequential(*b.layers)
+    torch_model.keras_links = b.links  # for to_keras; not a parameter, not saved
+    with torch.no_grad():
+        for link in b.links:
+            _load(torch_model[link.index], link, model.get_layer(link.keras_name).get_weights())
+    return torch_model.eval()
+
+
+def _convert(b: _Builder, layer, last: bool) -> None:
+    kind, cfg, name = type(layer).__name__, layer.get_config(), layer.name
+    if kind not in SUPPORTED:
+        raise ModelpressError(f"Keras layer '{name}' ({kind}) is not supported yet; supported: {', '.join(SUPPORTED)}")
+    spatial = len(b.shape) - 1
+    if kind in ("Conv1D", "Conv2D", "DepthwiseConv2D", "MaxPooling1D", "MaxPooling2D", "AveragePooling1D",
+                "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "Flatten"):
+        _check_channels_last(cfg, name)
+    if kind == "Dense":
+        if len(b.shape) != 1:
+            raise ModelpressError(f"Keras layer '{name}': Dense on a {len(b.shape) + 1}-d tensor is not supported; "
+                                  "Flatten or pool first")
+        idx = b.add(nn.Linear(b.shape[0], cfg["units"], bias=cfg["use_bias"]))
+        b.links.append(_Link(name, "dense", idx, b.flat_from))
+        b.shape, b.flat_from = (cfg["units"],), ()
+        _activation(b, cfg.get("activation"), name, last)
+    elif kind in ("Conv1D", "Conv2D", "DepthwiseConv2D"):
+        k = tuple(cfg["kernel_size"])
+        if spatial != len(k):
+            raise ModelpressError(f"Keras layer '{name}': a {len(k)}-d convolution on input of shape {b.shape}")
+        depthwise = kind == "DepthwiseConv2D"
+        cin = b.shape[0]
+        cout = cin * cfg["depth_multiplier"] if depthwise else cfg["filters"]
+        groups = cin if depthwise else cfg.get("groups", 1)
+        conv = (nn.Conv1d if spatial == 1 else nn.Conv2d)(cin, cout, k, stride=tuple(cfg["strides"]),
+                                                          padding=_padding(cfg, k, name),
+                                                          dilation=tuple(cfg["dilation_rate"]), groups=groups,
+                                                          bias=cfg["use_bias"])
+        idx = b.add(conv)
+        b.links.append(_Link(name, "depthwise" if depthwise else "conv", idx))
+        b.shape = _out_shape(conv, b.shape)
+        _activation(b, cfg.get("activation"), name, last)
+    elif kind.startswith(("MaxPooling", "AveragePooling")):
+        if cfg["padding"] != "valid":
+            raise ModelpressError(f"Keras layer '{name}': pooling with padding '{cfg['padding']}' is not supported")
+        two = kind.endswith("2D")
+        cls = {("Max", True): nn.MaxPool2d, ("Max", False): nn.MaxPool1d, ("Ave", True): nn.AvgPool2d,
+               ("Ave", False): nn.AvgPool1d}[(kind[:3], two)]
+        pool = cls(tuple(cfg["pool_size"]), tuple(cfg["strides"]))
+        b.add(pool)
+        b.shape = (b.shape[0],) + tuple((n - p) // s + 1 for n, p, s in zip(b.shape[1:], cfg["pool_size"],
+                                                                             cfg["strides"]))
+    elif kind.startswith("GlobalAveragePooling"):
+        if cfg.get("keepdims"):
+            raise ModelpressError(f"Keras layer '{name}': keepdims=True is not supported")
+        b.add((nn.AdaptiveAvgPool2d if kind.endswith("2D") else nn.AdaptiveAvgPool1d)(1))
+        b.add(nn.Flatten())
+        b.shape = (b.shape[0],)
+    elif kind == "Flatten":
+        if len(b.shape) > 1:
+            b.flat_from = b.shape
+        b.add(nn.Flatten())
+        b.shape = (math.prod(b.shape),)
+    elif kind == "Dropout":
+        b.add(nn.Dropout(cfg["rate"]))
+    elif kind in ("Activation", "ReLU", "Softmax"):
+        act = cfg.get("activation", "relu" if kind == "ReLU" else "softmax")
+        if kind == "ReLU" and (cfg.get("max_value") not in (None, 6.0) or cfg.get("negative_slope")
+                               or cfg.get("threshold")):
+            raise ModelpressError(f"Keras layer '{name}': ReLU with negative_slope / threshold is not supported")
+        _activation(b, "relu6" if kind == "ReLU" and cfg.get("max_value") == 6.0 else act, name, last)
+    elif kind == "BatchNormalization":
+        axis = cfg["axis"][0] if isinstance(cfg["axis"], (list, tuple)) else cfg["axis"]
+        if b.flat_from:  # its features would be in Keras's (H, W, C) order, torch's are (C, H, W)
+            raise ModelpressError(f"Keras layer '{name}': BatchNormalization between Flatten and Dense is not "
+                                  "supported")
+        if axis not in (-1, len(b.shape)) or not (cfg["center"] and cfg["scale"]):
+            raise ModelpressError(f"Keras layer '{name}': BatchNormalization over axis {axis} or without center / "
+                                  "scale is not supported")
+        bn = (nn.BatchNorm1d if len(b.shape) < 3 else nn.BatchNorm2d)(b.shape[0], eps=cfg["epsilon"],
+                                                                      momentum=1 - cfg["momentum"])
+        b.links.append(_Link(name, "bn", b.add(bn)))
+
+
+def _out_shape(conv: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    with torch.device("meta"):
+        return tuple(conv(torch.empty(1, *shape, device="meta")).shape[1:])
+
+
+def _load(m: nn.Module, link: _Link, weights: list[np.ndarray]) -> None:
+    """Keras weights into the torch module `m`, in torch's layout."""
+    t = [torch.from_numpy(np.asarray(w, dtype=np.float32)) for w in weights]
+    if link.kind == "bn":
+        for attr, v in zip(("weight", "bias", "running_mean", "running_var"), t):
+            getattr(m, attr).copy_(v)
+        return
+    kernel = t[0]
+    if link.kind == "dense":
+        if link.flat_from:  # rows in Keras's (H, W, C) order -> torch's (C, H, W)
+            c, *hw = link.flat_from
+            kernel = kernel.reshape(*hw, c, -1).permute(len(hw), *range(len(hw)), len(hw) + 1).reshape(
+                kernel.shape)
+        w = kernel.T
+    elif link.kind == "depthwise":  # (kh, kw, in, mult) -> (in * mult, 1, kh, kw)
+        w = kernel.reshape(*kernel.shape[:2], -1).permute(2, 0, 1).unsqueeze(1)
+    else:  # (k..., in, out) -> (out, in, k...)
+        n = kernel.dim()
+        w = kernel.permute(n - 1, n - 2, *range(n - 2))
+    m.weight.copy_(w.contiguous())
+    if len(t) > 1:
+        m.bias.copy_(t[1])
+
+
+def _keras_weights(m: nn.Module, link: _Link) -> list[np.ndarray]:
+    """The torch module's weights in Keras's layout (the inverse of `_load`)."""
+    if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
+        raise ModelpressError(f"Keras layer '{link.keras_name}' became a {type(m).__name__}, which Keras has no "
+                              "layer for; write back a weight-only recipe (prune, cluster, quantize without "
+                              "activations: int8), or a model loaded with modelpress.load(..., packed=False)")
+    d = {k: v.detach().float().cpu() for k, v in m.state_dict().items()}
+    if link.kind == "bn":
+        return [d[k].numpy() for k in ("weight", "bias", "running_mean", "running_var")]
+    w = d["weight"]
+    if link.kind == "dense":
+        kernel = w.T
+        if link.flat_from:  # channels may have been pruned since: C from the rows left
+            hw = link.flat_from[1:]
+            c = kernel.shape[0] // math.prod(hw)
+            kernel = kernel.reshape(c, *hw, -1).permute(*range(1, len(hw) + 1), 0, len(hw) + 1).reshape(kernel.shape)
+    elif link.kind == "depthwise":  # (in * mult, 1, kh, kw) -> (kh, kw, in, mult)
+        cin = m.groups
+        kernel = w[:, 0].permute(1, 2, 0).reshape(*w.shape[2:], cin, -1)
+    else:
+        n = w.dim()
+        kernel = w.permute(*range(2, n), 1, 0)
+    out = [kernel.contiguous().numpy()]
+    if "bias" in d:
+        out.append(d["bias"].numpy())
+    return out
+
+
+def to_keras(model: nn.Module, like):
+    """A copy of the Keras model `like` holding `model`'s weights, where `model` came from
+    `from_keras(like)` and was compressed (its layers may be smaller: units and filters follow them)."""
+    links = getattr(model, "keras_links", None)
+    if links is None:
+        links = from_keras(like).keras_links
+    if not isinstance(model, nn.Sequential) or len(model) <= max(link.index for link in links):
+        raise ModelpressError("to_keras needs the torch model from_keras made (or its compressed copy); got "
+                              f"{type(model).__name__}")
+    sizes = {}
+    for link in links:
+        m = model[link.index]
+        if link.kind in ("dense", "conv"):
+            sizes[link.keras_name] = m.weight.shape[0]
+    config = like.get_config()
+    for layer_cfg in config["layers"]:
+        layer_cfg.pop("build_config", None)  # input sizes recorded at build; pruning may have changed them
+        c = layer_cfg["config"]
+        if c.get("name") in sizes:
+            c["units" if "units" in c else "filters"] = int(sizes[c["name"]])
+    copy = type(like).from_config(config)
+    copy.build((None,) + tuple(int(d) for d in like.inputs[0].shape[1:]))
+    for link in links:
+        copy.get_layer(link.keras_name).set_weights(_keras_weights(model[link.index], link))
+    for layer in copy.layers:
+        if not layer.weights or layer.name in {link.keras_name for link in links}:
+            continue
+        raise ModelpressError(f"to_keras: Keras layer '{layer.name}' has weights modelpress does not know")
+    return copy
+
+
+def array_batches(x, y=None, batch_size: int = 32, *, shuffle: bool = True, seed: int = 0) -> Iterable:
+    """NumPy arrays, as Keras's `fit` takes them, as torch batches: with targets a DataLoader of
+    (inputs, targets) reshuffled every epoch as `fit` does (one-hot targets become class indices);
+    inputs alone a list of input batches, in order (calibration data)."""
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if y is None:
+        return list(x.split(batch_size))
+    y = torch.as_tensor(np.asarray(y))
+    if y.dim() == 2 and y.shape[1] > 1:
+        y = y.argmax(1)
+    if len(y) != len(x):
+        raise ModelpressError(f"array_batches: {len(x)} inputs but {len(y)} targets")
+    return DataLoader(TensorDataset(x, y.reshape(len(y)).long()), batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,115 @@
+"""Keras 3 models in and out: the torch form computes what the Keras model computes, compressed weights
+go back into Keras (smaller layers too), and what cannot convert says which layer and why."""
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import modelpress as mp  # noqa: E402
+from modelpress.errors import ModelpressError  # noqa: E402
+
+keras = pytest.importorskip("keras")
+L = keras.layers
+
+
+def _cnn():
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([
+        keras.Input((28, 28, 1)), L.Conv2D(8, 3, activation="relu", padding="same"), L.BatchNormalization(),
+        L.DepthwiseConv2D(3, depth_multiplier=2), L.ReLU(), L.MaxPooling2D(), L.Conv2D(16, 3, activation="relu"),
+        L.MaxPooling2D(), L.Flatten(), L.Dropout(0.2), L.Dense(32, activation="relu"),
+        L.Dense(10, activation="softmax")])
+    bn = m.layers[1]
+    g, b, mean, var = bn.get_weights()
+    bn.set_weights([g * 1.5, b + 0.1, mean + 0.2, var * 2])  # statistics that matter
+    return m
+
+
+def _x(n=64, shape=(28, 28, 1), seed=0):
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype("float32")
+
+
+def _keras_out(m, x):
+    return keras.ops.convert_to_numpy(m(x, training=False))
+
+
+def _torch_probs(t, x):
+    with torch.no_grad():
+        return torch.softmax(t(torch.from_numpy(x)), 1).numpy()
+
+
+def test_cnn_converts_to_the_same_function_and_back_exactly():
+    m, x = _cnn(), _x()
+    t = mp.from_keras(m)
+    assert sum(p.numel() for p in t.parameters()) == m.count_params() - 16  # BN's moving mean and variance
+    assert np.abs(_torch_probs(t, x) - _keras_out(m, x)).max() < 1e-5
+    back = mp.to_keras(t, m)
+    assert back is not m
+    for a, b in zip(back.get_weights(), m.get_weights()):
+        assert np.array_equal(a, b)
+
+
+def test_conv1d_and_global_pooling_chain():
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((50, 3))
+    h = L.Conv1D(6, 5, activation="tanh")(inp)
+    h = L.AveragePooling1D(2)(h)
+    h = L.GlobalAveragePooling1D()(h)
+    m = keras.Model(inp, L.Dense(4)(h))  # a functional chain, logits out
+    x = _x(16, (50, 3))
+    t = mp.from_keras(m)
+    with torch.no_grad():
+        assert np.abs(t(torch.from_numpy(x)).numpy() - _keras_out(m, x)).max() < 1e-5
+
+
+def test_compressed_weights_go_back_into_keras(tmp_path):
+    m, x = _cnn(), _x()
+    y = np.random.default_rng(1).integers(0, 10, len(x))
+    recipe = {"stages": [{"prune": {"sparsity": 0.75}}, {"cluster": {"bits": 4}}, {"finetune": {"epochs": 1}}]}
+    res = mp.compress(m, recipe, train_data=mp.array_batches(x, y, batch_size=16))
+    path = tmp_path / "k.mpz"
+    res.save(path)
+    loaded = mp.load(path, packed=False)  # the file rebuilds the torch form without any Keras code
+    k = mp.to_keras(loaded, m)
+    assert np.abs(_keras_out(k, x) - _torch_probs(res.model, x)).max() < 1e-5
+    kernel = k.get_layer(m.layers[-2].name).get_weights()[0]
+    assert (kernel == 0).mean() >= 0.74 and len(np.unique(kernel)) <= 17  # sparsity and 16 shared values kept
+
+
+def test_channel_pruning_gives_smaller_keras_layers():
+    keras.utils.set_random_seed(2)
+    m = keras.Sequential([keras.Input((12, 12, 1)), L.Conv2D(16, 3, activation="relu"), L.MaxPooling2D(),
+                          L.Flatten(), L.Dense(32, activation="relu"), L.Dense(5)])
+    x = _x(32, (12, 12, 1))
+    res = mp.compress(m, {"stages": [{"prune": {"granularity": "channel", "sparsity": 0.5}}]},
+                      calib_data=mp.array_batches(x))
+    k = mp.to_keras(res.model, m)
+    conv, dense = (k.layers[0].get_config()["filters"], k.layers[3].get_config()["units"])
+    assert conv < 16 and dense < 32 and conv + dense == 24 and k.layers[4].get_config()["units"] == 5  # half of 48
+    with torch.no_grad():
+        assert np.abs(_keras_out(k, x) - res.model(torch.from_numpy(x)).numpy()).max() < 1e-5
+
+
+def test_what_does_not_convert_is_named():
+    m = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, name="c"), L.Reshape((36, 4), name="r"),
+                          L.LSTM(3, name="rnn")])
+    with pytest.raises(ModelpressError, match="'r' \\(Reshape\\) is not supported"):
+        mp.from_keras(m)
+    strided_same = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, strides=2, padding="same", name="s")])
+    with pytest.raises(ModelpressError, match="'s': padding 'same' with strides"):
+        mp.from_keras(strided_same)
+    with pytest.raises(ModelpressError, match="softmax is supported only as the model's last step"):
+        mp.from_keras(keras.Sequential([keras.Input((4,)), L.Dense(3, activation="softmax"), L.Dense(2)]))
+
+
+def test_array_batches_take_one_hot_targets():
+    x, y = _x(10, (3,)), np.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
+    batches = list(mp.array_batches(x, y, batch_size=4, shuffle=False))
+    assert [len(b[0]) for b in batches] == [4, 4, 2]
+    assert batches[0][1].tolist() == [0, 1, 2, 3]
+    assert sorted(torch.cat([b[1] for b in mp.array_batches(x, y, batch_size=4)]).tolist()) == sorted(y.argmax(1))
+    with pytest.raises(ModelpressError, match="10 inputs but 3 targets"):
+        mp.array_batches(x, y[:3])
