@@ -12,6 +12,7 @@ import modelpress as mp  # noqa: E402
 from modelpress.errors import ModelpressError  # noqa: E402
 
 keras = pytest.importorskip("keras")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 copy= notes from Keras internals
 L = keras.layers
 
 
@@ -72,9 +73,12 @@ def test_compressed_weights_go_back_into_keras(tmp_path):
     res = mp.compress(m, recipe, train_data=mp.array_batches(x, y, batch_size=16))
     path = tmp_path / "k.mpz"
     res.save(path)
-    loaded = mp.load(path, packed=False)  # the file rebuilds the torch form without any Keras code
-    k = mp.to_keras(loaded, m)
+    k = mp.load(path)  # a Keras model, rebuilt from the config the file records
+    assert mp.keras_model.is_keras(k) and k.name == m.name
     assert np.abs(_keras_out(k, x) - _torch_probs(res.model, x)).max() < 1e-5
+    torch_form = mp.load(path, keras=False, packed=False)
+    assert np.array_equal(_torch_probs(torch_form, x), _torch_probs(res.model, x))
+    assert all(np.array_equal(a, b) for a, b in zip(mp.to_keras(torch_form, m).get_weights(), k.get_weights()))
     kernel = k.get_layer(m.layers[-2].name).get_weights()[0]
     assert (kernel == 0).mean() >= 0.74 and len(np.unique(kernel)) <= 17  # sparsity and 16 shared values kept
 
@@ -105,6 +109,27 @@ def test_what_does_not_convert_is_named():
         mp.from_keras(keras.Sequential([keras.Input((4,)), L.Dense(3, activation="softmax"), L.Dense(2)]))
 
 
+def test_a_file_naming_other_keras_classes_is_refused(tmp_path):
+    import json
+
+    from modelpress.format import mpz
+
+    keras.utils.set_random_seed(3)
+    m = keras.Sequential([keras.Input((4,)), L.Dense(3)])
+    path = tmp_path / "k.mpz"
+    mp.compress(m, {"stages": [{"quantize": {"bits": 8}}]}, calib_data=[torch.randn(8, 4)]).save(path)
+    manifest, streams, _ = mpz.read(path)
+    config = json.loads(manifest["meta"]["keras"])
+    config["config"]["layers"][1]["class_name"] = "Lambda"
+    manifest["meta"]["keras"] = json.dumps(config)
+    mpz.write(tmp_path / "evil.mpz", manifest, streams)
+    with pytest.raises(ModelpressError, match="does not rebuild: \\['Lambda'\\]"):
+        mp.load(tmp_path / "evil.mpz")
+    assert isinstance(mp.load(tmp_path / "evil.mpz", keras=False), torch.nn.Sequential)
+    with pytest.raises(ModelpressError, match="not made from a Keras model"):
+        mp.load(tmp_path / "evil.mpz", model=torch.nn.Sequential(torch.nn.Linear(4, 3)), keras=True)
+
+
 def test_array_batches_take_one_hot_targets():
     x, y = _x(10, (3,)), np.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
     batches = list(mp.array_batches(x, y, batch_size=4, shuffle=False))
@@ -113,3 +138,40 @@ def test_array_batches_take_one_hot_targets():
     assert sorted(torch.cat([b[1] for b in mp.array_batches(x, y, batch_size=4)]).tolist()) == sorted(y.argmax(1))
     with pytest.raises(ModelpressError, match="10 inputs but 3 targets"):
         mp.array_batches(x, y[:3])
+
+
+def test_cli_compresses_a_keras_file_and_exports_plain_keras(tmp_path):
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from modelpress import data
+    from modelpress.cli import app
+
+    keras.utils.set_random_seed(4)
+    m = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(8, 3, activation="relu"), L.Flatten(),
+                          L.Dense(10, activation="softmax")])
+    split = data.digits(image=True)
+    x, y = split.x_train.permute(0, 2, 3, 1).numpy(), split.y_train.numpy()
+    m.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    m.fit(x, y, epochs=3, batch_size=64, verbose=0)
+    src, out, small = tmp_path / "digits.keras", tmp_path / "digits.mpz", tmp_path / "small.keras"
+    m.save(src)
+    runner = CliRunner()
+    res = runner.invoke(app, ["compress", str(src), "--recipe", "w4", "--data", "digits-image", "-o", str(out)],
+                        terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "acc" in res.output
+    res = runner.invoke(app, ["export", str(out), "--keras", str(small)])
+    assert res.exit_code == 0, res.output
+    np.save(tmp_path / "x.npy", x[:50])
+    code = ("import os, sys; os.environ['KERAS_BACKEND'] = 'torch'; import keras, numpy as np; "
+            f"m = keras.saving.load_model({str(small)!r}); p = m.predict(np.load({str(tmp_path / 'x.npy')!r}), "
+            "verbose=0); assert 'modelpress' not in sys.modules; np.save(sys.argv[1], p)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.npy")], check=True, cwd=tmp_path)
+    fresh = np.load(tmp_path / "p.npy")
+    assert np.abs(fresh - _torch_probs(mp.load(out, keras=False), x[:50])).max() < 1e-5
+    assert (fresh.argmax(1) == m.predict(x[:50], verbose=0).argmax(1)).mean() >= 0.9  # w4 keeps the decisions
+    res = runner.invoke(app, ["export", str(out)])
+    assert res.exit_code != 0 and "one of --onnx or --keras" in res.output

@@ -8,6 +8,6 @@ from .runtime.compiled import accelerate
 from .compare import Comparison, compare  # noqa: E402  (after api: compare builds on it)
 from .auto import AutoResult, auto  # noqa: E402
 
-__all__ = ["compress", "load", "accelerate", "compare", "auto", "from_keras", "to_keras", "array_batches", "Recipe", "CompressionResult", "Comparison", "AutoResult",
-           "ModelpressError", "FormatError", "RecipeError"]
+__all__ = ["compress", "load", "accelerate", "compare", "auto", "from_keras", "to_keras", "array_batches", "Recipe",
+           "CompressionResult", "Comparison", "AutoResult", "ModelpressError", "FormatError", "RecipeError"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from .batches import check_batches, reusable
 from .context import RunContext
 from .errors import ModelpressError, RecipeError
 from .format import mpz
-from .keras_model import from_keras, is_keras
+from .keras_model import from_keras, is_keras, keras_from_json, to_keras
 from .pipeline import check_weights, run_pipeline
 from .recipe import Recipe
 from .report import Report, StageRow
@@ -44,10 +45,12 @@ class CompressionResult:
         return mpz.describe(self.manifest, self.streams)
 
 
-def file_meta(recipe: Recipe, example: dict | None = None) -> dict:
-    """What a file records besides the tensors: the recipe that made it, and the model's input (shape
-    for a batch of 1, dtype) when it is one tensor, so that `export` needs no input shape."""
-    return {"recipe": recipe.to_dict(), **({"input": example} if example else {})}
+def file_meta(recipe: Recipe, example: dict | None = None, keras_json: str | None = None) -> dict:
+    """What a file records besides the tensors: the recipe that made it, the model's input (shape
+    for a batch of 1, dtype) when it is one tensor, so that `export` needs no input shape, and the
+    config of the Keras model it came from, so that `load` can give a Keras model back."""
+    return {"recipe": recipe.to_dict(), **({"input": example} if example else {}),
+            **({"keras": keras_json} if keras_json else {})}
 
 
 def as_recipe(recipe: Recipe | str | Path | dict, model: nn.Module | None = None) -> Recipe:
@@ -85,8 +88,9 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     progress: called as `progress(label, fraction_done)` during long steps.
     on_stage: called with each report row as soon as it is measured.
     """
+    keras_json = None
     if is_keras(model):  # the torch form of a Keras model; to_keras(result.model, model) gives Keras back
-        model = from_keras(model)
+        model, keras_json = from_keras(model), model.to_json()
     if not isinstance(model, nn.Module):
         raise ModelpressError(f"model must be a torch.nn.Module or a Keras 3 model. Got {type(model).__name__} "
                               "instead.")
@@ -101,13 +105,13 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     run = RunContext(train_data=train_data, teacher=teacher, loss_fn=loss_fn, progress=progress,
                      calib_data=calib_data if calib_data is not None else train_data)
     out = run_pipeline(model, recipe, run, eval_fn=eval_fn, on_stage=on_stage,
-                       meta=file_meta(recipe, example))
+                       meta=file_meta(recipe, example, keras_json))
     return CompressionResult(model=out.model, report=out.report, state=out.state, recipe=recipe,
                              manifest=out.manifest, streams=out.streams)
 
 
 def load(path: str | os.PathLike | bytes, model: nn.Module | None = None, *, max_bytes: int | None = None,
-         packed: bool = True) -> nn.Module:
+         packed: bool = True, keras: bool | None = None):
     """A runnable model from a .mpz file. Pass a skeleton `model` of the original class when the file's
     architecture is not made only of standard torch.nn layers; its weights are replaced.
 
@@ -117,5 +121,17 @@ def load(path: str | os.PathLike | bytes, model: nn.Module | None = None, *, max
 
     Every file is treated as hostile: nothing in it runs code or reaches the network, and it may decode to
     at most `max_bytes` (default: 1024x the bytes of its streams, about its size, and at least 16 MiB);
-    raise it for a trusted file that expands more."""
-    return mpz.load(path, model=model, max_bytes=max_bytes, packed=packed)
+    raise it for a trusted file that expands more.
+
+    A file made from a Keras model loads as a Keras model (its recorded config rebuilt in Keras's safe
+    mode, from the layer classes `from_keras` converts) when Keras is installed; `keras=False` gives the
+    torch form instead, `keras=True` insists on Keras."""
+    manifest, streams, size = mpz.read(path)
+    keras_json = (manifest.get("meta") or {}).get("keras") if model is None and keras is not False else None
+    if keras and not keras_json:
+        raise ModelpressError("load(..., keras=True): the file was not made from a Keras model"
+                              + (" (or a skeleton was given)" if model is not None else ""))
+    if isinstance(keras_json, str) and (keras or importlib.util.find_spec("keras") is not None):
+        net = mpz.from_parts(manifest, streams, size, max_bytes=max_bytes, packed=False)
+        return to_keras(net, keras_from_json(keras_json))
+    return mpz.from_parts(manifest, streams, size, model=model, max_bytes=max_bytes, packed=packed)

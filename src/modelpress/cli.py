@@ -1,6 +1,7 @@
 """The `modelpress` command: demo, compress, compare, auto, inspect, export."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -106,12 +107,18 @@ def demo(model: str = typer.Option("lenet-300-100", help="lenet-300-100 or lenet
                   f"outputs bitwise identical: {same}")
 
 
-def _load_model(spec: str):
-    """A model from an .mpz file, a Hugging Face model folder, or 'package.module:attr' (a Module or
-    a callable returning one)."""
+def _load_model(spec: str, keras: bool = False):
+    """A model from an .mpz file, a Hugging Face model folder, a Keras file (as its torch form, or with
+    `keras` as the Keras model itself), or 'package.module:attr' (a Module or a callable returning one)."""
     from torch import nn
 
     from . import api
+
+    if spec.endswith((".keras", ".h5")):
+        from .keras_model import from_keras
+
+        net = _keras_file(spec)
+        return net if keras else from_keras(net)
 
     if Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
@@ -138,6 +145,21 @@ def _load_model(spec: str):
     if not isinstance(obj, nn.Module):
         raise typer.BadParameter(f"{spec} is not an nn.Module", param_hint="MODEL")
     return obj
+
+
+def _keras_file(spec: str):
+    """A Keras model file (.keras, or a legacy .h5), read by Keras in its safe mode (no Lambda code, no
+    custom objects) on the torch backend unless KERAS_BACKEND says otherwise."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    try:
+        import keras
+    except ImportError as e:
+        raise ModelpressError(f"{spec}: reading a Keras file needs Keras 3: pip install 'modelpress[keras]' "
+                              f"({e})") from None
+    try:
+        return keras.saving.load_model(spec, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many kinds for a file it cannot read
+        raise ModelpressError(f"{spec}: Keras cannot load this file ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def _hf_class(folder: Path):
@@ -193,6 +215,7 @@ def _text_data(folder: str, model, texts: list[str], noise: bool = False):
     return calib, train, data.embedding_fidelity(model, held_out)
 
 
+_MODEL_HELP = "an .mpz file, a Hugging Face model folder, a Keras .keras / .h5 file, or 'package.module:attr'"
 _DATA_HELP = "built-in training data: mnist, mnist-image, digits, digits-image"
 _TEXT_HELP = ("a UTF-8 text file, paragraphs separated by blank lines, to calibrate, distill and measure a "
               "Hugging Face model on (default: English text from Python's own docs and docstrings, with a copy "
@@ -221,15 +244,26 @@ def _data_for(model: str, net, data_name: str | None, text: Path | None = None) 
         if data_name not in loaders:
             raise typer.BadParameter(f"unknown data {data_name!r}; choose from {sorted(loaders)}", param_hint="--data")
         split = loaders[data_name]()
+        if split.x_train.dim() == 4 and _channels_last(net):  # a Keras model takes (N, H, W, C) images
+            split = dataclasses.replace(split, **{k: getattr(split, k).permute(0, 2, 3, 1).contiguous()
+                                                  for k in ("x_train", "x_test")})
         out["train_data"] = split.loader(64)
         out["eval_fn"] = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}
         out["example"] = split.x_test[:256]
     return out
 
 
+def _channels_last(net) -> bool:
+    """True for a Keras model or its torch form (which starts by permuting channels-last input)."""
+    from .keras_model import Permute, is_keras
+
+    from torch import nn
+
+    return is_keras(net) or (isinstance(net, nn.Sequential) and len(net) > 0 and isinstance(net[0], Permute))
+
+
 @app.command()
-def compress(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face model folder, or "
-                                                   "'package.module:attr'"),
+def compress(model: str = typer.Argument(..., help=_MODEL_HELP),
              recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
              out: Path = typer.Option(..., "-o", "--out"),
              data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
@@ -237,7 +271,7 @@ def compress(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face
     """Compress a model with a recipe and write the artifact."""
     from . import api
 
-    net = _load_model(model)
+    net = _load_model(model, keras=True)
     inputs = _data_for(model, net, data_name, text)
     with Live() as live:
         result = api.compress(net, recipe, train_data=inputs["train_data"], calib_data=inputs["calib_data"],
@@ -248,7 +282,7 @@ def compress(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face
 
 @app.command(context_settings={"allow_extra_args": True})
 def compare(ctx: typer.Context,
-            model: str = typer.Argument(..., help="an .mpz file, a Hugging Face model folder, or 'package.module:attr'"),
+            model: str = typer.Argument(..., help=_MODEL_HELP),
             recipes: list[str] = typer.Option(..., "--recipes", help="preset names or YAML files, space-separated"),
             out: Path = typer.Option(..., "-o", "--out", help="folder for the artifacts, results.json and report.html"),
             data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
@@ -273,7 +307,7 @@ def compare(ctx: typer.Context,
 
 
 @app.command()
-def auto(model: str = typer.Argument(..., help="an .mpz file, a Hugging Face model folder, or 'package.module:attr'"),
+def auto(model: str = typer.Argument(..., help=_MODEL_HELP),
          max_mb: Optional[float] = typer.Option(None, "--max-mb", help="largest file, in MB (10^6 bytes)"),
          max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="slowest call on the example batch"),
          min_ratio: Optional[float] = typer.Option(None, "--min-ratio", help="at least this many times smaller than fp32"),
@@ -325,16 +359,31 @@ def inspect(path: Path = typer.Argument(..., help="an .mpz file"),
 
 @app.command()
 def export(path: Path = typer.Argument(..., help="an .mpz file"),
-           onnx: Path = typer.Option(..., "--onnx", help="where to write the ONNX graph"),
+           onnx: Optional[Path] = typer.Option(None, "--onnx", help="where to write the ONNX graph"),
+           keras: Optional[Path] = typer.Option(None, "--keras", help="where to write a .keras file (for a file "
+                                                "made from a Keras model): plain Keras, no modelpress needed"),
            input_shape: Optional[str] = typer.Option(None, help="e.g. 1,784 or 1,1,28,28; by default the input "
                                                     "recorded at compress time, or a transformers config's"),
            nbits: bool = typer.Option(False, "--nbits", help="int8 and low-bit Linear layers as onnxruntime's "
                                       "MatMulNBits, holding the file's codes"),
            max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help=_MAX_BYTES_HELP)) -> None:
-    """Write an artifact as an ONNX graph that onnxruntime runs, int8 layers kept int8."""
+    """Write an artifact as an ONNX graph that onnxruntime runs (int8 layers kept int8), or as the Keras
+    model it was made from."""
     from .export import recorded_input, to_onnx
     from .format import mpz
 
+    if (onnx is None) == (keras is None):
+        raise typer.BadParameter("give one of --onnx or --keras", param_hint="--onnx / --keras")
+    if keras is not None:
+        if keras.suffix != ".keras":
+            raise typer.BadParameter(f"{keras} must end in .keras (Keras writes its format by that name)",
+                                     param_hint="--keras")
+        os.environ.setdefault("KERAS_BACKEND", "torch")
+        from . import api
+
+        api.load(path, keras=True, max_bytes=max_bytes).save(keras)
+        console.print(f"wrote {keras} ({keras.stat().st_size:,} bytes)")
+        return
     manifest, streams, size = mpz.read(path)  # once: the model and the input it recorded
     model = mpz.from_parts(manifest, streams, size, max_bytes=max_bytes)  # (empties streams)
     try:

@@ -280,6 +280,9 @@ def _keras_weights(m: nn.Module, link: _Link) -> list[np.ndarray]:
 def to_keras(model: nn.Module, like):
     """A copy of the Keras model `like` holding `model`'s weights, where `model` came from
     `from_keras(like)` and was compressed (its layers may be smaller: units and filters follow them)."""
+    if is_keras(model):
+        raise ModelpressError("to_keras: the model is a Keras model already (modelpress.load gives one for a file "
+                              "made from Keras); pass the torch form")
     links = getattr(model, "keras_links", None)
     if links is None:
         links = from_keras(like).keras_links
@@ -306,6 +309,32 @@ def to_keras(model: nn.Module, like):
             continue
         raise ModelpressError(f"to_keras: Keras layer '{layer.name}' has weights modelpress does not know")
     return copy
+
+
+_KERAS_CLASSES = set(SUPPORTED) | {"Sequential", "Functional", "Model"}
+
+
+def keras_from_json(text: str):
+    """The Keras model a file's recorded config describes (weights not set), built only from the layer
+    classes `from_keras` converts and in Keras's safe mode (no Lambda code, no custom objects)."""
+    import json
+
+    try:
+        config = json.loads(text)
+        names = [config["class_name"]] + [layer["class_name"] for layer in config["config"]["layers"]]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelpressError(f"the file's Keras config is not a Keras model config ({type(e).__name__})") from None
+    bad = sorted({str(n)[:80] for n in names} - _KERAS_CLASSES)
+    if bad:
+        raise ModelpressError(f"the file's Keras config names layer classes modelpress does not rebuild: {bad}")
+    try:
+        import keras
+    except ImportError as e:
+        raise ModelpressError(f"the file was made from a Keras model; giving one back needs Keras 3 ({e}); or "
+                              "load the torch form with keras=False") from None
+
+    with keras.saving.custom_object_scope({}):
+        return keras.models.model_from_json(text)
 
 
 def array_batches(x, y=None, batch_size: int = 32, *, shuffle: bool = True, seed: int = 0) -> Iterable:
