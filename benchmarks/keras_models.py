@@ -6,12 +6,16 @@ Dense 64 -> Dense 10).
 
     pip install -e ".[data,keras]"; KERAS_BACKEND=torch python benchmarks/keras_models.py [--models lenet-300-100]
 
-TF-MOT's prune + cluster pipeline is not beside it yet (issue 15).
+With `--tfmot-python PY` (a Python with tensorflow-cpu, tf-keras and tensorflow-model-optimization: TF and
+torch do not share an environment here), TF-MOT's prune + cluster + int8 TFLite pipeline runs on the same
+models and data in the same run (`tfmot_peer.py`: tf-keras trains its own copy the same way).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import tempfile
 import time
 
@@ -52,11 +56,24 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
     return float((model.predict(x, batch_size=500, verbose=0).argmax(1) == y).mean() * 100)
 
 
+def tfmot(python: str, models: str, arrays: tuple) -> dict:
+    """tfmot_peer.py's best row per model, run in `python` on the same arrays."""
+    with tempfile.TemporaryDirectory() as work:
+        path = os.path.join(work, "mnist5k.npz")
+        np.savez(path, **dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)))
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfmot_peer.py")
+        out = subprocess.run([python, script, path, *models.split(",")], check=True, capture_output=True, text=True,
+                             cwd=work).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {r["model"]: r for r in rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--epochs", type=int, default=15, help="Keras training epochs")
     ap.add_argument("--recipe", default="deep-compression")
+    ap.add_argument("--tfmot-python", help="a Python with TF-MOT, to run tfmot_peer.py beside")
     args = ap.parse_args()
     data = mnist5k(image=True)
     x_train, x_test = (d.permute(0, 2, 3, 1).numpy() for d in (data.x_train, data.x_test))  # channels last
@@ -80,12 +97,21 @@ def main() -> None:
         fp32 = model.count_params() * 4
         rows.append((name, fp32, size, before, after, seconds))
         print(f"{name}: {fp32 / size:.1f}x, {before:.2f} -> {after:.2f} ({seconds:.0f} s)", flush=True)
-    print(f"\n| Keras model | fp32 bytes | {args.recipe} .mpz bytes | ratio | Keras test acc | after | delta | s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    peers = tfmot(args.tfmot_python, args.models, (x_train, y_train, x_test, y_test)) if args.tfmot_python else {}
+    print("\n| Keras model | method | fp32 bytes | bytes | ratio | test acc | after | delta | s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, fp32, size, before, after, seconds in rows:
-        print(f"| {name} | {fp32:,} | {size:,} | {fp32 / size:.1f}x | {before:.2f} | {after:.2f} | "
-              f"{after - before:+.2f} | {seconds:.0f} |")
-    print("accuracy: measured by Keras on the Keras model modelpress.load rebuilt from the .mpz file")
+        print(f"| {name} | modelpress {args.recipe} (.mpz) | {fp32:,} | {size:,} | {fp32 / size:.1f}x | {before:.2f} | "
+              f"{after:.2f} | {after - before:+.2f} | {seconds:.0f} |")
+        p = peers.get(name)
+        if p and p["bytes"]:
+            print(f"| {name} | TF-MOT prune {p['sparsity']:.0%} + {p['clusters']} clusters + int8 (.tflite.gz) | "
+                  f"{p['fp32_bytes']:,} | {p['bytes']:,} | {p['fp32_bytes'] / p['bytes']:.1f}x | {p['before']:.2f} | "
+                  f"{p['after']:.2f} | {p['after'] - p['before']:+.2f} | {p['seconds']:.0f} |")
+        elif p:
+            print(f"| {name} | TF-MOT: no setting within 0.5 points | | | | {p['before']:.2f} | | | |")
+    print("accuracy: modelpress rows measured by Keras on the Keras model modelpress.load rebuilt from the .mpz file; "
+          "TF-MOT rows by the TFLite interpreter on the .tflite file, against tf-keras's own training of the model")
 
 
 if __name__ == "__main__":
