@@ -56,7 +56,7 @@ def test_cnn_converts_to_the_same_function_and_back_exactly():
 def test_conv1d_and_global_pooling_chain():
     keras.utils.set_random_seed(1)
     inp = keras.Input((50, 3))
-    h = L.Conv1D(6, 5, activation="tanh")(inp)
+    h = L.Conv1D(6, 5, activation="leaky_relu")(inp)
     h = L.AveragePooling1D(2)(h)
     h = L.GlobalAveragePooling1D()(h)
     m = keras.Model(inp, L.Dense(4)(h))  # a functional chain, logits out

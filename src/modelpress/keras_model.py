@@ -42,8 +42,8 @@ class Permute(nn.Module):
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
-                "silu": nn.SiLU, "swish": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU,
-                "hard_swish": nn.Hardswish}
+                "silu": nn.SiLU, "swish": nn.SiLU, "elu": nn.ELU, "hard_swish": nn.Hardswish,
+                "leaky_relu": lambda: nn.LeakyReLU(0.2)}  # Keras's default slope, not torch's 0.01
 SUPPORTED = ("InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "MaxPooling1D", "MaxPooling2D",
              "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "Flatten",
              "Dropout", "Activation", "ReLU", "Softmax", "BatchNormalization")
@@ -132,6 +132,9 @@ def from_keras(model) -> nn.Sequential:
         raise ModelpressError(f"Keras model '{model.name}' has no known input shape; build it with keras.Input(...) "
                               "as its first layer, or call it once on a batch")
     b = _Builder(shape=tuple(int(d) for d in model.inputs[0].shape[1:]))
+    if len(model.inputs) != 1 or not 1 <= len(b.shape) <= 3:
+        raise ModelpressError(f"Keras model '{model.name}': inputs {[tuple(i.shape) for i in model.inputs]}; one "
+                              "input of a vector, a sequence (L, C) or an image (H, W, C) converts")
     if len(b.shape) in (2, 3):  # (L, C) or (H, W, C): channels first for torch
         b.add(Permute((0, len(b.shape)) + tuple(range(1, len(b.shape)))))
         b.shape = (b.shape[-1],) + b.shape[:-1]
