@@ -83,6 +83,19 @@ def test_compressed_weights_go_back_into_keras(tmp_path):
     assert (kernel == 0).mean() >= 0.74 and len(np.unique(kernel)) <= 17  # sparsity and 16 shared values kept
 
 
+def test_an_int8_file_loads_as_keras_with_its_int8_grid_weights(tmp_path):
+    m, x = _cnn(), _x()
+    res = mp.compress(m, "int8", calib_data=mp.array_batches(x, batch_size=16))
+    res.save(tmp_path / "k.mpz")
+    k = mp.load(tmp_path / "k.mpz")
+    linear = res.model[-1]
+    assert type(linear).__name__ == "Int8Linear"
+    kernel = k.layers[-1].get_weights()[0]
+    assert np.array_equal(kernel, linear.dequantized().T.numpy())
+    agree = (_keras_out(k, x).argmax(1) == _torch_probs(res.model, x).argmax(1)).mean()
+    assert agree >= 0.95  # Keras runs the int8-grid weights on float activations
+
+
 def test_channel_pruning_gives_smaller_keras_layers():
     keras.utils.set_random_seed(2)
     m = keras.Sequential([keras.Input((12, 12, 1)), L.Conv2D(16, 3, activation="relu"), L.MaxPooling2D(),

@@ -255,9 +255,9 @@ def _data_for(model: str, net, data_name: str | None, text: Path | None = None) 
 
 def _channels_last(net) -> bool:
     """True for a Keras model or its torch form (which starts by permuting channels-last input)."""
-    from .keras_model import Permute, is_keras
-
     from torch import nn
+
+    from .keras_model import Permute, is_keras
 
     return is_keras(net) or (isinstance(net, nn.Sequential) and len(net) > 0 and isinstance(net[0], Permute))
 

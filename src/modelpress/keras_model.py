@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .errors import ModelpressError
-from .runtime import register_runtime_module
+from .runtime import Int8Linear, register_runtime_module
 
 
 @register_runtime_module
@@ -253,12 +253,16 @@ def _load(m: nn.Module, link: _Link, weights: list[np.ndarray]) -> None:
 
 
 def _keras_weights(m: nn.Module, link: _Link) -> list[np.ndarray]:
-    """The torch module's weights in Keras's layout (the inverse of `_load`)."""
-    if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
+    """The torch module's weights in Keras's layout (the inverse of `_load`). An Int8Linear gives its
+    int8-grid weights in float: Keras computes with them, its activations stay float."""
+    if isinstance(m, Int8Linear):
+        d = {"weight": m.dequantized().float(), **({"bias": m.bias.detach().float()} if m.bias is not None else {})}
+    elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
+        d = {k: v.detach().float().cpu() for k, v in m.state_dict().items()}
+    else:
         raise ModelpressError(f"Keras layer '{link.keras_name}' became a {type(m).__name__}, which Keras has no "
                               "layer for; write back a weight-only recipe (prune, cluster, quantize without "
                               "activations: int8), or a model loaded with modelpress.load(..., packed=False)")
-    d = {k: v.detach().float().cpu() for k, v in m.state_dict().items()}
     if link.kind == "bn":
         return [d[k].numpy() for k in ("weight", "bias", "running_mean", "running_var")]
     w = d["weight"]
