@@ -110,6 +110,25 @@ def test_channel_pruning_gives_smaller_keras_layers():
         assert np.abs(_keras_out(k, x) - res.model(torch.from_numpy(x)).numpy()).max() < 1e-5
 
 
+def test_separable_convolutions_convert_and_prune():
+    keras.utils.set_random_seed(5)
+    m = keras.Sequential([keras.Input((10, 10, 3)), L.SeparableConv2D(8, 3, depth_multiplier=2, activation="relu",
+                                                                      padding="same"),
+                          L.SeparableConv2D(12, 3, strides=2, activation="relu"), L.GlobalAveragePooling2D(),
+                          L.Dense(4)])
+    x = _x(32, (10, 10, 3))
+    t = mp.from_keras(m)
+    assert [type(layer).__name__ for layer in t if "Conv" in type(layer).__name__] == ["Conv2d"] * 4
+    with torch.no_grad():
+        assert np.abs(t(torch.from_numpy(x)).numpy() - _keras_out(m, x)).max() < 1e-5
+    res = mp.compress(m, {"stages": [{"prune": {"granularity": "channel", "sparsity": 0.4}}]},
+                      calib_data=mp.array_batches(x))
+    k = mp.to_keras(res.model, m)
+    assert sum(layer.get_config()["filters"] for layer in k.layers[:2]) < 20
+    with torch.no_grad():
+        assert np.abs(_keras_out(k, x) - res.model(torch.from_numpy(x)).numpy()).max() < 1e-5
+
+
 def test_what_does_not_convert_is_named():
     m = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, name="c"), L.Reshape((36, 4), name="r"),
                           L.LSTM(3, name="rnn")])

@@ -8,7 +8,8 @@ model, with smaller layers where channel pruning removed units or filters. Weigh
 `get_weights()` and written with `set_weights()`, so any Keras backend works (TensorFlow, JAX or torch).
 
 Layouts: a Dense kernel is (in, out), a Conv kernel (k..., in, out), a DepthwiseConv2D kernel
-(kh, kw, in, multiplier); torch wants (out, in, k...). The images are permuted to channels-first once,
+(kh, kw, in, multiplier); torch wants (out, in, k...). A SeparableConv2D becomes two torch convolutions,
+depthwise then 1x1. The images are permuted to channels-first once,
 at the input; a Flatten after convolutions keeps torch's (C, H, W) order and the next Dense's kernel rows
 are permuted from Keras's (H, W, C) order instead, so the torch model stays a plain conv -> flatten ->
 Linear chain that structured pruning can trace. A final softmax is left out (the torch model returns
@@ -44,8 +45,8 @@ class Permute(nn.Module):
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
                 "silu": nn.SiLU, "swish": nn.SiLU, "elu": nn.ELU, "hard_swish": nn.Hardswish,
                 "leaky_relu": lambda: nn.LeakyReLU(0.2)}  # Keras's default slope, not torch's 0.01
-SUPPORTED = ("InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "MaxPooling1D", "MaxPooling2D",
-             "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "Flatten",
+SUPPORTED = ("InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling1D",
+             "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "Flatten",
              "Dropout", "Activation", "ReLU", "Softmax", "BatchNormalization")
 
 
@@ -57,6 +58,7 @@ class _Link:
     kind: str                      # dense, conv, depthwise, bn
     index: int                     # position of the torch module in the Sequential
     flat_from: tuple[int, ...] = ()  # a Dense after Flatten: the (C, H, W) its rows come from
+    part: tuple[int, int | None] = (0, None)  # the Keras layer's weights this module holds: get_weights()[a:b]
 
 
 @dataclass
@@ -145,7 +147,7 @@ def from_keras(model) -> nn.Sequential:
     torch_model.keras_links = b.links  # for to_keras; not a parameter, not saved
     with torch.no_grad():
         for link in b.links:
-            _load(torch_model[link.index], link, model.get_layer(link.keras_name).get_weights())
+            _load(torch_model[link.index], link, model.get_layer(link.keras_name).get_weights()[slice(*link.part)])
     return torch_model.eval()
 
 
@@ -154,7 +156,8 @@ def _convert(b: _Builder, layer, last: bool) -> None:
     if kind not in SUPPORTED:
         raise ModelpressError(f"Keras layer '{name}' ({kind}) is not supported yet; supported: {', '.join(SUPPORTED)}")
     spatial = len(b.shape) - 1
-    if kind in ("Conv1D", "Conv2D", "DepthwiseConv2D", "MaxPooling1D", "MaxPooling2D", "AveragePooling1D",
+    if kind in ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling1D", "MaxPooling2D",
+                "AveragePooling1D",
                 "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "Flatten"):
         _check_channels_last(cfg, name)
     if kind == "Dense":
@@ -165,21 +168,26 @@ def _convert(b: _Builder, layer, last: bool) -> None:
         b.links.append(_Link(name, "dense", idx, b.flat_from))
         b.shape, b.flat_from = (cfg["units"],), ()
         _activation(b, cfg.get("activation"), name, last)
-    elif kind in ("Conv1D", "Conv2D", "DepthwiseConv2D"):
+    elif kind in ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
         k = tuple(cfg["kernel_size"])
         if spatial != len(k):
             raise ModelpressError(f"Keras layer '{name}': a {len(k)}-d convolution on input of shape {b.shape}")
-        depthwise = kind == "DepthwiseConv2D"
+        depthwise = kind in ("DepthwiseConv2D", "SeparableConv2D")
+        separable = kind == "SeparableConv2D"  # depthwise (no bias), then a 1x1 conv to `filters`
         cin = b.shape[0]
         cout = cin * cfg["depth_multiplier"] if depthwise else cfg["filters"]
         groups = cin if depthwise else cfg.get("groups", 1)
         conv = (nn.Conv1d if spatial == 1 else nn.Conv2d)(cin, cout, k, stride=tuple(cfg["strides"]),
                                                           padding=_padding(cfg, k, name),
                                                           dilation=tuple(cfg["dilation_rate"]), groups=groups,
-                                                          bias=cfg["use_bias"])
+                                                          bias=cfg["use_bias"] and not separable)
         idx = b.add(conv)
-        b.links.append(_Link(name, "depthwise" if depthwise else "conv", idx))
+        b.links.append(_Link(name, "depthwise" if depthwise else "conv", idx, part=(0, 1) if separable else (0, None)))
         b.shape = _out_shape(conv, b.shape)
+        if separable:
+            point = nn.Conv2d(cout, cfg["filters"], 1, bias=cfg["use_bias"])
+            b.links.append(_Link(name, "conv", b.add(point), part=(1, None)))
+            b.shape = (cfg["filters"],) + b.shape[1:]
         _activation(b, cfg.get("activation"), name, last)
     elif kind.startswith(("MaxPooling", "AveragePooling")):
         if cfg["padding"] != "valid":
@@ -309,8 +317,11 @@ def to_keras(model: nn.Module, like):
             c["units" if "units" in c else "filters"] = int(sizes[c["name"]])
     copy = type(like).from_config(config)
     copy.build((None,) + tuple(int(d) for d in like.inputs[0].shape[1:]))
-    for link in links:
-        copy.get_layer(link.keras_name).set_weights(_keras_weights(model[link.index], link))
+    weights: dict[str, list[np.ndarray]] = {}
+    for link in links:  # in order: a SeparableConv2D's depthwise part, then its pointwise part
+        weights.setdefault(link.keras_name, []).extend(_keras_weights(model[link.index], link))
+    for name, w in weights.items():
+        copy.get_layer(name).set_weights(w)
     for layer in copy.layers:
         if not layer.weights or layer.name in {link.keras_name for link in links}:
             continue
