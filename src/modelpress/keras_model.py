@@ -46,8 +46,8 @@ _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh
                 "silu": nn.SiLU, "swish": nn.SiLU, "elu": nn.ELU, "hard_swish": nn.Hardswish,
                 "leaky_relu": lambda: nn.LeakyReLU(0.2)}  # Keras's default slope, not torch's 0.01
 SUPPORTED = ("InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling1D",
-             "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "Flatten",
-             "Dropout", "Activation", "ReLU", "Softmax", "BatchNormalization")
+             "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
+             "Flatten", "Dropout", "Activation", "ReLU", "Softmax", "BatchNormalization")
 
 
 @dataclass
