@@ -5,7 +5,7 @@
 (channels-last images, as Keras takes them): every technique then applies to it, and its file
 rebuilds without user code. `to_keras` writes the compressed weights back into a copy of the Keras
 model, with smaller layers where channel pruning removed units or filters. Weights are read with
-`get_weights()` and written with `set_weights()`, so any Keras backend works (TensorFlow, JAX or torch).
+`get_weights()` and written with `set_weights()`, so no Keras backend is assumed (tested on torch).
 
 Layouts: a Dense kernel is (in, out), a Conv kernel (k..., in, out), a DepthwiseConv2D kernel
 (kh, kw, in, multiplier); torch wants (out, in, k...). A SeparableConv2D becomes two torch convolutions,
