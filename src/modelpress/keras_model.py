@@ -128,6 +128,17 @@ def from_keras(model) -> nn.Sequential:
     """A torch.nn.Sequential computing what the Keras `model` computes (logits where it ends in a softmax),
     taking the same channels-last inputs. Raises ModelpressError naming the first layer that has no exact
     torch equivalent."""
+    b = _build(model)
+    torch_model = nn.Sequential(*b.layers)
+    torch_model.keras_links = b.links  # for to_keras; not a parameter, not saved
+    with torch.no_grad():
+        for link in b.links:
+            _load(torch_model[link.index], link, model.get_layer(link.keras_name).get_weights()[slice(*link.part)])
+    return torch_model.eval()
+
+
+def _build(model) -> _Builder:
+    """The torch layers (weights not set) and their links to the Keras layers."""
     if not is_keras(model):
         raise ModelpressError(f"from_keras needs a Keras 3 model; got {type(model).__name__}")
     if not model.built or not getattr(model, "inputs", None):
@@ -143,12 +154,7 @@ def from_keras(model) -> nn.Sequential:
     layers = _chain(model)
     for i, layer in enumerate(layers):
         _convert(b, layer, last=i == len(layers) - 1)
-    torch_model = nn.Sequential(*b.layers)
-    torch_model.keras_links = b.links  # for to_keras; not a parameter, not saved
-    with torch.no_grad():
-        for link in b.links:
-            _load(torch_model[link.index], link, model.get_layer(link.keras_name).get_weights()[slice(*link.part)])
-    return torch_model.eval()
+    return b
 
 
 def _convert(b: _Builder, layer, last: bool) -> None:
@@ -299,8 +305,8 @@ def to_keras(model: nn.Module, like):
         raise ModelpressError("to_keras: the model is a Keras model already (modelpress.load gives one for a file "
                               "made from Keras); pass the torch form")
     links = getattr(model, "keras_links", None)
-    if links is None:
-        links = from_keras(like).keras_links
+    if links is None:  # e.g. a model loaded from a file: the links follow from `like` alone
+        links = _build(like).links
     if not isinstance(model, nn.Sequential) or len(model) <= max(link.index for link in links):
         raise ModelpressError("to_keras needs the torch model from_keras made (or its compressed copy); got "
                               f"{type(model).__name__}")
@@ -322,10 +328,9 @@ def to_keras(model: nn.Module, like):
         weights.setdefault(link.keras_name, []).extend(_keras_weights(model[link.index], link))
     for name, w in weights.items():
         copy.get_layer(name).set_weights(w)
-    for layer in copy.layers:
-        if not layer.weights or layer.name in {link.keras_name for link in links}:
-            continue
-        raise ModelpressError(f"to_keras: Keras layer '{layer.name}' has weights modelpress does not know")
+    unknown = [layer.name for layer in copy.layers if layer.weights and layer.name not in weights]
+    if unknown:
+        raise ModelpressError(f"to_keras: Keras layer '{unknown[0]}' has weights modelpress does not know")
     return copy
 
 
