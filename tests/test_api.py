@@ -175,3 +175,19 @@ def test_macs_count_linear_conv_and_int8_layers():
     w = torch.randint(-127, 128, (10, 128)).float()
     net[3] = Int8Linear.from_codes(w, torch.ones(10), None)
     assert macs(net, x) == expected
+
+
+def test_int8_on_a_model_without_linear_layers_stores_int8_convolutions(tmp_path, caplog):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    x = torch.randn(16, 3, 12, 12)
+    with caplog.at_level("WARNING"):
+        result = mp.compress(net, "int8", calib_data=[x])
+    assert "the model has none" in caplog.text
+    w = result.model[2].weight.detach()
+    assert max(len(torch.unique(channel)) for channel in w) <= 255  # a per-channel int8 grid (of 288 weights each)
+    fp32 = sum(p.numel() * 4 for p in net.parameters())
+    assert result.save(tmp_path / "c.mpz") < fp32 / 3
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(result.model(x), net(x)).min() > 0.99

@@ -129,6 +129,59 @@ def test_separable_convolutions_convert_and_prune():
         assert np.abs(_keras_out(k, x) - res.model(torch.from_numpy(x)).numpy()).max() < 1e-5
 
 
+def _residual(seed=6):
+    """A mini-Xception-like functional model: a fork joined by Add (separable convs + 'same' max pooling
+    against a 1x1 stride-2 'same' conv), an identity shortcut, and 'same' average pooling on an odd size."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((15, 15, 1))
+    h = L.Activation("relu")(L.BatchNormalization()(L.Conv2D(8, 3, use_bias=False)(inp)))  # 13 x 13
+    skip = L.BatchNormalization()(L.Conv2D(16, 1, strides=2, padding="same", use_bias=False)(h))
+    h = L.SeparableConv2D(16, 3, padding="same", use_bias=False, activation="relu")(h)
+    h = L.MaxPooling2D(3, strides=2, padding="same")(L.BatchNormalization()(h))
+    h = L.Add()([h, skip])  # 7 x 7
+    h = L.Add()([h, L.Conv2D(16, 3, padding="same", activation="relu")(h)])  # identity shortcut
+    h = L.AveragePooling2D(3, strides=2, padding="same")(h)  # 4 x 4
+    out = L.Activation("softmax")(L.GlobalAveragePooling2D()(L.Conv2D(5, 3, padding="same")(h)))
+    return keras.Model(inp, out)
+
+
+def test_residual_forks_convert_train_and_go_back_into_keras(tmp_path):
+    m, x = _residual(), _x(48, (15, 15, 1))
+    t = mp.from_keras(m)
+    assert [type(layer).__name__ for layer in t].count("Sum") == 2
+    assert np.abs(_torch_probs(t, x) - _keras_out(m, x)).max() < 1e-5
+    assert all(np.array_equal(a, b) for a, b in zip(mp.to_keras(t, m).get_weights(), m.get_weights()))
+    y = np.random.default_rng(1).integers(0, 5, len(x))
+    recipe = {"stages": [{"prune": {"sparsity": 0.5}}, {"cluster": {"bits": 4}}, {"finetune": {"epochs": 1}}]}
+    res = mp.compress(m, recipe, train_data=mp.array_batches(x, y, batch_size=16))  # backward through the forks
+    res.save(tmp_path / "r.mpz")
+    k = mp.load(tmp_path / "r.mpz")
+    assert type(k).__name__ == "Functional" and [type(layer).__name__ for layer in k.layers].count("Add") == 2
+    assert np.abs(_keras_out(k, x) - _torch_probs(res.model, x)).max() < 1e-5
+
+
+def test_channel_pruning_keeps_residual_channels_aligned():
+    m, x = _residual(7), _x(32, (15, 15, 1))
+    res = mp.compress(m, {"stages": [{"prune": {"granularity": "channel", "sparsity": 0.4}}]},
+                      calib_data=mp.array_batches(x))
+    k = mp.to_keras(res.model, m)
+    filters = {layer.name: layer.get_config()["filters"] for layer in k.layers if "filters" in layer.get_config()}
+    assert sum(filters.values()) < sum(layer.get_config()["filters"] for layer in m.layers
+                                       if "filters" in layer.get_config())
+    assert list(filters.values())[-1] == 5  # the output stays
+    with torch.no_grad():
+        assert np.abs(_keras_out(k, x) - torch.softmax(res.model(torch.from_numpy(x)), 1).numpy()).max() < 1e-5
+
+
+def test_branches_that_do_not_join_in_an_add_are_named():
+    inp = keras.Input((8, 8, 2))
+    a, b = L.Conv2D(3, 1, name="a")(inp), L.Conv2D(3, 1, name="b")(inp)
+    with pytest.raises(ModelpressError, match=r"'cat' \(Concatenate\) joins branches"):
+        mp.from_keras(keras.Model(inp, L.Concatenate(name="cat")([a, b])))
+    with pytest.raises(ModelpressError, match="2 outputs"):
+        mp.from_keras(keras.Model(inp, [a, b]))
+
+
 def test_what_does_not_convert_is_named():
     m = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, name="c"), L.Reshape((36, 4), name="r"),
                           L.LSTM(3, name="rnn")])

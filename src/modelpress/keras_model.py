@@ -32,14 +32,30 @@ from .runtime import Int8Linear, register_runtime_module
 
 @register_runtime_module
 class Permute(nn.Module):
-    """x.permute(*dims): a Keras model's channels-last input made channels-first for torch's layers."""
+    """x.permute(*dims): a Keras model's channels-last input made channels-first for torch's layers, copied
+    to torch's default strides (one channel included, which `contiguous()` leaves channels-last strided):
+    channels-last strides would take oneDNN's channels-last convolutions all the way down, and their
+    backward crashes the process for a 1x1 stride-2 Conv2d (torch 2.13 CPU)."""
 
     def __init__(self, dims: tuple[int, ...]):
         super().__init__()
         self.dims = tuple(dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(*self.dims)
+        return x.permute(*self.dims).clone(memory_format=torch.contiguous_format)
+
+
+@register_runtime_module
+class Sum(nn.Sequential):
+    """Runs every branch (a child Sequential; an empty one passes the input through) on the same input and
+    adds the results: a Keras `Add` that joins the branches of a fork, as in a residual block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = list(self)
+        out = branches[0](x)
+        for branch in branches[1:]:
+            out = out + branch(x)
+        return out
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
@@ -47,7 +63,7 @@ _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh
                 "leaky_relu": lambda: nn.LeakyReLU(0.2)}  # Keras's default slope, not torch's 0.01
 SUPPORTED = ("InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling1D",
              "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
-             "Flatten", "Dropout", "Activation", "ReLU", "Softmax", "BatchNormalization")
+             "Flatten", "Dropout", "Activation", "ReLU", "Softmax", "BatchNormalization", "Add")
 
 
 @dataclass
@@ -56,21 +72,29 @@ class _Link:
 
     keras_name: str
     kind: str                      # dense, conv, depthwise, bn
-    index: int                     # position of the torch module in the Sequential
+    path: str                      # the torch module's name in the converted model ("3", or "5.1.0" in a branch)
     flat_from: tuple[int, ...] = ()  # a Dense after Flatten: the (C, H, W) its rows come from
     part: tuple[int, int | None] = (0, None)  # the Keras layer's weights this module holds: get_weights()[a:b]
 
 
 @dataclass
 class _Builder:
+    """One Sequential being built (the model, or one branch of a fork)."""
+
     layers: list[nn.Module] = field(default_factory=list)
-    links: list[_Link] = field(default_factory=list)
+    links: list[_Link] = field(default_factory=list)  # shared by the model and all its branches
     shape: tuple[int, ...] = ()    # one sample's shape in torch's layout (channels first)
     flat_from: tuple[int, ...] = ()
+    prefix: str = ""               # the path of this Sequential in the model, with a trailing dot
 
-    def add(self, m: nn.Module) -> int:
+    def add(self, m: nn.Module) -> str:
         self.layers.append(m)
-        return len(self.layers) - 1
+        return f"{self.prefix}{len(self.layers) - 1}"
+
+    def branch(self, j: int) -> _Builder:
+        """A builder for branch j of the Sum that will be added next."""
+        return _Builder(links=self.links, shape=self.shape, flat_from=self.flat_from,
+                        prefix=f"{self.prefix}{len(self.layers)}.{j}.")
 
 
 def is_keras(model: Any) -> bool:
@@ -78,31 +102,147 @@ def is_keras(model: Any) -> bool:
     return any(c.__module__.startswith("keras.") and c.__name__ == "Model" for c in type(model).__mro__)
 
 
-def _chain(model) -> list:
-    layers = list(model.layers)
-    if type(model).__name__ != "Sequential":
-        for prev, layer in zip(layers, layers[1:]):
-            inbound = [t._keras_history[0] for t in _inputs_of(layer)]
-            if inbound and inbound != [prev]:
-                raise ModelpressError(f"Keras model '{model.name}': layer '{layer.name}' does not take the previous "
-                                      "layer's output alone; only chains of layers (a Sequential, or a functional "
-                                      "model without branches) convert")
-    return [layer for layer in layers if type(layer).__name__ != "InputLayer"]
+class _Graph:
+    """A functional Keras model's wiring: which layers take each tensor, and what each layer takes and gives."""
+
+    def __init__(self, model):
+        self.model, self.users, self._reach = model, {}, {}
+        for layer in model.layers:
+            if len(getattr(layer, "_inbound_nodes", [])) != 1:
+                raise ModelpressError(f"Keras model '{model.name}': layer '{layer.name}' is called "
+                                      f"{len(getattr(layer, '_inbound_nodes', []))} times; layers shared between "
+                                      "calls (or nested models) do not convert")
+            for t in self.ins(layer):
+                self.users.setdefault(id(t), []).append(layer)
+
+    @staticmethod
+    def ins(layer) -> list:
+        return list(layer._inbound_nodes[0].input_tensors)
+
+    @staticmethod
+    def out(layer):
+        outs = layer._inbound_nodes[0].output_tensors
+        if len(outs) != 1:
+            raise ModelpressError(f"Keras layer '{layer.name}' has {len(outs)} outputs; one converts")
+        return outs[0]
+
+    def reach(self, layer) -> frozenset:
+        """The layers downstream of `layer`, itself included."""
+        if id(layer) not in self._reach:
+            below = [self.reach(u) for u in self.users.get(id(self.out(layer)), [])]
+            self._reach[id(layer)] = frozenset([id(layer)]).union(*below)
+        return self._reach[id(layer)]
+
+    def meeting(self, users: list):
+        """The first layer every one of `users` leads to: where the branches of a fork join."""
+        common = frozenset.intersection(*(self.reach(u) for u in users))
+        for layer in self.model.layers:
+            if id(layer) in common and self.reach(layer) >= common:
+                return layer
+        raise ModelpressError(f"Keras model '{self.model.name}': the branches that start at layers "
+                              f"{[u.name for u in users]} never join; models with several outputs do not convert")
 
 
-def _inputs_of(layer) -> list:
-    node = layer._inbound_nodes[0] if getattr(layer, "_inbound_nodes", None) else None
-    return list(node.input_tensors) if node is not None else []
+def from_keras(model) -> nn.Sequential:
+    """A torch.nn.Sequential computing what the Keras `model` computes (logits where it ends in a softmax),
+    taking the same channels-last inputs. Raises ModelpressError naming the first layer that has no exact
+    torch equivalent."""
+    b = _build(model)
+    torch_model = nn.Sequential(*b.layers)
+    torch_model.keras_links = b.links  # for to_keras; not a parameter, not saved
+    with torch.no_grad():
+        for link in b.links:
+            _load(torch_model.get_submodule(link.path), link,
+                  model.get_layer(link.keras_name).get_weights()[slice(*link.part)])
+    return torch_model.eval()
 
 
-def _padding(cfg: dict, kernel: tuple[int, ...], where: str) -> int | str:
+def _build(model) -> _Builder:
+    """The torch layers (weights not set) and their links to the Keras layers."""
+    if not is_keras(model):
+        raise ModelpressError(f"from_keras needs a Keras 3 model; got {type(model).__name__}")
+    if not model.built or not getattr(model, "inputs", None):
+        raise ModelpressError(f"Keras model '{model.name}' has no known input shape; build it with keras.Input(...) "
+                              "as its first layer, or call it once on a batch")
+    b = _Builder(shape=tuple(int(d) for d in model.inputs[0].shape[1:]))
+    if len(model.inputs) != 1 or len(model.outputs) != 1 or not 1 <= len(b.shape) <= 3:
+        raise ModelpressError(f"Keras model '{model.name}': inputs {[tuple(i.shape) for i in model.inputs]}, "
+                              f"{len(model.outputs)} outputs; one input of a vector, a sequence (L, C) or an image "
+                              "(H, W, C) and one output convert")
+    if len(b.shape) in (2, 3):  # (L, C) or (H, W, C): channels first for torch
+        b.add(Permute((0, len(b.shape)) + tuple(range(1, len(b.shape)))))
+        b.shape = (b.shape[-1],) + b.shape[:-1]
+    if type(model).__name__ == "Sequential":
+        layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+        for i, layer in enumerate(layers):
+            _convert(b, layer, last=i == len(layers) - 1)
+    else:
+        g = _Graph(model)
+        end = _walk(b, g, model.inputs[0])
+        if end is not model.outputs[0]:
+            raise ModelpressError(f"Keras model '{model.name}': the layers after the input do not lead to its "
+                                  "output alone")
+    return b
+
+
+def _walk(b: _Builder, g: _Graph, t, stop=None):
+    """Convert the layers that follow tensor `t` into `b`, until a tensor that only `stop` takes (the Add
+    that joins the branch being built) or the model's output; returns that tensor. A fork becomes a Sum
+    of one Sequential per branch."""
+    while True:
+        users = g.users.get(id(t), [])
+        if not users or users == [stop]:
+            return t
+        if len(users) == 1 and type(users[0]).__name__ != "Add":
+            layer = users[0]
+            _convert(b, layer, last=g.out(layer) is g.model.outputs[0])
+            t = g.out(layer)
+            continue
+        join = g.meeting(users)
+        if type(join).__name__ != "Add" or any(u is not join and type(u).__name__ == "Add" for u in users):
+            raise ModelpressError(f"Keras layer '{join.name}' ({type(join).__name__}) joins branches that do not all "
+                                  "start at one tensor; only forks joined by an Add convert (residual blocks)")
+        subs = []
+        for j, u in enumerate(users):
+            sub = b.branch(j)
+            if u is not join:  # else: the input itself is added (an identity shortcut)
+                _convert(sub, u, last=False)
+                end = _walk(sub, g, g.out(u), stop=join)
+                if not any(end is x for x in g.ins(join)):
+                    raise ModelpressError(f"Keras layer '{u.name}': its branch does not lead to '{join.name}' alone")
+            subs.append(sub)
+        if len(subs) != len(g.ins(join)) or len({(s.shape, s.flat_from) for s in subs}) != 1:
+            raise ModelpressError(f"Keras layer '{join.name}' (Add): its inputs are not the branches of one fork "
+                                  "with one shape")
+        b.add(Sum(*(nn.Sequential(*s.layers) for s in subs)))
+        b.shape, b.flat_from = subs[0].shape, subs[0].flat_from
+        t = g.out(join)
+
+
+def _same(n: int, k: int, s: int, d: int) -> tuple[int, int]:
+    """TensorFlow's padding 'same' on a length-n axis: the output length ceil(n / s) and the padding
+    before the first window (half the total, rounded down; the rest goes after)."""
+    out = -(-n // s)
+    return out, max((out - 1) * s + (k - 1) * d + 1 - n, 0) // 2
+
+
+def _padding(cfg: dict, shape: tuple[int, ...], kernel: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """Symmetric torch padding that gives the same windows as the Keras padding: the windows start at the
+    same places, so they match wherever torch gives as many of them (its extra padding after the input is
+    never used, or is -inf / left out of the average for pooling)."""
     if cfg["padding"] == "valid":
-        return 0
-    if cfg["padding"] == "same" and all(s == 1 for s in cfg["strides"]) and all(k % 2 for k in kernel):
-        return "same"
-    raise ModelpressError(f"Keras layer '{where}': padding '{cfg['padding']}' with strides {cfg['strides']} and "
-                          f"kernel {kernel} has no exact torch equivalent; use padding 'valid', or 'same' with "
-                          "stride 1 and odd kernels")
+        return (0,) * len(kernel)
+    dilation = tuple(cfg.get("dilation_rate", (1,) * len(kernel)))
+    pads = []
+    for n, k, s, d in zip(shape[1:], kernel, cfg["strides"], dilation):
+        out, before = _same(n, k, s, d)
+        torch_out = (n + 2 * before - (k - 1) * d - 1) // s + 1
+        if cfg["padding"] != "same" or (torch_out != out and "pool_size" not in cfg) or 2 * before > k:
+            raise ModelpressError(f"Keras layer '{where}': padding '{cfg['padding']}' with strides {cfg['strides']}"
+                                  f" and kernel {kernel} on input {shape[1:]} has no exact torch equivalent; use "
+                                  "padding 'valid', or 'same' with an odd kernel, or a ZeroPadding layer")
+        pads.append(before)
+    return tuple(pads)
 
 
 def _activation(b: _Builder, name: str | None, where: str, last: bool) -> None:
@@ -124,39 +264,6 @@ def _check_channels_last(cfg: dict, where: str) -> None:
                               "build the model channels_last (Keras's default)")
 
 
-def from_keras(model) -> nn.Sequential:
-    """A torch.nn.Sequential computing what the Keras `model` computes (logits where it ends in a softmax),
-    taking the same channels-last inputs. Raises ModelpressError naming the first layer that has no exact
-    torch equivalent."""
-    b = _build(model)
-    torch_model = nn.Sequential(*b.layers)
-    torch_model.keras_links = b.links  # for to_keras; not a parameter, not saved
-    with torch.no_grad():
-        for link in b.links:
-            _load(torch_model[link.index], link, model.get_layer(link.keras_name).get_weights()[slice(*link.part)])
-    return torch_model.eval()
-
-
-def _build(model) -> _Builder:
-    """The torch layers (weights not set) and their links to the Keras layers."""
-    if not is_keras(model):
-        raise ModelpressError(f"from_keras needs a Keras 3 model; got {type(model).__name__}")
-    if not model.built or not getattr(model, "inputs", None):
-        raise ModelpressError(f"Keras model '{model.name}' has no known input shape; build it with keras.Input(...) "
-                              "as its first layer, or call it once on a batch")
-    b = _Builder(shape=tuple(int(d) for d in model.inputs[0].shape[1:]))
-    if len(model.inputs) != 1 or not 1 <= len(b.shape) <= 3:
-        raise ModelpressError(f"Keras model '{model.name}': inputs {[tuple(i.shape) for i in model.inputs]}; one "
-                              "input of a vector, a sequence (L, C) or an image (H, W, C) converts")
-    if len(b.shape) in (2, 3):  # (L, C) or (H, W, C): channels first for torch
-        b.add(Permute((0, len(b.shape)) + tuple(range(1, len(b.shape)))))
-        b.shape = (b.shape[-1],) + b.shape[:-1]
-    layers = _chain(model)
-    for i, layer in enumerate(layers):
-        _convert(b, layer, last=i == len(layers) - 1)
-    return b
-
-
 def _convert(b: _Builder, layer, last: bool) -> None:
     kind, cfg, name = type(layer).__name__, layer.get_config(), layer.name
     if kind not in SUPPORTED:
@@ -170,8 +277,8 @@ def _convert(b: _Builder, layer, last: bool) -> None:
         if len(b.shape) != 1:
             raise ModelpressError(f"Keras layer '{name}': Dense on a {len(b.shape) + 1}-d tensor is not supported; "
                                   "Flatten or pool first")
-        idx = b.add(nn.Linear(b.shape[0], cfg["units"], bias=cfg["use_bias"]))
-        b.links.append(_Link(name, "dense", idx, b.flat_from))
+        path = b.add(nn.Linear(b.shape[0], cfg["units"], bias=cfg["use_bias"]))
+        b.links.append(_Link(name, "dense", path, b.flat_from))
         b.shape, b.flat_from = (cfg["units"],), ()
         _activation(b, cfg.get("activation"), name, last)
     elif kind in ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
@@ -184,11 +291,12 @@ def _convert(b: _Builder, layer, last: bool) -> None:
         cout = cin * cfg["depth_multiplier"] if depthwise else cfg["filters"]
         groups = cin if depthwise else cfg.get("groups", 1)
         conv = (nn.Conv1d if spatial == 1 else nn.Conv2d)(cin, cout, k, stride=tuple(cfg["strides"]),
-                                                          padding=_padding(cfg, k, name),
+                                                          padding=_padding(cfg, b.shape, k, name),
                                                           dilation=tuple(cfg["dilation_rate"]), groups=groups,
                                                           bias=cfg["use_bias"] and not separable)
-        idx = b.add(conv)
-        b.links.append(_Link(name, "depthwise" if depthwise else "conv", idx, part=(0, 1) if separable else (0, None)))
+        path = b.add(conv)
+        b.links.append(_Link(name, "depthwise" if depthwise else "conv", path,
+                             part=(0, 1) if separable else (0, None)))
         b.shape = _out_shape(conv, b.shape)
         if separable:
             point = nn.Conv2d(cout, cfg["filters"], 1, bias=cfg["use_bias"])
@@ -196,15 +304,19 @@ def _convert(b: _Builder, layer, last: bool) -> None:
             b.shape = (cfg["filters"],) + b.shape[1:]
         _activation(b, cfg.get("activation"), name, last)
     elif kind.startswith(("MaxPooling", "AveragePooling")):
-        if cfg["padding"] != "valid":
-            raise ModelpressError(f"Keras layer '{name}': pooling with padding '{cfg['padding']}' is not supported")
-        two = kind.endswith("2D")
-        cls = {("Max", True): nn.MaxPool2d, ("Max", False): nn.MaxPool1d, ("Ave", True): nn.AvgPool2d,
-               ("Ave", False): nn.AvgPool1d}[(kind[:3], two)]
-        pool = cls(tuple(cfg["pool_size"]), tuple(cfg["strides"]))
+        k, strides, same = tuple(cfg["pool_size"]), tuple(cfg["strides"]), cfg["padding"] == "same"
+        pads = _padding(cfg, b.shape, k, name)
+        # 'same': the last windows run past the input; ceil_mode keeps them, over the values that are there
+        extra = {"ceil_mode": True, **({} if kind[:3] == "Max" else {"count_include_pad": False})} if same else {}
+        pool = {("Max", 2): nn.MaxPool2d, ("Max", 1): nn.MaxPool1d, ("Ave", 2): nn.AvgPool2d,
+                ("Ave", 1): nn.AvgPool1d}[(kind[:3], len(k))](k, strides, pads, **extra)
         b.add(pool)
-        b.shape = (b.shape[0],) + tuple((n - p) // s + 1 for n, p, s in zip(b.shape[1:], cfg["pool_size"],
-                                                                             cfg["strides"]))
+        want = tuple(_same(n, kk, st, 1)[0] if same else (n - kk) // st + 1
+                     for n, kk, st in zip(b.shape[1:], k, strides))
+        b.shape = _out_shape(pool, b.shape)
+        if b.shape[1:] != want:
+            raise ModelpressError(f"Keras layer '{name}': pooling {k} with strides {strides} and padding "
+                                  f"'{cfg['padding']}' gives {want}, torch's {b.shape[1:]}; not supported")
     elif kind.startswith("GlobalAveragePooling"):
         if cfg.get("keepdims"):
             raise ModelpressError(f"Keras layer '{name}': keepdims=True is not supported")
@@ -235,11 +347,14 @@ def _convert(b: _Builder, layer, last: bool) -> None:
         bn = (nn.BatchNorm1d if len(b.shape) < 3 else nn.BatchNorm2d)(b.shape[0], eps=cfg["epsilon"],
                                                                       momentum=1 - cfg["momentum"])
         b.links.append(_Link(name, "bn", b.add(bn)))
+    elif kind == "Add":  # reached only where the Add's inputs are not the branches of one fork
+        raise ModelpressError(f"Keras layer '{name}' (Add) does not join the branches of one fork; only residual "
+                              "forks (one tensor into branches that an Add joins) convert")
 
 
-def _out_shape(conv: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+def _out_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
     with torch.device("meta"):
-        return tuple(conv(torch.empty(1, *shape, device="meta")).shape[1:])
+        return tuple(layer(torch.empty(1, *shape, device="meta")).shape[1:])
 
 
 def _load(m: nn.Module, link: _Link, weights: list[np.ndarray]) -> None:
@@ -307,14 +422,12 @@ def to_keras(model: nn.Module, like):
     links = getattr(model, "keras_links", None)
     if links is None:  # e.g. a model loaded from a file: the links follow from `like` alone
         links = _build(like).links
-    if not isinstance(model, nn.Sequential) or len(model) <= max(link.index for link in links):
+    try:
+        modules = [model.get_submodule(link.path) for link in links]
+    except AttributeError:
         raise ModelpressError("to_keras needs the torch model from_keras made (or its compressed copy); got "
-                              f"{type(model).__name__}")
-    sizes = {}
-    for link in links:
-        m = model[link.index]
-        if link.kind in ("dense", "conv"):
-            sizes[link.keras_name] = m.weight.shape[0]
+                              f"{type(model).__name__}") from None
+    sizes = {link.keras_name: m.weight.shape[0] for link, m in zip(links, modules) if link.kind in ("dense", "conv")}
     config = like.get_config()
     for layer_cfg in config["layers"]:
         layer_cfg.pop("build_config", None)  # input sizes recorded at build; pruning may have changed them
@@ -322,10 +435,11 @@ def to_keras(model: nn.Module, like):
         if c.get("name") in sizes:
             c["units" if "units" in c else "filters"] = int(sizes[c["name"]])
     copy = type(like).from_config(config)
-    copy.build((None,) + tuple(int(d) for d in like.inputs[0].shape[1:]))
+    if not copy.built:
+        copy.build((None,) + tuple(int(d) for d in like.inputs[0].shape[1:]))
     weights: dict[str, list[np.ndarray]] = {}
-    for link in links:  # in order: a SeparableConv2D's depthwise part, then its pointwise part
-        weights.setdefault(link.keras_name, []).extend(_keras_weights(model[link.index], link))
+    for link, m in zip(links, modules):  # in order: a SeparableConv2D's depthwise part, then its pointwise part
+        weights.setdefault(link.keras_name, []).extend(_keras_weights(m, link))
     for name, w in weights.items():
         copy.get_layer(name).set_weights(w)
     unknown = [layer.name for layer in copy.layers if layer.weights and layer.name not in weights]

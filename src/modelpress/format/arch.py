@@ -220,8 +220,8 @@ def describe_swaps(model: nn.Module) -> dict:
     swaps: dict = {}
     for name, m in model.named_modules():
         inside = any(name.startswith(s + ".") for s in swaps)  # a part of a runtime layer already listed
-        if not name or inside or RUNTIME_MODULES.get(type(m).__name__) is not type(m):
-            continue
+        if not name or inside or RUNTIME_MODULES.get(type(m).__name__) is not type(m) or isinstance(m, nn.Sequential):
+            continue  # a container's children are described where they are
         args = _ctor_args(m)
         if args is None:
             log.warning("layer %s (%s) can't be described in the file: a skeleton won't rebuild it", name,
@@ -287,11 +287,11 @@ def _build_tree(spec: Any, depth: int = 0) -> nn.Module:
     cls = _allowed().get(spec["t"])
     if cls is None:
         raise CorruptStream(f"architecture: layer type {spec['t']!r} is not allowed")
-    if cls is nn.Sequential:
+    if issubclass(cls, nn.Sequential):  # nn.Sequential, or a runtime container of branches (keras_model.Sum)
         kids = spec.get("c")
         if not isinstance(kids, list):
-            raise CorruptStream("architecture: Sequential without a list of children")
-        seq = nn.Sequential()
+            raise CorruptStream(f"architecture: {spec['t']} without a list of children")
+        seq = cls()
         for k in kids:  # one by one, so the construction bounds stop a huge list early
             seq.append(_build_tree(k, depth + 1))
         return seq

@@ -204,7 +204,10 @@ def to_int8_linear(model: nn.Module, state: CompressionState) -> int:
             state.params[tied[0]] = st
         state.params.pop(f"{name}.bias", None)
         swapped += 1
-    if swapped == 0:
+    if swapped == 0 and any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ModelpressError("activations: int8 found no Linear layer quantized to 8 bits per channel")
+    if swapped == 0:  # e.g. an all-convolutional CNN: its int8 weights are stored, and computed in float
+        log.warning("activations: int8 applies to Linear layers and the model has none; its weights are stored "
+                    "as int8 and computed in float")
     return swapped
 
