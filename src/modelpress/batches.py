@@ -53,7 +53,8 @@ HOLD_OUT_EVERY = 10  # every 10th sample (or batch) is held out
 def hold_out(data: Iterable) -> tuple[Iterable, Iterable | None]:
     """(batches to train on, batches held out to measure on): every 10th sample of a DataLoader over a
     map-style dataset with plain batching (the same samples on every pass, shuffled or not), or every
-    10th batch of a list or tuple; `(data, None)` for anything else or for data too small to split."""
+    10th batch of a list or tuple (every 10th sample where it has fewer than 10 batches of tensors);
+    `(data, None)` for anything else or for data too small to split."""
     from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
 
     if isinstance(data, DataLoader) and hasattr(data.dataset, "__len__") and hasattr(data.dataset, "__getitem__") \
@@ -71,7 +72,28 @@ def hold_out(data: Iterable) -> tuple[Iterable, Iterable | None]:
     if isinstance(data, (list, tuple)) and len(data) >= HOLD_OUT_EVERY:
         held_at = set(range(HOLD_OUT_EVERY - 1, len(data), HOLD_OUT_EVERY))
         return [b for i, b in enumerate(data) if i not in held_at], [data[i] for i in sorted(held_at)]
-    return data, None
+    sizes = [_samples(b) for b in data] if isinstance(data, (list, tuple)) else [None]
+    if None in sizes or sum(sizes) < 2 * HOLD_OUT_EVERY:
+        return data, None
+    fit, held, start = [], [], 0
+    for b, n in zip(data, sizes):
+        out = torch.arange(start, start + n) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+        fit.append(_rows(b, ~out))
+        if out.any():
+            held.append(_rows(b, out))
+        start += n
+    return fit, held
+
+
+def _samples(batch: Any) -> int | None:
+    """The number of samples in a tensor batch, or in a tuple / list of tensors of one length; else None."""
+    parts = [batch] if isinstance(batch, torch.Tensor) else list(batch) if isinstance(batch, (tuple, list)) else []
+    lengths = {len(t) if isinstance(t, torch.Tensor) and t.dim() else None for t in parts}
+    return lengths.pop() if len(lengths) == 1 and None not in lengths else None
+
+
+def _rows(batch: Any, keep: torch.Tensor) -> Any:
+    return batch[keep] if isinstance(batch, torch.Tensor) else type(batch)(t[keep] for t in batch)
 
 
 def summary(x: Any) -> str:

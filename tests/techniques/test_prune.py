@@ -85,7 +85,10 @@ def test_hold_out_keeps_every_tenth_sample_of_a_loader_apart_on_every_pass():
     batches = [(x[i:i + 5], y[i:i + 5]) for i in range(0, 100, 5)]
     fit, held = hold_out(batches)
     assert len(fit) == 18 and [float(b[0][0, 0]) for b in held] == [45.0, 95.0]
-    assert hold_out(batches[:9]) == (batches[:9], None)  # too few batches to spare one
+    fit, held = hold_out(batches[:9])  # too few batches to spare one: every 10th sample of each
+    assert [len(b[0]) for b in fit] == [5, 4, 5, 4, 5, 4, 5, 4, 5] and [len(b[1]) for b in held] == [1] * 4
+    assert torch.cat([b[0] for b in held])[:, 0].tolist() == [9.0, 19.0, 29.0, 39.0]
+    assert hold_out(batches[:3]) == (batches[:3], None)  # 15 samples: too few to split
 
     class Stream:
         def __iter__(self):
