@@ -74,8 +74,9 @@ def as_recipe(recipe: Recipe | str | Path | dict, model: nn.Module | None = None
 
 
 def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data: Iterable | None = None,
-             calib_data: Iterable | None = None, eval_fn: Callable[[nn.Module], float | dict] | None = None,
-             loss_fn: Callable | None = None, progress: Callable[[str, float], None] | None = None,
+             calib_data: Iterable | None = None, val_data: Iterable | None = None,
+             eval_fn: Callable[[nn.Module], float | dict] | None = None, loss_fn: Callable | None = None,
+             progress: Callable[[str, float], None] | None = None,
              on_stage: Callable[[StageRow], None] | None = None) -> CompressionResult:
     """Compress a copy of `model` with `recipe`.
 
@@ -84,6 +85,10 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     calib_data: model-input batches for calibration-based techniques (GPTQ, per-layer bits); when
         not given, the inputs of train_data are used. A one-shot iterator (a generator) given as either
         is read into a list first, as each may be read several times.
+    val_data: batches like train_data's that the original model did not train on (Keras's
+        `validation_data`): `sparsity: auto` stops on them. Without it, a tenth of train_data is held out
+        of recovery training, which the original did see: a model that memorized its training set loses
+        that tenth as it shrinks, so the stop comes early.
     eval_fn: `eval_fn(model) -> float | dict`, measured before and after every stage.
     progress: called as `progress(label, fraction_done)` during long steps.
     on_stage: called with each report row as soon as it is measured.
@@ -97,12 +102,14 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     check_weights(model)
     recipe = as_recipe(recipe, model)
     train_data, calib_data = reusable(train_data, "train_data"), reusable(calib_data, "calib_data")
+    val_data = reusable(val_data, "val_data")
     teacher = copy.deepcopy(model).float().cpu().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     example = check_batches(teacher, train_data, "train_data")
     example = check_batches(teacher, calib_data, "calib_data") or example
-    run = RunContext(train_data=train_data, teacher=teacher, loss_fn=loss_fn, progress=progress,
+    check_batches(teacher, val_data, "val_data")
+    run = RunContext(train_data=train_data, val_data=val_data, teacher=teacher, loss_fn=loss_fn, progress=progress,
                      calib_data=calib_data if calib_data is not None else train_data)
     out = run_pipeline(model, recipe, run, eval_fn=eval_fn, on_stage=on_stage,
                        meta=file_meta(recipe, example, keras_json))

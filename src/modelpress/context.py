@@ -14,6 +14,7 @@ from .errors import ModelpressError
 class RunContext:
     train_data: Iterable | None = None
     calib_data: Iterable | None = None   # model-input batches; compress() falls back to train_data's inputs
+    val_data: Iterable | None = None     # batches the original did not train on, for stopping decisions
     teacher: nn.Module | None = None     # the uncompressed model, frozen
     loss_fn: Callable | None = None
     progress: Callable[[str, float], None] | None = None

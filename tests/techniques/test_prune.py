@@ -123,6 +123,18 @@ def test_sparsity_auto_stops_where_held_out_data_says(mlp, toy_data, caplog):
     assert "accuracy" in caplog.text and "on held-out data" in caplog.text
 
 
+def test_sparsity_auto_measures_on_val_data_and_trains_on_all_of_train_data(mlp, toy_data, monkeypatch):
+    from modelpress.techniques import stopping
+    val = [(torch.randn(32, 20), torch.randint(0, 4, (32,)))]
+    seen, trained = [], []
+    monkeypatch.setattr(stopping, "points_lost", lambda model, teacher, data: seen.append(data) or (0.0, "accuracy"))
+    monkeypatch.setattr(stopping, "train", lambda model, state, run, **k: trained.append(run.train_data))
+    reached = prune(mlp, CompressionState(), sparsity="auto", max_sparsity=0.9, steps=3, epochs=1,
+                    run=RunContext(train_data=toy_data, val_data=val, teacher=mlp))
+    assert reached == 0.9 and len(seen) == 3 and all(d is val for d in seen)
+    assert all(d is toy_data for d in trained)  # nothing held out of training
+
+
 def test_sparsity_auto_forgives_one_step_past_tolerance_but_not_two(mlp, toy_data, monkeypatch):
     from modelpress.techniques import stopping
     script = iter([0.0, 2.0, 0.5, 2.0, 3.0, 0.0])  # points lost after each step; tolerance 1

@@ -37,15 +37,16 @@ def gradual(model: nn.Module, state: CompressionState, run: RunContext, targets:
     the targets; labels where batches carry them, else or with `distill` distillation from the
     original); returns the sparsity reached.
 
-    With `auto`, the data pruning and recovery see is train_data less every 10th sample (`batches.hold_out`), and after
-    each step the model is measured on that held-out tenth against `run.teacher`: accuracy points where
-    the batches carry class labels, else points of top-1 agreement. One step past `tolerance` is forgiven
+    With `auto`, after each step the model is measured against `run.teacher` on `run.val_data`, or where
+    there is none, on every 10th sample of train_data, held out of pruning and recovery
+    (`batches.hold_out`): accuracy points where the batches carry class labels, else points of top-1
+    agreement. One step past `tolerance` is forgiven
     when the next step's recovery brings it back (a small held-out tenth is noisy); two in a row, or the
     last step, `restore` the `snapshot` of the last step within it. Where train_data can't be split (an
     iterable that is neither a list nor a DataLoader over a dataset), it measures on the training data,
     which lets it go too far."""
-    held = None
-    if auto:
+    held = run.val_data
+    if auto and held is None:
         fit, held = hold_out(run.train_data)
         run = dataclasses.replace(run, train_data=fit)
         if held is None:
@@ -64,7 +65,8 @@ def gradual(model: nn.Module, state: CompressionState, run: RunContext, targets:
         if auto:
             lost, what = points_lost(model, run.teacher, held if held is not None else run.train_data)
             log.info("prune step %d: sparsity %.4f, %s %.2f points below the original on %s", i + 1, s, what, lost,
-                     "held-out data" if held is not None else "training data")
+                     "val_data" if run.val_data is not None else "held-out data" if held is not None else
+                     "training data")
             if lost > tolerance:  # one step past it may be noise of a small held-out set: the next step's
                 strikes += 1      # recovery training gets one chance; a second (or the last step) ends it
                 if strikes == 2 or i == len(targets) - 1:
