@@ -182,6 +182,32 @@ def test_branches_that_do_not_join_in_an_add_are_named():
         mp.from_keras(keras.Model(inp, [a, b]))
 
 
+@pytest.mark.parametrize("rnn", ["LSTM", "GRU", "SimpleRNN"])
+def test_text_models_with_embeddings_and_recurrent_layers_convert_and_compress(rnn, tmp_path):
+    keras.utils.set_random_seed(8)
+    inp = keras.Input((12,), dtype="int32")
+    h = getattr(L, rnn)(16, return_sequences=True)(L.Embedding(64, 8)(inp))
+    h = getattr(L, rnn)(16)(L.Conv1D(16, 3, activation="relu")(h))
+    m = keras.Model(inp, L.Dense(3, activation="softmax")(h))
+    rng = np.random.default_rng(0)
+    for layer in m.layers:  # nonzero biases, so that their layout is tested too
+        layer.set_weights([w + rng.normal(0, 0.1, w.shape).astype(w.dtype) for w in layer.get_weights()])
+    x = rng.integers(0, 64, (64, 12)).astype("int32")
+    t = mp.from_keras(m)
+    with torch.no_grad():
+        assert np.abs(torch.softmax(t(torch.from_numpy(x).long()), 1).numpy() - _keras_out(m, x)).max() < 1e-5
+    assert all(np.allclose(a, b, atol=1e-7) for a, b in zip(mp.to_keras(t, m).get_weights(), m.get_weights()))
+    res = mp.compress(m, {"stages": [{"quantize": {"bits": 4, "group_size": 16}}]}, calib_data=mp.array_batches(x))
+    recurrent = t[2].rnn  # Embedding, Permute, then the first recurrent layer
+    assert type(recurrent).__name__ == {"SimpleRNN": "RNN"}.get(rnn, rnn)
+    w = res.model[2].rnn.weight_hh_l0.detach()
+    assert max(len(torch.unique(g)) for g in w.reshape(-1, 16)) <= 16  # 4-bit groups in the recurrent kernel
+    res.save(tmp_path / "t.mpz")
+    k = mp.load(tmp_path / "t.mpz")
+    with torch.no_grad():
+        assert np.abs(_keras_out(k, x) - torch.softmax(res.model(torch.from_numpy(x).long()), 1).numpy()).max() < 1e-5
+
+
 def test_what_does_not_convert_is_named():
     m = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, name="c"), L.Reshape((36, 4), name="r"),
                           L.LSTM(3, name="rnn")])

@@ -1,18 +1,22 @@
 """Keras 3 models in and out.
 
-`from_keras` turns a Keras Sequential model (or a functional model whose layers form one chain) into a
-`torch.nn.Sequential` of standard layers that computes the same function on the same inputs
-(channels-last images, as Keras takes them): every technique then applies to it, and its file
-rebuilds without user code. `to_keras` writes the compressed weights back into a copy of the Keras
-model, with smaller layers where channel pruning removed units or filters. Weights are read with
-`get_weights()` and written with `set_weights()`, so no Keras backend is assumed (tested on torch).
+`from_keras` turns a Keras Sequential model, or a functional model whose forks are joined by `Add`
+(residual blocks), into a `torch.nn.Sequential` of standard layers that computes the same function on
+the same inputs (channels-last images, as Keras takes them); a fork becomes a `Sum` of one Sequential per
+branch. Every technique then applies to it, and its file rebuilds without user code. `to_keras` writes
+the compressed weights back into a copy of the Keras model, with smaller layers where channel pruning
+removed units or filters. Weights are read with `get_weights()` and written with `set_weights()`, so no
+Keras backend is assumed (tested on torch).
 
 Layouts: a Dense kernel is (in, out), a Conv kernel (k..., in, out), a DepthwiseConv2D kernel
 (kh, kw, in, multiplier); torch wants (out, in, k...). A SeparableConv2D becomes two torch convolutions,
-depthwise then 1x1. The images are permuted to channels-first once,
-at the input; a Flatten after convolutions keeps torch's (C, H, W) order and the next Dense's kernel rows
-are permuted from Keras's (H, W, C) order instead, so the torch model stays a plain conv -> flatten ->
-Linear chain that structured pruning can trace. A final softmax is left out (the torch model returns
+depthwise then 1x1. Padding "same" becomes torch's symmetric padding where that gives the same windows
+(always at stride 1 with odd kernels; with strides, where the windows start at the same places; pooling
+keeps its last windows with `ceil_mode`). An Embedding's (L, D) output and the LSTM / GRU / SimpleRNN
+layers (`Recurrent`, around torch's own) follow the same channels-first layout as sequences. The images
+are permuted to channels-first once, at the input; a Flatten after convolutions keeps torch's (C, H, W)
+order and the next Dense's kernel rows are permuted from Keras's (H, W, C) order instead, so the torch
+model stays a plain conv -> flatten -> Linear chain that structured pruning can trace. A final softmax is left out (the torch model returns
 logits, which distillation and cross-entropy want; the argmax is the same) and `to_keras` keeps it.
 """
 from __future__ import annotations
@@ -58,12 +62,33 @@ class Sum(nn.Sequential):
         return out
 
 
+@register_runtime_module
+class Recurrent(nn.Module):
+    """A Keras LSTM, GRU or SimpleRNN on the channels-first sequences (B, C, L) the other layers here pass:
+    the last step's output (B, units), or with `return_sequences` every step's (B, units, L)."""
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True,
+                 return_sequences: bool = False):
+        super().__init__()
+        if mode not in _RNNS:
+            raise ModelpressError(f"Recurrent: mode {str(mode)[:20]!r} is not one of {sorted(_RNNS)}")
+        self.mode, self.input_size, self.hidden_size, self.bias = mode, input_size, hidden_size, bias
+        self.return_sequences = return_sequences
+        self.rnn = _RNNS[mode](input_size, hidden_size, bias=bias, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x.transpose(1, 2))
+        return out.transpose(1, 2) if self.return_sequences else out[:, -1]
+
+
+_RNNS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "SimpleRNN": nn.RNN}
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
                 "silu": nn.SiLU, "swish": nn.SiLU, "elu": nn.ELU, "hard_swish": nn.Hardswish,
                 "leaky_relu": lambda: nn.LeakyReLU(0.2)}  # Keras's default slope, not torch's 0.01
 SUPPORTED = ("InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling1D",
              "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
-             "Flatten", "Dropout", "Activation", "ReLU", "Softmax", "BatchNormalization", "Add")
+             "GlobalMaxPooling1D", "GlobalMaxPooling2D", "Flatten", "Dropout", "Activation", "ReLU", "Softmax",
+             "BatchNormalization", "Add", "Embedding", *_RNNS)
 
 
 @dataclass
@@ -271,7 +296,8 @@ def _convert(b: _Builder, layer, last: bool) -> None:
     spatial = len(b.shape) - 1
     if kind in ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling1D", "MaxPooling2D",
                 "AveragePooling1D",
-                "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "Flatten"):
+                "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D",
+                "GlobalMaxPooling2D", "Flatten"):
         _check_channels_last(cfg, name)
     if kind == "Dense":
         if len(b.shape) != 1:
@@ -317,10 +343,12 @@ def _convert(b: _Builder, layer, last: bool) -> None:
         if b.shape[1:] != want:
             raise ModelpressError(f"Keras layer '{name}': pooling {k} with strides {strides} and padding "
                                   f"'{cfg['padding']}' gives {want}, torch's {b.shape[1:]}; not supported")
-    elif kind.startswith("GlobalAveragePooling"):
+    elif kind.startswith(("GlobalAveragePooling", "GlobalMaxPooling")):
         if cfg.get("keepdims"):
             raise ModelpressError(f"Keras layer '{name}': keepdims=True is not supported")
-        b.add((nn.AdaptiveAvgPool2d if kind.endswith("2D") else nn.AdaptiveAvgPool1d)(1))
+        b.add({("Ave", True): nn.AdaptiveAvgPool2d, ("Ave", False): nn.AdaptiveAvgPool1d,
+               ("Max", True): nn.AdaptiveMaxPool2d, ("Max", False): nn.AdaptiveMaxPool1d}[(kind[6:9],
+                                                                                           kind.endswith("2D"))](1))
         b.add(nn.Flatten())
         b.shape = (b.shape[0],)
     elif kind == "Flatten":
@@ -347,9 +375,35 @@ def _convert(b: _Builder, layer, last: bool) -> None:
         bn = (nn.BatchNorm1d if len(b.shape) < 3 else nn.BatchNorm2d)(b.shape[0], eps=cfg["epsilon"],
                                                                       momentum=1 - cfg["momentum"])
         b.links.append(_Link(name, "bn", b.add(bn)))
+    elif kind == "Embedding":
+        if len(b.shape) != 1 or cfg.get("mask_zero"):
+            raise ModelpressError(f"Keras layer '{name}': Embedding takes the model's (L,) integer input here, "
+                                  "without mask_zero (masks change what later layers compute)")
+        b.links.append(_Link(name, "embedding", b.add(nn.Embedding(cfg["input_dim"], cfg["output_dim"]))))
+        b.add(Permute((0, 2, 1)))  # (B, L, D) -> channels first, as for an input sequence
+        b.shape = (cfg["output_dim"], b.shape[0])
+    elif kind in _RNNS:
+        _check_recurrent(kind, cfg, name, b.shape)
+        path = b.add(Recurrent(kind, b.shape[0], cfg["units"], cfg["use_bias"], cfg["return_sequences"]))
+        b.links.append(_Link(name, kind, path))
+        b.shape = (cfg["units"], b.shape[1]) if cfg["return_sequences"] else (cfg["units"],)
     elif kind == "Add":  # reached only where the Add's inputs are not the branches of one fork
         raise ModelpressError(f"Keras layer '{name}' (Add) does not join the branches of one fork; only residual "
                               "forks (one tensor into branches that an Add joins) convert")
+
+
+def _check_recurrent(kind: str, cfg: dict, name: str, shape: tuple[int, ...]) -> None:
+    """The settings under which torch's LSTM / GRU / RNN compute what the Keras layer computes."""
+    problems = [f"input of shape {shape} (a sequence (L, C) is needed)"] * (len(shape) != 2)
+    problems += [f"{k}={cfg.get(k)}" for k in ("go_backwards", "stateful", "return_state") if cfg.get(k)]
+    problems += [f"activation {cfg.get('activation')}"] * (cfg.get("activation") != "tanh")
+    if kind != "SimpleRNN" and cfg.get("recurrent_activation") != "sigmoid":
+        problems.append(f"recurrent_activation {cfg.get('recurrent_activation')}")
+    if kind == "GRU" and not cfg.get("reset_after", True):
+        problems.append("reset_after=False")
+    if problems:
+        raise ModelpressError(f"Keras layer '{name}' ({kind}): {', '.join(problems)} has no torch equivalent; "
+                              f"supported: tanh / sigmoid activations, forward, stateless, one output")
 
 
 def _out_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -363,6 +417,18 @@ def _load(m: nn.Module, link: _Link, weights: list[np.ndarray]) -> None:
     if link.kind == "bn":
         for attr, v in zip(("weight", "bias", "running_mean", "running_var"), t):
             getattr(m, attr).copy_(v)
+        return
+    if link.kind == "embedding":
+        m.weight.copy_(t[0])
+        return
+    if link.kind in _RNNS:  # kernel (in, G * units), recurrent kernel (units, G * units), bias
+        rnn, order = m.rnn, _gate_order(link.kind, m.hidden_size, t[0].shape[1] // m.hidden_size)
+        rnn.weight_ih_l0.copy_(t[0][:, order].T)
+        rnn.weight_hh_l0.copy_(t[1][:, order].T)
+        if len(t) > 2:  # a GRU's (2, 3 * units): the input and the recurrent biases; else one bias
+            bias = t[2] if t[2].dim() == 2 else torch.stack([t[2], torch.zeros_like(t[2])])
+            rnn.bias_ih_l0.copy_(bias[0][order])
+            rnn.bias_hh_l0.copy_(bias[1][order])
         return
     kernel = t[0]
     if link.kind == "dense":
@@ -381,9 +447,20 @@ def _load(m: nn.Module, link: _Link, weights: list[np.ndarray]) -> None:
         m.bias.copy_(t[1])
 
 
+def _gate_order(kind: str, units: int, gates: int) -> torch.Tensor:
+    """The columns of a Keras recurrent kernel in torch's gate order: the same for LSTM (i, f, c/g, o) and
+    SimpleRNN; a Keras GRU's (z, r, h) become torch's (r, z, n). The permutation is its own inverse."""
+    blocks = [1, 0, 2] if kind == "GRU" else range(gates)
+    return torch.cat([torch.arange(g * units, (g + 1) * units) for g in blocks])
+
+
 def _keras_weights(m: nn.Module, link: _Link) -> list[np.ndarray]:
     """The torch module's weights in Keras's layout (the inverse of `_load`). An Int8Linear gives its
     int8-grid weights in float: Keras computes with them, its activations stay float."""
+    if isinstance(m, Recurrent):
+        return _recurrent_weights(m)
+    if type(m) is nn.Embedding:
+        return [m.weight.detach().float().cpu().numpy()]
     if isinstance(m, Int8Linear):
         d = {"weight": m.dequantized().float(), **({"bias": m.bias.detach().float()} if m.bias is not None else {})}
     elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -411,6 +488,17 @@ def _keras_weights(m: nn.Module, link: _Link) -> list[np.ndarray]:
     if "bias" in d:
         out.append(d["bias"].numpy())
     return out
+
+
+def _recurrent_weights(m: Recurrent) -> list[np.ndarray]:
+    rnn = m.rnn
+    order = _gate_order(m.mode, m.hidden_size, rnn.weight_ih_l0.shape[0] // m.hidden_size)
+    w = lambda t: t.detach().float().cpu()[order]  # noqa: E731
+    out = [w(rnn.weight_ih_l0).T, w(rnn.weight_hh_l0).T]
+    if m.bias:  # a GRU keeps both biases, (2, 3 * units); the others one, their sum
+        b_ih, b_hh = w(rnn.bias_ih_l0), w(rnn.bias_hh_l0)
+        out.append(torch.stack([b_ih, b_hh]) if m.mode == "GRU" else b_ih + b_hh)
+    return [t.contiguous().numpy() for t in out]
 
 
 def to_keras(model: nn.Module, like):
@@ -477,8 +565,10 @@ def keras_from_json(text: str):
 def array_batches(x, y=None, batch_size: int = 32, *, shuffle: bool = True, seed: int = 0) -> Iterable:
     """NumPy arrays, as Keras's `fit` takes them, as torch batches: with targets a DataLoader of
     (inputs, targets) reshuffled every epoch as `fit` does (one-hot targets become class indices);
-    inputs alone a list of input batches, in order (calibration data)."""
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    inputs alone a list of input batches, in order (calibration data). Integer inputs (token ids for an
+    Embedding) stay integers, others become float32."""
+    x = np.asarray(x)
+    x = torch.as_tensor(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
     if y is None:
         return list(x.split(batch_size))
     y = torch.as_tensor(np.asarray(y))

@@ -28,8 +28,8 @@ _ALLOWED = {cls.__name__: cls for cls in (
     nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d,
     nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
     nn.Hardswish, nn.ELU, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
-    nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Dropout,
-    nn.Dropout2d, nn.Identity, nn.Embedding,
+    nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Embedding,
 )}
 # layers that may stand in for a transformers layer (a runtime layer, Conv1D as Linear, or a pruned,
 # smaller layer of the same type)

@@ -86,7 +86,7 @@ def bounded_construction(max_modules: int | None, max_bytes: int | None) -> Iter
 
 # bounds on constructor arguments by name (elementwise for tuples); names not here pass `check_value` only
 _COUNTS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_embeddings",
-           "embedding_dim", "rank", "rank_in", "rank_out")
+           "embedding_dim", "rank", "rank_in", "rank_out", "input_size", "hidden_size")
 _POSITIVE = ("groups", "num_groups", "num_channels")
 _GEOMETRY = ("kernel_size", "stride", "dilation")  # and padding, output_padding (>= 0): no CNN goes near 4096
 _DIMS = ("dim", "start_dim", "end_dim")
