@@ -41,7 +41,9 @@ def test_auto_is_deterministic_and_says_when_the_budget_cannot_be_met(digits_mlp
     assert not hopeless.met and hopeless.message.startswith("no candidate met the budget")
     closest = min((r for r in hopeless.proxies if r.bytes), key=lambda r: r.bytes)
     assert hopeless.tried.rows[1].name == closest.name  # the smallest file it could find
-    assert runs[0].message.endswith("agreement measured on calibration/training batches (none could be held out)")
+    assert runs[0].message.endswith("agreement measured on 25 samples held out of calib_data")  # of 4 batches
+    from modelpress.compare import held_out_metric
+    assert held_out_metric(model, None, [calib[0][:15]])[3] == "calibration/training batches (none could be held out)"
 
 
 def test_auto_needs_a_budget(mlp, toy_data):

@@ -251,6 +251,61 @@ def test_array_batches_take_one_hot_targets():
         mp.array_batches(x, y[:3])
 
 
+def test_a_keras_pydataset_is_read_batch_by_batch_with_its_epoch_hook():
+    class Digits(keras.utils.PyDataset):
+        def __init__(self, x, y):
+            super().__init__()
+            self.x, self.y, self.epochs = x, y, 0
+
+        def __len__(self):
+            return len(self.x) // 16
+
+        def __getitem__(self, i):
+            return self.x[i * 16:(i + 1) * 16], keras.utils.to_categorical(self.y[i * 16:(i + 1) * 16], 10)
+
+        def on_epoch_end(self):
+            self.epochs += 1
+
+    m, x = _cnn(), _x()
+    data = Digits(x, np.random.default_rng(1).integers(0, 10, len(x)))
+    res = mp.compress(m, {"stages": [{"prune": {"sparsity": 0.5}}, {"finetune": {"epochs": 2}}]}, train_data=data)
+    assert data.epochs >= 2  # one per pass that fit would make
+    batches = list(mp.batches.KerasSequenceBatches(data))
+    assert len(batches) == 4 and batches[0][0].dtype == torch.float32 and batches[0][1].tolist() == list(data.y[:16])
+    assert res.report.rows[-1].sparsity > 0.4
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("jax") is None, reason="needs jax (not in the extras)")
+def test_a_model_on_the_jax_backend_compresses_and_comes_back_on_it(tmp_path):
+    import subprocess
+    import sys
+
+    script = f"""
+import os
+os.environ["KERAS_BACKEND"] = "jax"
+import keras, numpy as np, torch
+import modelpress as mp
+L = keras.layers
+keras.utils.set_random_seed(0)
+inp = keras.Input((15, 15, 1))
+h = L.Conv2D(8, 3, activation="relu")(inp)
+h = L.BatchNormalization()(L.Add()([h, L.Conv2D(8, 3, padding="same")(h)]))
+m = keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(h)))
+x = np.random.default_rng(0).normal(size=(32, 15, 15, 1)).astype("float32")
+y = np.random.default_rng(1).integers(0, 4, 32)
+res = mp.compress(m, {{"stages": [{{"prune": {{"sparsity": 0.5}}}}, {{"finetune": {{"epochs": 1}}}}]}},
+                  train_data=mp.array_batches(x, y, 8))
+res.save({str(tmp_path / "j.mpz")!r})
+k = mp.load({str(tmp_path / "j.mpz")!r})
+with torch.no_grad():
+    t = torch.softmax(res.model(torch.from_numpy(x)), 1).numpy()
+print(keras.backend.backend(), type(k).__name__, float(np.abs(np.asarray(k.predict(x, verbose=0)) - t).max()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    backend, kind, diff = out.stdout.split()[-3:]
+    assert (backend, kind) == ("jax", "Functional") and float(diff) < 1e-5, out.stderr[-2000:]
+
+
 def test_cli_compresses_a_keras_file_and_exports_plain_keras(tmp_path):
     import subprocess
     import sys
@@ -286,3 +341,29 @@ def test_cli_compresses_a_keras_file_and_exports_plain_keras(tmp_path):
     assert (fresh.argmax(1) == m.predict(x[:50], verbose=0).argmax(1)).mean() >= 0.9  # w4 keeps the decisions
     res = runner.invoke(app, ["export", str(out)])
     assert res.exit_code != 0 and "one of --onnx or --keras" in res.output
+
+
+def test_cli_takes_the_users_own_arrays_from_an_npz_file(tmp_path, caplog):
+    import logging
+
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+
+    m, x = _cnn(), _x(120)
+    y = np.random.default_rng(2).integers(0, 10, len(x))
+    m.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "d.npz", x_train=x[:80], y_train=y[:80], x_val=x[80:100], y_val=y[80:100],
+             x_test=x[100:], y_test=keras.utils.to_categorical(y[100:], 10))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - prune: {sparsity: auto, max_sparsity: 0.5, steps: 2, epochs: 1}\n")
+    runner = CliRunner()
+    with caplog.at_level(logging.INFO, logger="modelpress"):
+        res = runner.invoke(app, ["compress", str(tmp_path / "m.keras"), "--recipe", str(recipe), "--data",
+                                  str(tmp_path / "d.npz"), "-o", str(tmp_path / "m.mpz")], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "acc" in res.output and "on val_data" in caplog.text  # accuracy on x_test; the stop on x_val
+    np.savez(tmp_path / "bad.npz", y_train=y)
+    res = runner.invoke(app, ["compress", str(tmp_path / "m.keras"), "--recipe", "int8", "--data",
+                              str(tmp_path / "bad.npz"), "-o", str(tmp_path / "b.mpz")], terminal_width=200)
+    assert res.exit_code != 0 and "it needs x_train" in res.output

@@ -109,11 +109,61 @@ def summary(x: Any) -> str:
     return type(x).__name__
 
 
+def array_inputs(x: Any) -> torch.Tensor:
+    """An array of model inputs (NumPy, or anything `np.asarray` takes) as a tensor: integers (token ids)
+    as int64, the rest as float32."""
+    import numpy as np
+
+    x = np.asarray(x)
+    return torch.as_tensor(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
+
+
+def class_targets(y: Any) -> torch.Tensor:
+    """Class targets as Keras users hold them (integers, or one-hot / probability rows) as int64 indices."""
+    import numpy as np
+
+    y = torch.as_tensor(np.asarray(y))
+    if y.dim() == 2 and y.shape[1] > 1:
+        y = y.argmax(1)
+    return y.reshape(len(y)).long()
+
+
+class KerasSequenceBatches:
+    """A `keras.utils.PyDataset` (item i: batch i, as inputs or (inputs, targets[, sample weights]) in
+    NumPy) read as torch batches, with `on_epoch_end()` between passes, as Keras's `fit` calls it after
+    each epoch (a pass may stop early: training counts steps). Sample weights are not used."""
+
+    def __init__(self, dataset: Any):
+        self.dataset, self.passes = dataset, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator:
+        if self.passes:
+            self.dataset.on_epoch_end()
+        self.passes += 1
+        for i in range(len(self.dataset)):
+            item = self.dataset[i]
+            if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+                yield array_inputs(item[0]), class_targets(item[1])
+            else:
+                yield array_inputs(item[0] if isinstance(item, (tuple, list)) else item)
+
+
+def _is_keras_dataset(data: Any) -> bool:
+    return any(c.__name__ in ("PyDataset", "Sequence") and c.__module__.startswith("keras")
+               for c in type(data).__mro__)
+
+
 def reusable(data: Iterable | None, name: str) -> Iterable | None:
     """`data` in a form that can be read more than once: a one-shot iterator (a generator, a `map`,
-    `iter(...)`) is read into a list, once. A clear error for what is not an iterable of batches."""
+    `iter(...)`) is read into a list, once; a Keras PyDataset is read batch by batch
+    (`KerasSequenceBatches`). A clear error for what is not an iterable of batches."""
     if data is None:
         return None
+    if _is_keras_dataset(data):
+        return KerasSequenceBatches(data)
     if isinstance(data, (torch.Tensor, dict)) or not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
         raise ModelpressError(f"{name} must be an iterable of batches (a list, a DataLoader, a generator), not "
                               f"one {type(data).__name__}; to pass a single batch, wrap it in a list: {name}=[batch]")

@@ -216,7 +216,8 @@ def _text_data(folder: str, model, texts: list[str], noise: bool = False):
 
 
 _MODEL_HELP = "an .mpz file, a Hugging Face model folder, a Keras .keras / .h5 file, or 'package.module:attr'"
-_DATA_HELP = "built-in training data: mnist, mnist-image, digits, digits-image"
+_DATA_HELP = ("built-in training data (mnist, mnist-image, digits, digits-image), or an .npz file of your own arrays "
+              "in the layout the model takes: x_train [, y_train, x_val, y_val, x_test, y_test]")
 _TEXT_HELP = ("a UTF-8 text file, paragraphs separated by blank lines, to calibrate, distill and measure a "
               "Hugging Face model on (default: English text from Python's own docs and docstrings, with a copy "
               "whose words are partly random vocabulary words)")
@@ -228,7 +229,7 @@ def _data_for(model: str, net, data_name: str | None, text: Path | None = None) 
     missing stays None."""
     from . import data
 
-    out = {"train_data": None, "calib_data": None, "eval_fn": None, "example": None}
+    out = {"train_data": None, "calib_data": None, "val_data": None, "eval_fn": None, "example": None}
     if text is not None and not Path(model).is_dir():
         raise typer.BadParameter("--text is for a Hugging Face model folder (it needs the folder's tokenizer)",
                                  param_hint="--text")
@@ -238,6 +239,8 @@ def _data_for(model: str, net, data_name: str | None, text: Path | None = None) 
             out["calib_data"], out["train_data"], out["eval_fn"] = _text_data(model, net, texts, noise=text is None)
         if out["calib_data"]:
             out["example"] = out["calib_data"][0]
+    if data_name and data_name.endswith(".npz"):
+        return {**out, **_array_data(Path(data_name))}
     if data_name:
         loaders = {"mnist": lambda: data.mnist5k(False), "mnist-image": lambda: data.mnist5k(True),
                    "digits": lambda: data.digits(False), "digits-image": lambda: data.digits(True)}
@@ -250,6 +253,35 @@ def _data_for(model: str, net, data_name: str | None, text: Path | None = None) 
         out["train_data"] = split.loader(64)
         out["eval_fn"] = lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)}
         out["example"] = split.x_test[:256]
+    return out
+
+
+def _array_data(path: Path) -> dict:
+    """--data FILE.npz: the user's arrays as train_data (with y_train: labels, else self-distillation),
+    val_data (x_val) and an accuracy eval_fn (x_test with y_test). NumPy's loader, without pickles."""
+    import numpy as np
+
+    from . import data
+    from .batches import array_inputs, class_targets
+    from .keras_model import array_batches
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"{path}: not a readable .npz file of arrays ({str(e)[:200]})",
+                                 param_hint="--data") from None
+    if "x_train" not in arrays or any(f"y_{k}" in arrays and f"x_{k}" not in arrays for k in ("train", "val", "test")):
+        raise typer.BadParameter(f"{path} holds {sorted(arrays)[:10]}; it needs x_train, and may hold y_train, "
+                                 "x_val, y_val, x_test, y_test (np.savez(path, x_train=..., y_train=...))",
+                                 param_hint="--data")
+    batches = lambda k, shuffle: array_batches(arrays[f"x_{k}"], arrays.get(f"y_{k}"), 64,  # noqa: E731
+                                               shuffle=shuffle) if f"x_{k}" in arrays else None
+    out = {"train_data": batches("train", True), "val_data": batches("val", False),
+           "example": array_inputs(arrays.get("x_test", arrays["x_train"])[:256])}
+    if "y_test" in arrays:
+        x, y = array_inputs(arrays["x_test"]), class_targets(arrays["y_test"])
+        out["eval_fn"] = lambda m: {"acc": data.accuracy(m, x, y)}
     return out
 
 
@@ -275,7 +307,8 @@ def compress(model: str = typer.Argument(..., help=_MODEL_HELP),
     inputs = _data_for(model, net, data_name, text)
     with Live() as live:
         result = api.compress(net, recipe, train_data=inputs["train_data"], calib_data=inputs["calib_data"],
-                              eval_fn=inputs["eval_fn"], progress=live, on_stage=live.stage)
+                              val_data=inputs["val_data"], eval_fn=inputs["eval_fn"], progress=live,
+                              on_stage=live.stage)
     console.print(result.report.to_rich())
     console.print(f"wrote {out} ({result.save(out):,} bytes)")
 

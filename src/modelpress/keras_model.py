@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .batches import array_inputs, class_targets
 from .errors import ModelpressError
 from .runtime import Int8Linear, register_runtime_module
 
@@ -567,14 +568,11 @@ def array_batches(x, y=None, batch_size: int = 32, *, shuffle: bool = True, seed
     (inputs, targets) reshuffled every epoch as `fit` does (one-hot targets become class indices);
     inputs alone a list of input batches, in order (calibration data). Integer inputs (token ids for an
     Embedding) stay integers, others become float32."""
-    x = np.asarray(x)
-    x = torch.as_tensor(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
+    x = array_inputs(x)
     if y is None:
         return list(x.split(batch_size))
-    y = torch.as_tensor(np.asarray(y))
-    if y.dim() == 2 and y.shape[1] > 1:
-        y = y.argmax(1)
+    y = class_targets(y)
     if len(y) != len(x):
         raise ModelpressError(f"array_batches: {len(x)} inputs but {len(y)} targets")
-    return DataLoader(TensorDataset(x, y.reshape(len(y)).long()), batch_size=batch_size, shuffle=shuffle,
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(seed))
