@@ -129,7 +129,9 @@ def test_the_default_metric_is_measured_on_batches_held_out_of_training_and_cali
     assert where == "16 samples held out of train_data" and metric(net) == {"agreement": 100.0}
     metric, train, calib, where = held_out_metric(net, None, batches)
     assert train is None and len(calib) == 18 and where == "16 samples held out of calib_data"
-    few = batches[:4]
+    metric, train, calib, where = held_out_metric(net, batches[:4], None)  # too few batches: every 10th sample
+    assert len(train) == 4 and sum(len(b[0]) for b in train) == 29 and where == "3 samples held out of train_data"
+    few = batches[:2]
     metric, train, calib, where = held_out_metric(net, few, None)
     assert train is few and where == "calibration/training batches (none could be held out)"
     assert "pass eval_fn" in caplog.text
