@@ -173,11 +173,36 @@ def test_channel_pruning_keeps_residual_channels_aligned():
         assert np.abs(_keras_out(k, x) - torch.softmax(res.model(torch.from_numpy(x)), 1).numpy()).max() < 1e-5
 
 
-def test_branches_that_do_not_join_in_an_add_are_named():
+def test_inception_forks_joined_by_concatenate_convert_prune_and_come_back(tmp_path):
+    keras.utils.set_random_seed(9)
+    inp = keras.Input((12, 12, 3))
+    h = L.Conv2D(8, 3, activation="relu")(inp)  # 10 x 10
+    pooled = L.Conv2D(4, 1, activation="relu")(L.MaxPooling2D(3, strides=1, padding="same")(h))
+    wide = L.Conv2D(6, 3, padding="same", activation="relu")(L.Conv2D(5, 1, activation="relu")(h))
+    h = L.Concatenate()([L.Conv2D(4, 1, activation="relu")(h), wide, pooled, h])  # h itself: a shortcut
+    h = L.Conv2D(12, 3, strides=2, activation="relu")(h)
+    m = keras.Model(inp, L.Dense(5, activation="softmax")(L.GlobalAveragePooling2D()(h)))
+    x = _x(40, (12, 12, 3))
+    t = mp.from_keras(m)
+    assert [type(layer).__name__ for layer in t].count("Cat") == 1 and t[3][3].__class__ is torch.nn.Sequential
+    assert np.abs(_torch_probs(t, x) - _keras_out(m, x)).max() < 1e-5
+    res = mp.compress(m, {"stages": [{"prune": {"granularity": "channel", "sparsity": 0.4}}]},
+                      calib_data=mp.array_batches(x))
+    k = mp.to_keras(res.model, m)
+    assert sum(layer.get_config().get("filters", 0) for layer in k.layers) < 39
+    assert np.abs(_keras_out(k, x) - torch.softmax(res.model(torch.from_numpy(x)), 1).detach().numpy()).max() < 1e-5
+    res.save(tmp_path / "i.mpz")
+    assert np.abs(_keras_out(mp.load(tmp_path / "i.mpz"), x) - _keras_out(k, x)).max() < 1e-5
+
+
+def test_branches_that_do_not_form_forks_are_named():
     inp = keras.Input((8, 8, 2))
     a, b = L.Conv2D(3, 1, name="a")(inp), L.Conv2D(3, 1, name="b")(inp)
-    with pytest.raises(ModelpressError, match=r"'cat' \(Concatenate\) joins branches"):
-        mp.from_keras(keras.Model(inp, L.Concatenate(name="cat")([a, b])))
+    c = L.Conv2D(3, 1, name="c")(a)
+    with pytest.raises(ModelpressError, match=r"'late' \(Add\) joins branches that do not all start at one"):
+        mp.from_keras(keras.Model(inp, L.Add(name="late")([L.Add(name="early")([a, b]), c])))
+    with pytest.raises(ModelpressError, match=r"'cat' \(Concatenate\): only along the channels"):
+        mp.from_keras(keras.Model(inp, L.Concatenate(axis=1, name="cat")([a, b])))
     with pytest.raises(ModelpressError, match="2 outputs"):
         mp.from_keras(keras.Model(inp, [a, b]))
 

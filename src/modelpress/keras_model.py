@@ -1,9 +1,9 @@
 """Keras 3 models in and out.
 
 `from_keras` turns a Keras Sequential model, or a functional model whose forks are joined by `Add`
-(residual blocks), into a `torch.nn.Sequential` of standard layers that computes the same function on
-the same inputs (channels-last images, as Keras takes them); a fork becomes a `Sum` of one Sequential per
-branch. Every technique then applies to it, and its file rebuilds without user code. `to_keras` writes
+(residual blocks) or `Concatenate` (Inception blocks), into a `torch.nn.Sequential` of standard layers
+that computes the same function on the same inputs (channels-last images, as Keras takes them); a fork
+becomes a `Sum` or a `Cat` of one Sequential per branch. Every technique then applies to it, and its file rebuilds without user code. `to_keras` writes
 the compressed weights back into a copy of the Keras model, with smaller layers where channel pruning
 removed units or filters. Weights are read with `get_weights()` and written with `set_weights()`, so no
 Keras backend is assumed (tested on torch).
@@ -83,13 +83,23 @@ class Recurrent(nn.Module):
 
 
 _RNNS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "SimpleRNN": nn.RNN}
+@register_runtime_module
+class Cat(nn.Sequential):
+    """Runs every branch on the same input and concatenates the results along the channels (dim 1): a
+    Keras `Concatenate` that joins the branches of a fork, as in an Inception block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([branch(x) for branch in self], dim=1)
+
+
+_JOINS = {"Add": Sum, "Concatenate": Cat}
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
                 "silu": nn.SiLU, "swish": nn.SiLU, "elu": nn.ELU, "hard_swish": nn.Hardswish,
                 "leaky_relu": lambda: nn.LeakyReLU(0.2)}  # Keras's default slope, not torch's 0.01
 SUPPORTED = ("InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling1D",
              "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
              "GlobalMaxPooling1D", "GlobalMaxPooling2D", "Flatten", "Dropout", "Activation", "ReLU", "Softmax",
-             "BatchNormalization", "Add", "Embedding", *_RNNS)
+             "BatchNormalization", "Embedding", *_JOINS, *_RNNS)
 
 
 @dataclass
@@ -212,37 +222,54 @@ def _build(model) -> _Builder:
 
 
 def _walk(b: _Builder, g: _Graph, t, stop=None):
-    """Convert the layers that follow tensor `t` into `b`, until a tensor that only `stop` takes (the Add
-    that joins the branch being built) or the model's output; returns that tensor. A fork becomes a Sum
-    of one Sequential per branch."""
+    """Convert the layers that follow tensor `t` into `b`, until a tensor that only `stop` takes (the join
+    of the branch being built) or the model's output; returns that tensor. A fork becomes a Sum (joined by
+    an Add) or a Cat (joined by a Concatenate) of one Sequential per branch, in the join's input order."""
     while True:
         users = g.users.get(id(t), [])
         if not users or users == [stop]:
             return t
-        if len(users) == 1 and type(users[0]).__name__ != "Add":
+        if len(users) == 1 and type(users[0]).__name__ not in _JOINS:
             layer = users[0]
             _convert(b, layer, last=g.out(layer) is g.model.outputs[0])
             t = g.out(layer)
             continue
         join = g.meeting(users)
-        if type(join).__name__ != "Add" or any(u is not join and type(u).__name__ == "Add" for u in users):
-            raise ModelpressError(f"Keras layer '{join.name}' ({type(join).__name__}) joins branches that do not all "
-                                  "start at one tensor; only forks joined by an Add convert (residual blocks)")
+        kind = type(join).__name__
+        if kind not in _JOINS or any(u is not join and type(u).__name__ in _JOINS for u in users):
+            raise ModelpressError(f"Keras layer '{join.name}' ({kind}) joins branches that do not all start at one "
+                                  "tensor; only forks joined by an Add or a Concatenate convert")
         subs = []
-        for j, u in enumerate(users):
-            sub = b.branch(j)
-            if u is not join:  # else: the input itself is added (an identity shortcut)
-                _convert(sub, u, last=False)
-                end = _walk(sub, g, g.out(u), stop=join)
-                if not any(end is x for x in g.ins(join)):
-                    raise ModelpressError(f"Keras layer '{u.name}': its branch does not lead to '{join.name}' alone")
+        for x in g.ins(join):  # the branch that ends in each input of the join, in order
+            firsts = [u for u in users if u is not join and id(x._keras_history[0]) in g.reach(u)]
+            if len(firsts) != (x is not t):
+                raise ModelpressError(f"Keras layer '{join.name}' ({kind}): its inputs are not the branches of one "
+                                      "fork, one each")
+            sub = b.branch(len(subs))
+            if firsts:  # else: the fork's tensor itself is an input (an identity shortcut)
+                _convert(sub, firsts[0], last=False)
+                if _walk(sub, g, g.out(firsts[0]), stop=join) is not x:
+                    raise ModelpressError(f"Keras layer '{firsts[0].name}': its branch does not lead to "
+                                          f"'{join.name}' alone")
             subs.append(sub)
-        if len(subs) != len(g.ins(join)) or len({(s.shape, s.flat_from) for s in subs}) != 1:
-            raise ModelpressError(f"Keras layer '{join.name}' (Add): its inputs are not the branches of one fork "
-                                  "with one shape")
-        b.add(Sum(*(nn.Sequential(*s.layers) for s in subs)))
-        b.shape, b.flat_from = subs[0].shape, subs[0].flat_from
+        if len(subs) != len(users) or any(s.flat_from != subs[0].flat_from for s in subs):
+            raise ModelpressError(f"Keras layer '{join.name}' ({kind}): its inputs are not the branches of one fork")
+        b.add(_join(kind, join, subs))
+        b.shape, b.flat_from = (sum(s.shape[0] for s in subs),) + subs[0].shape[1:] if kind == "Concatenate" \
+            else subs[0].shape, subs[0].flat_from
         t = g.out(join)
+
+
+def _join(kind: str, join, subs: list[_Builder]) -> nn.Module:
+    shapes = [s.shape for s in subs]
+    if kind == "Add" and len(set(shapes)) != 1:
+        raise ModelpressError(f"Keras layer '{join.name}' (Add): its inputs' shapes differ: {shapes}")
+    if kind == "Concatenate":
+        axis = join.get_config()["axis"]
+        if axis not in (-1, len(shapes[0])) or len({s[1:] for s in shapes}) != 1 or subs[0].flat_from:
+            raise ModelpressError(f"Keras layer '{join.name}' (Concatenate): only along the channels (axis -1) of "
+                                  f"inputs of one size, not after a Flatten; got axis {axis}, shapes {shapes}")
+    return _JOINS[kind](*(nn.Sequential(*s.layers) for s in subs))
 
 
 def _same(n: int, k: int, s: int, d: int) -> tuple[int, int]:
@@ -388,9 +415,9 @@ def _convert(b: _Builder, layer, last: bool) -> None:
         path = b.add(Recurrent(kind, b.shape[0], cfg["units"], cfg["use_bias"], cfg["return_sequences"]))
         b.links.append(_Link(name, kind, path))
         b.shape = (cfg["units"], b.shape[1]) if cfg["return_sequences"] else (cfg["units"],)
-    elif kind == "Add":  # reached only where the Add's inputs are not the branches of one fork
-        raise ModelpressError(f"Keras layer '{name}' (Add) does not join the branches of one fork; only residual "
-                              "forks (one tensor into branches that an Add joins) convert")
+    elif kind in _JOINS:  # reached only where its inputs are not the branches of one fork
+        raise ModelpressError(f"Keras layer '{name}' ({kind}) does not join the branches of one fork; only forks "
+                              "(one tensor into branches that an Add or a Concatenate joins) convert")
 
 
 def _check_recurrent(kind: str, cfg: dict, name: str, shape: tuple[int, ...]) -> None:
