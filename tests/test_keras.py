@@ -392,3 +392,15 @@ def test_cli_takes_the_users_own_arrays_from_an_npz_file(tmp_path, caplog):
     res = runner.invoke(app, ["compress", str(tmp_path / "m.keras"), "--recipe", "int8", "--data",
                               str(tmp_path / "bad.npz"), "-o", str(tmp_path / "b.mpz")], terminal_width=200)
     assert res.exit_code != 0 and "it needs x_train" in res.output
+
+
+def test_compare_on_a_keras_model_writes_artifacts_that_load_as_keras(tmp_path):
+    keras.utils.set_random_seed(10)
+    m = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(8, 3, activation="relu"), L.Flatten(),
+                          L.Dense(10, activation="softmax")])
+    x = _x(100, (8, 8, 1))
+    c = mp.compare(m, ["int8"], calib_data=mp.array_batches(x, batch_size=20), out_dir=tmp_path, repeats=1)
+    assert [r.name for r in c.rows] == ["original (fp32)", "int8"] and c.rows[1].error is None
+    k = mp.load(tmp_path / "int8.mpz")
+    assert mp.keras_model.is_keras(k) and k.name == m.name
+    assert (_keras_out(k, x).argmax(1) == _keras_out(m, x).argmax(1)).mean() >= 0.95

@@ -93,9 +93,9 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     progress: called as `progress(label, fraction_done)` during long steps.
     on_stage: called with each report row as soon as it is measured.
     """
-    keras_json = None
     if is_keras(model):  # the torch form of a Keras model; to_keras(result.model, model) gives Keras back
-        model, keras_json = from_keras(model), model.to_json()
+        model = from_keras(model)
+    keras_json = getattr(model, "keras_config", None)  # a Keras model's, or one from_keras made
     if not isinstance(model, nn.Module):
         raise ModelpressError(f"model must be a torch.nn.Module or a Keras 3 model. Got {type(model).__name__} "
                               "instead.")

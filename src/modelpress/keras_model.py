@@ -186,6 +186,7 @@ def from_keras(model) -> nn.Sequential:
     b = _build(model)
     torch_model = nn.Sequential(*b.layers)
     torch_model.keras_links = b.links  # for to_keras; not a parameter, not saved
+    torch_model.keras_config = model.to_json()  # compress records it, so that load gives Keras back
     with torch.no_grad():
         for link in b.links:
             _load(torch_model.get_submodule(link.path), link,
