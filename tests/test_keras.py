@@ -195,6 +195,28 @@ def test_inception_forks_joined_by_concatenate_convert_prune_and_come_back(tmp_p
     assert np.abs(_keras_out(mp.load(tmp_path / "i.mpz"), x) - _keras_out(k, x)).max() < 1e-5
 
 
+def test_zero_padding_and_global_max_pooling_convert_and_prune():
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((11, 9, 2))
+    h = L.Conv2D(8, 3, strides=2, activation="relu")(L.ZeroPadding2D(((1, 2), (0, 3)))(inp))
+    h = L.Conv2D(8, 3, activation="relu")(L.ZeroPadding2D(1)(h))
+    m = keras.Model(inp, L.Dense(3)(L.GlobalMaxPooling2D()(h)))
+    x = _x(20, (11, 9, 2))
+    with torch.no_grad():
+        assert np.abs(mp.from_keras(m)(torch.from_numpy(x)).numpy() - _keras_out(m, x)).max() < 1e-5
+    res = mp.compress(m, {"stages": [{"prune": {"granularity": "channel", "sparsity": 0.4}}]},
+                      calib_data=mp.array_batches(x))
+    k = mp.to_keras(res.model, m)
+    assert sum(layer.get_config().get("filters", 0) for layer in k.layers) < 16  # traced through pad and max pool
+    with torch.no_grad():
+        assert np.abs(_keras_out(k, x) - res.model(torch.from_numpy(x)).numpy()).max() < 1e-5
+    seq = keras.Model(inp1 := keras.Input((10, 3)), L.Dense(2)(L.GlobalMaxPooling1D()(L.Conv1D(4, 3)(
+        L.ZeroPadding1D((2, 1))(inp1)))))
+    x1 = _x(5, (10, 3))
+    with torch.no_grad():
+        assert np.abs(mp.from_keras(seq)(torch.from_numpy(x1)).numpy() - _keras_out(seq, x1)).max() < 1e-5
+
+
 def test_branches_that_do_not_form_forks_are_named():
     inp = keras.Input((8, 8, 2))
     a, b = L.Conv2D(3, 1, name="a")(inp), L.Conv2D(3, 1, name="b")(inp)
@@ -241,6 +263,17 @@ def test_what_does_not_convert_is_named():
     strided_same = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, strides=2, padding="same", name="s")])
     with pytest.raises(ModelpressError, match="'s': padding 'same' with strides"):
         mp.from_keras(strided_same)
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = L.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+    net = Subclassed()
+    net(np.ones((2, 4), "float32"))
+    with pytest.raises(ModelpressError, match="is a subclass \\(Subclassed\\) whose call\\(\\)"):
+        mp.from_keras(net)
     with pytest.raises(ModelpressError, match="softmax is supported only as the model's last step"):
         mp.from_keras(keras.Sequential([keras.Input((4,)), L.Dense(3, activation="softmax"), L.Dense(2)]))
 

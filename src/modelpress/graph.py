@@ -107,7 +107,7 @@ _UNARY = {"relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "sigmoid",
           "to", "_to_copy", "detach", "neg", "abs", "exp", "sqrt", "rsqrt", "erf", "lift_fresh_copy",
           "hardtanh_"}
 _POOLS = {"max_pool2d": 2, "avg_pool2d": 2, "adaptive_avg_pool2d": 2, "adaptive_max_pool2d": 2,
-          "max_pool1d": 1, "avg_pool1d": 1, "adaptive_avg_pool1d": 1}
+          "max_pool1d": 1, "avg_pool1d": 1, "adaptive_avg_pool1d": 1, "adaptive_max_pool1d": 1}
 _ELEMENTWISE = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub", "maximum", "minimum", "pow",
                 "clamp", "clamp_min", "clamp_max"}  # tensor operands must broadcast along the channel axis
 _BATCH_NORMS = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
@@ -229,8 +229,12 @@ class _Tracer:
         if op in _UNARY and src is not None:
             return src
         if op in _POOLS and src is not None:
-            if src.axis >= len(shape) - _POOLS[op]:
+            if src.axis >= len(_shape(node.args[0])) - _POOLS[op]:
                 raise _Unknown(f"aten.{op} pools over the channel axis")
+            return [src, None] if op.startswith("adaptive_max") else src  # (values, indices)
+        if op in ("constant_pad_nd", "pad") and src is not None:  # pads the last len(pad) / 2 axes
+            if src.axis >= len(shape) - len(node.args[1]) // 2:
+                raise _Unknown(f"aten.{op} pads the channel axis")
             return src
         if op in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
             if src is None or node.args[1] % len(shape) == src.axis:

@@ -99,7 +99,7 @@ _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh
 SUPPORTED = ("InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling1D",
              "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
              "GlobalMaxPooling1D", "GlobalMaxPooling2D", "Flatten", "Dropout", "Activation", "ReLU", "Softmax",
-             "BatchNormalization", "Embedding", *_JOINS, *_RNNS)
+             "BatchNormalization", "ZeroPadding1D", "ZeroPadding2D", "Embedding", *_JOINS, *_RNNS)
 
 
 @dataclass
@@ -198,6 +198,10 @@ def _build(model) -> _Builder:
     """The torch layers (weights not set) and their links to the Keras layers."""
     if not is_keras(model):
         raise ModelpressError(f"from_keras needs a Keras 3 model; got {type(model).__name__}")
+    if type(model).__name__ not in ("Sequential", "Functional"):
+        raise ModelpressError(f"Keras model '{model.name}' is a subclass ({type(model).__name__}) whose call() wires "
+                              "its layers in Python code, which does not convert; build the same layers as a "
+                              "Sequential or functional model (keras.Model(inputs, outputs)) and copy the weights")
     if not model.built or not getattr(model, "inputs", None):
         raise ModelpressError(f"Keras model '{model.name}' has no known input shape; build it with keras.Input(...) "
                               "as its first layer, or call it once on a batch")
@@ -404,6 +408,14 @@ def _convert(b: _Builder, layer, last: bool) -> None:
         bn = (nn.BatchNorm1d if len(b.shape) < 3 else nn.BatchNorm2d)(b.shape[0], eps=cfg["epsilon"],
                                                                       momentum=1 - cfg["momentum"])
         b.links.append(_Link(name, "bn", b.add(bn)))
+    elif kind.startswith("ZeroPadding"):
+        _check_channels_last(cfg, name)
+        pad = cfg["padding"]  # ((top, bottom), (left, right)) or (left, right)
+        pairs = [tuple(p) for p in pad] if isinstance(pad[0], (list, tuple)) else [tuple(pad)]
+        if len(pairs) != spatial:
+            raise ModelpressError(f"Keras layer '{name}': {kind} on input of shape {b.shape}")
+        b.add((nn.ZeroPad2d if spatial == 2 else nn.ZeroPad1d)(tuple(v for p in reversed(pairs) for v in p)))
+        b.shape = (b.shape[0],) + tuple(n + sum(p) for n, p in zip(b.shape[1:], pairs))
     elif kind == "Embedding":
         if len(b.shape) != 1 or cfg.get("mask_zero"):
             raise ModelpressError(f"Keras layer '{name}': Embedding takes the model's (L,) integer input here, "

@@ -29,7 +29,7 @@ _ALLOWED = {cls.__name__: cls for cls in (
     nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
     nn.Hardswish, nn.ELU, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
     nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Embedding,
+    nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Embedding, nn.ZeroPad1d, nn.ZeroPad2d,
 )}
 # layers that may stand in for a transformers layer (a runtime layer, Conv1D as Linear, or a pruned,
 # smaller layer of the same type)
