@@ -229,12 +229,14 @@ def test_branches_that_do_not_form_forks_are_named():
         mp.from_keras(keras.Model(inp, [a, b]))
 
 
-@pytest.mark.parametrize("rnn", ["LSTM", "GRU", "SimpleRNN"])
+@pytest.mark.parametrize("rnn", ["LSTM", "GRU", "SimpleRNN", "BiLSTM", "BiGRU"])
 def test_text_models_with_embeddings_and_recurrent_layers_convert_and_compress(rnn, tmp_path):
     keras.utils.set_random_seed(8)
+    layer = (lambda *a, **k: L.Bidirectional(getattr(L, rnn[2:])(*a, **k))) if rnn.startswith("Bi") else \
+        getattr(L, rnn)
     inp = keras.Input((12,), dtype="int32")
-    h = getattr(L, rnn)(16, return_sequences=True)(L.Embedding(64, 8)(inp))
-    h = getattr(L, rnn)(16)(L.Conv1D(16, 3, activation="relu")(h))
+    h = layer(16, return_sequences=True)(L.Embedding(64, 8)(inp))
+    h = layer(16)(L.Conv1D(16, 3, activation="relu")(h))
     m = keras.Model(inp, L.Dense(3, activation="softmax")(h))
     rng = np.random.default_rng(0)
     for layer in m.layers:  # nonzero biases, so that their layout is tested too
@@ -246,7 +248,8 @@ def test_text_models_with_embeddings_and_recurrent_layers_convert_and_compress(r
     assert all(np.allclose(a, b, atol=1e-7) for a, b in zip(mp.to_keras(t, m).get_weights(), m.get_weights()))
     res = mp.compress(m, {"stages": [{"quantize": {"bits": 4, "group_size": 16}}]}, calib_data=mp.array_batches(x))
     recurrent = t[2].rnn  # Embedding, Permute, then the first recurrent layer
-    assert type(recurrent).__name__ == {"SimpleRNN": "RNN"}.get(rnn, rnn)
+    assert type(recurrent).__name__ == {"SimpleRNN": "RNN"}.get(rnn, rnn.removeprefix("Bi"))
+    assert recurrent.bidirectional == rnn.startswith("Bi")
     w = res.model[2].rnn.weight_hh_l0.detach()
     assert max(len(torch.unique(g)) for g in w.reshape(-1, 16)) <= 16  # 4-bit groups in the recurrent kernel
     res.save(tmp_path / "t.mpz")

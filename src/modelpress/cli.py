@@ -217,7 +217,8 @@ def _text_data(folder: str, model, texts: list[str], noise: bool = False):
 
 _MODEL_HELP = "an .mpz file, a Hugging Face model folder, a Keras .keras / .h5 file, or 'package.module:attr'"
 _DATA_HELP = ("built-in training data (mnist, mnist-image, digits, digits-image), or an .npz file of your own arrays "
-              "in the layout the model takes: x_train [, y_train, x_val, y_val, x_test, y_test]")
+              "in the layout the model takes: x_train [, y_train, x_val, y_val, x_test, y_test]; x_val is where "
+              "compress's sparsity: auto stops, x_test where accuracy is measured")
 _TEXT_HELP = ("a UTF-8 text file, paragraphs separated by blank lines, to calibrate, distill and measure a "
               "Hugging Face model on (default: English text from Python's own docs and docstrings, with a copy "
               "whose words are partly random vocabulary words)")
@@ -327,6 +328,7 @@ def compare(ctx: typer.Context,
     recipes = list(recipes) + list(ctx.args)
     net = _load_model(model)
     inputs = _data_for(model, net, data_name, text)
+    inputs.pop("val_data")  # compress's stopping data; compare measures every row on eval_fn or held-out data
     if inputs["train_data"] is None and inputs["calib_data"] is None and inputs["example"] is None:
         raise typer.BadParameter("no data to measure the models on: give --data, or a Hugging Face folder with a "
                                  "tokenizer", param_hint="--data")
@@ -355,6 +357,7 @@ def auto(model: str = typer.Argument(..., help=_MODEL_HELP),
 
     net = _load_model(model)
     inputs = _data_for(model, net, data_name, text)
+    inputs.pop("val_data")  # compress's stopping data; auto measures on eval_fn or held-out data
     if inputs["train_data"] is None and inputs["calib_data"] is None:
         raise typer.BadParameter("no data to search with: give --data, or a Hugging Face folder with a tokenizer",
                                  param_hint="--data")

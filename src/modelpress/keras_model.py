@@ -65,21 +65,25 @@ class Sum(nn.Sequential):
 
 @register_runtime_module
 class Recurrent(nn.Module):
-    """A Keras LSTM, GRU or SimpleRNN on the channels-first sequences (B, C, L) the other layers here pass:
-    the last step's output (B, units), or with `return_sequences` every step's (B, units, L)."""
+    """A Keras LSTM, GRU or SimpleRNN (or a Bidirectional one, its two directions' outputs concatenated) on
+    the channels-first sequences (B, C, L) the other layers here pass: the final state (B, units), or with
+    `return_sequences` every step's output (B, units, L)."""
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True,
-                 return_sequences: bool = False):
+                 return_sequences: bool = False, bidirectional: bool = False):
         super().__init__()
         if mode not in _RNNS:
             raise ModelpressError(f"Recurrent: mode {str(mode)[:20]!r} is not one of {sorted(_RNNS)}")
         self.mode, self.input_size, self.hidden_size, self.bias = mode, input_size, hidden_size, bias
-        self.return_sequences = return_sequences
-        self.rnn = _RNNS[mode](input_size, hidden_size, bias=bias, batch_first=True)
+        self.return_sequences, self.bidirectional = return_sequences, bidirectional
+        self.rnn = _RNNS[mode](input_size, hidden_size, bias=bias, batch_first=True, bidirectional=bidirectional)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x.transpose(1, 2))
-        return out.transpose(1, 2) if self.return_sequences else out[:, -1]
+        out, state = self.rnn(x.transpose(1, 2))
+        if self.return_sequences:
+            return out.transpose(1, 2)
+        h = state[0] if isinstance(state, tuple) else state  # an LSTM's (h, c); (directions, B, units)
+        return torch.cat(tuple(h[-2:] if self.bidirectional else h[-1:]), dim=1)
 
 
 _RNNS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "SimpleRNN": nn.RNN}
@@ -99,7 +103,8 @@ _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh
 SUPPORTED = ("InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling1D",
              "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
              "GlobalMaxPooling1D", "GlobalMaxPooling2D", "Flatten", "Dropout", "Activation", "ReLU", "Softmax",
-             "BatchNormalization", "ZeroPadding1D", "ZeroPadding2D", "Embedding", *_JOINS, *_RNNS)
+             "BatchNormalization", "ZeroPadding1D", "ZeroPadding2D", "Embedding", "Bidirectional", *_JOINS,
+             *_RNNS)
 
 
 @dataclass
@@ -423,14 +428,32 @@ def _convert(b: _Builder, layer, last: bool) -> None:
         b.links.append(_Link(name, "embedding", b.add(nn.Embedding(cfg["input_dim"], cfg["output_dim"]))))
         b.add(Permute((0, 2, 1)))  # (B, L, D) -> channels first, as for an input sequence
         b.shape = (cfg["output_dim"], b.shape[0])
-    elif kind in _RNNS:
+    elif kind in _RNNS or kind == "Bidirectional":
+        both = kind == "Bidirectional"
+        if both:
+            kind, cfg = _bidirectional(cfg, name)
         _check_recurrent(kind, cfg, name, b.shape)
-        path = b.add(Recurrent(kind, b.shape[0], cfg["units"], cfg["use_bias"], cfg["return_sequences"]))
+        path = b.add(Recurrent(kind, b.shape[0], cfg["units"], cfg["use_bias"], cfg["return_sequences"], both))
         b.links.append(_Link(name, kind, path))
-        b.shape = (cfg["units"], b.shape[1]) if cfg["return_sequences"] else (cfg["units"],)
+        units = cfg["units"] * (1 + both)
+        b.shape = (units, b.shape[1]) if cfg["return_sequences"] else (units,)
     elif kind in _JOINS:  # reached only where its inputs are not the branches of one fork
         raise ModelpressError(f"Keras layer '{name}' ({kind}) does not join the branches of one fork; only forks "
                               "(one tensor into branches that an Add or a Concatenate joins) convert")
+
+
+def _bidirectional(cfg: dict, name: str) -> tuple[str, dict]:
+    """(kind, config) of a Bidirectional layer's forward layer, if torch's bidirectional RNN computes it:
+    outputs concatenated, and a backward layer that is the forward one reading backwards."""
+    inner, back = cfg.get("layer") or {}, cfg.get("backward_layer") or {}
+    kind, fwd = inner.get("class_name"), dict(inner.get("config") or {})
+    same = {k: v for k, v in (back.get("config") or {}).items() if k not in ("name", "go_backwards")} == \
+        {k: v for k, v in fwd.items() if k not in ("name", "go_backwards")} and back.get("class_name") == kind
+    if kind not in _RNNS or cfg.get("merge_mode") != "concat" or (back and not same):
+        raise ModelpressError(f"Keras layer '{name}' (Bidirectional): a {kind} with merge_mode "
+                              f"'{cfg.get('merge_mode')}'{' and another backward layer' * bool(back and not same)}; "
+                              f"only {', '.join(_RNNS)} with merge_mode 'concat', both directions alike, convert")
+    return kind, fwd
 
 
 def _check_recurrent(kind: str, cfg: dict, name: str, shape: tuple[int, ...]) -> None:
@@ -462,14 +485,16 @@ def _load(m: nn.Module, link: _Link, weights: list[np.ndarray]) -> None:
     if link.kind == "embedding":
         m.weight.copy_(t[0])
         return
-    if link.kind in _RNNS:  # kernel (in, G * units), recurrent kernel (units, G * units), bias
+    if link.kind in _RNNS:  # per direction: kernel (in, G * units), recurrent kernel (units, G * units), bias
         rnn, order = m.rnn, _gate_order(link.kind, m.hidden_size, t[0].shape[1] // m.hidden_size)
-        rnn.weight_ih_l0.copy_(t[0][:, order].T)
-        rnn.weight_hh_l0.copy_(t[1][:, order].T)
-        if len(t) > 2:  # a GRU's (2, 3 * units): the input and the recurrent biases; else one bias
-            bias = t[2] if t[2].dim() == 2 else torch.stack([t[2], torch.zeros_like(t[2])])
-            rnn.bias_ih_l0.copy_(bias[0][order])
-            rnn.bias_hh_l0.copy_(bias[1][order])
+        n = len(t) // (1 + m.bidirectional)
+        for suffix, (ih, hh, *b) in zip(("_l0", "_l0_reverse"), (t[i:i + n] for i in range(0, len(t), n))):
+            getattr(rnn, f"weight_ih{suffix}").copy_(ih[:, order].T)
+            getattr(rnn, f"weight_hh{suffix}").copy_(hh[:, order].T)
+            if b:  # a GRU's (2, 3 * units): the input and the recurrent biases; else one bias
+                bias = b[0] if b[0].dim() == 2 else torch.stack([b[0], torch.zeros_like(b[0])])
+                getattr(rnn, f"bias_ih{suffix}").copy_(bias[0][order])
+                getattr(rnn, f"bias_hh{suffix}").copy_(bias[1][order])
         return
     kernel = t[0]
     if link.kind == "dense":
@@ -534,11 +559,13 @@ def _keras_weights(m: nn.Module, link: _Link) -> list[np.ndarray]:
 def _recurrent_weights(m: Recurrent) -> list[np.ndarray]:
     rnn = m.rnn
     order = _gate_order(m.mode, m.hidden_size, rnn.weight_ih_l0.shape[0] // m.hidden_size)
-    w = lambda t: t.detach().float().cpu()[order]  # noqa: E731
-    out = [w(rnn.weight_ih_l0).T, w(rnn.weight_hh_l0).T]
-    if m.bias:  # a GRU keeps both biases, (2, 3 * units); the others one, their sum
-        b_ih, b_hh = w(rnn.bias_ih_l0), w(rnn.bias_hh_l0)
-        out.append(torch.stack([b_ih, b_hh]) if m.mode == "GRU" else b_ih + b_hh)
+    w = lambda name: getattr(rnn, name).detach().float().cpu()[order]  # noqa: E731
+    out = []
+    for suffix in ("_l0", "_l0_reverse")[:1 + m.bidirectional]:  # forward, then backward
+        out += [w(f"weight_ih{suffix}").T, w(f"weight_hh{suffix}").T]
+        if m.bias:  # a GRU keeps both biases, (2, 3 * units); the others one, their sum
+            b_ih, b_hh = w(f"bias_ih{suffix}"), w(f"bias_hh{suffix}")
+            out.append(torch.stack([b_ih, b_hh]) if m.mode == "GRU" else b_ih + b_hh)
     return [t.contiguous().numpy() for t in out]
 
 
@@ -587,7 +614,10 @@ def keras_from_json(text: str):
 
     try:
         config = json.loads(text)
-        names = [config["class_name"]] + [layer["class_name"] for layer in config["config"]["layers"]]
+        layers = config["config"]["layers"]
+        names = [config["class_name"]] + [layer["class_name"] for layer in layers] + \
+            [layer["config"][k]["class_name"] for layer in layers if layer["class_name"] == "Bidirectional"
+             for k in ("layer", "backward_layer") if layer["config"].get(k)]  # the layers it wraps
     except (ValueError, TypeError, KeyError) as e:
         raise ModelpressError(f"the file's Keras config is not a Keras model config ({type(e).__name__})") from None
     bad = sorted({str(n)[:80] for n in names} - _KERAS_CLASSES)
