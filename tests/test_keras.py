@@ -302,6 +302,24 @@ def test_a_file_naming_other_keras_classes_is_refused(tmp_path):
         mp.load(tmp_path / "evil.mpz", model=torch.nn.Sequential(torch.nn.Linear(4, 3)), keras=True)
 
 
+def test_a_file_whose_bidirectional_wraps_another_class_is_refused(tmp_path):
+    import json
+
+    from modelpress.format import mpz
+
+    keras.utils.set_random_seed(12)
+    m = keras.Sequential([keras.Input((6, 2)), L.Bidirectional(L.GRU(3)), L.Dense(2)])
+    mp.compress(m, {"stages": [{"quantize": {"bits": 8}}]}, calib_data=[torch.randn(8, 6, 2)]).save(tmp_path / "b.mpz")
+    manifest, streams, _ = mpz.read(tmp_path / "b.mpz")
+    config = json.loads(manifest["meta"]["keras"])
+    config["config"]["layers"][1]["config"]["backward_layer"]["class_name"] = "Lambda"
+    manifest["meta"]["keras"] = json.dumps(config)
+    mpz.write(tmp_path / "evil.mpz", manifest, streams)
+    with pytest.raises(ModelpressError, match="does not rebuild: \\['Lambda'\\]"):
+        mp.load(tmp_path / "evil.mpz")
+    assert mp.keras_model.is_keras(mp.load(tmp_path / "b.mpz"))
+
+
 def test_array_batches_take_one_hot_targets():
     x, y = _x(10, (3,)), np.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
     batches = list(mp.array_batches(x, y, batch_size=4, shuffle=False))
