@@ -64,6 +64,15 @@ class Sum(nn.Sequential):
 
 
 @register_runtime_module
+class Cat(nn.Sequential):
+    """Runs every branch on the same input and concatenates the results along the channels (dim 1): a
+    Keras `Concatenate` that joins the branches of a fork, as in an Inception block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([branch(x) for branch in self], dim=1)
+
+
+@register_runtime_module
 class Recurrent(nn.Module):
     """A Keras LSTM, GRU or SimpleRNN (or a Bidirectional one, its two directions' outputs concatenated) on
     the channels-first sequences (B, C, L) the other layers here pass: the final state (B, units), or with
@@ -87,15 +96,6 @@ class Recurrent(nn.Module):
 
 
 _RNNS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "SimpleRNN": nn.RNN}
-@register_runtime_module
-class Cat(nn.Sequential):
-    """Runs every branch on the same input and concatenates the results along the channels (dim 1): a
-    Keras `Concatenate` that joins the branches of a fork, as in an Inception block."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([branch(x) for branch in self], dim=1)
-
-
 _JOINS = {"Add": Sum, "Concatenate": Cat}
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
                 "silu": nn.SiLU, "swish": nn.SiLU, "elu": nn.ELU, "hard_swish": nn.Hardswish,
@@ -112,7 +112,7 @@ class _Link:
     """One Keras layer with weights and the torch module that holds them."""
 
     keras_name: str
-    kind: str                      # dense, conv, depthwise, bn
+    kind: str                      # dense, conv, depthwise, bn, embedding, or LSTM / GRU / SimpleRNN
     path: str                      # the torch module's name in the converted model ("3", or "5.1.0" in a branch)
     flat_from: tuple[int, ...] = ()  # a Dense after Flatten: the (C, H, W) its rows come from
     part: tuple[int, int | None] = (0, None)  # the Keras layer's weights this module holds: get_weights()[a:b]
@@ -133,7 +133,7 @@ class _Builder:
         return f"{self.prefix}{len(self.layers) - 1}"
 
     def branch(self, j: int) -> _Builder:
-        """A builder for branch j of the Sum that will be added next."""
+        """A builder for branch j of the Sum or Cat that will be added next."""
         return _Builder(links=self.links, shape=self.shape, flat_from=self.flat_from,
                         prefix=f"{self.prefix}{len(self.layers)}.{j}.")
 

@@ -40,9 +40,9 @@ def gradual(model: nn.Module, state: CompressionState, run: RunContext, targets:
     With `auto`, after each step the model is measured against `run.teacher` on `run.val_data`, or where
     there is none, on every 10th sample of train_data, held out of pruning and recovery
     (`batches.hold_out`): accuracy points where the batches carry class labels, else points of top-1
-    agreement. One step past `tolerance` is forgiven
-    when the next step's recovery brings it back (a small held-out tenth is noisy); two in a row, or the
-    last step, `restore` the `snapshot` of the last step within it. Where train_data can't be split (an
+    agreement. One step past `tolerance` is forgiven when the next step's recovery brings it back (a small
+    held-out tenth is noisy); two in a row, or the last step, `restore` the `snapshot` of the last step
+    within it. Where train_data can't be split (an
     iterable that is neither a list nor a DataLoader over a dataset), it measures on the training data,
     which lets it go too far."""
     held = run.val_data
