@@ -158,6 +158,15 @@ def test_residual_forks_convert_train_and_go_back_into_keras(tmp_path):
     k = mp.load(tmp_path / "r.mpz")
     assert type(k).__name__ == "Functional" and [type(layer).__name__ for layer in k.layers].count("Add") == 2
     assert np.abs(_keras_out(k, x) - _torch_probs(res.model, x)).max() < 1e-5
+    from modelpress.errors import CorruptStream
+    from modelpress.format import mpz
+
+    manifest, streams, _ = mpz.read(tmp_path / "r.mpz")
+    sums = [node for node in manifest["arch"]["c"] if node["t"] == "Sum"]
+    sums[0]["c"] = []  # a tampered file: a Sum of no branches
+    mpz.write(tmp_path / "empty.mpz", manifest, streams)
+    with pytest.raises(CorruptStream, match="Sum without branches"):
+        mp.load(tmp_path / "empty.mpz", keras=False)
 
 
 def test_channel_pruning_keeps_residual_channels_aligned():

@@ -291,6 +291,8 @@ def _build_tree(spec: Any, depth: int = 0) -> nn.Module:
         kids = spec.get("c")
         if not isinstance(kids, list):
             raise CorruptStream(f"architecture: {spec['t']} without a list of children")
+        if cls is not nn.Sequential and not kids:  # a container of branches runs at least one
+            raise CorruptStream(f"architecture: {spec['t']} without branches")
         seq = cls()
         for k in kids:  # one by one, so the construction bounds stop a huge list early
             seq.append(_build_tree(k, depth + 1))
