@@ -14,7 +14,7 @@ from .batches import check_batches, reusable
 from .context import RunContext
 from .errors import ModelpressError, RecipeError
 from .format import mpz
-from .keras_model import from_keras, is_keras, keras_from_json, to_keras
+from .keras_model import keras_from_json, to_keras, torch_form
 from .pipeline import check_weights, run_pipeline
 from .recipe import Recipe
 from .report import Report, StageRow
@@ -93,8 +93,7 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     progress: called as `progress(label, fraction_done)` during long steps.
     on_stage: called with each report row as soon as it is measured.
     """
-    if is_keras(model):  # the torch form of a Keras model; to_keras(result.model, model) gives Keras back
-        model = from_keras(model)
+    model = torch_form(model)  # a Keras model's: to_keras(result.model, model) gives Keras back
     keras_json = getattr(model, "keras_config", None)  # a Keras model's, or one from_keras made
     if not isinstance(model, nn.Module):
         raise ModelpressError(f"model must be a torch.nn.Module or a Keras 3 model. Got {type(model).__name__} "

@@ -23,7 +23,7 @@ from .api import CompressionResult, compress
 from .batches import call_model, reusable, split_batch
 from .compare import Comparison, Row, compare, held_out_metric
 from .errors import ModelpressError
-from .keras_model import from_keras, is_keras
+from .keras_model import torch_form
 from .measure import latencies
 from .pipeline import evaluate
 from .presets import has_attention
@@ -152,8 +152,7 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
     budget = Budget(max_mb, max_latency_ms, min_ratio)
     if not str(budget):
         raise ModelpressError("auto needs a budget: max_mb, max_latency_ms or min_ratio")
-    if is_keras(model):  # once, to its torch form (which carries the Keras config into the result's file)
-        model = from_keras(model)
+    model = torch_form(model)  # a Keras model converted once
     train_data, calib_data = reusable(train_data, "train_data"), reusable(calib_data, "calib_data")
     data = calib_data if calib_data is not None else train_data
     if data is None and (example is None or eval_fn is None):

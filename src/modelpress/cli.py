@@ -107,9 +107,10 @@ def demo(model: str = typer.Option("lenet-300-100", help="lenet-300-100 or lenet
                   f"outputs bitwise identical: {same}")
 
 
-def _load_model(spec: str, keras: bool = False):
-    """A model from an .mpz file, a Hugging Face model folder, a Keras file (as its torch form, or with
-    `keras` as the Keras model itself), or 'package.module:attr' (a Module or a callable returning one)."""
+def _load_model(spec: str):
+    """A model from an .mpz file, a Hugging Face model folder, a Keras file (as its torch form, which
+    carries the Keras config into the files made from it), or 'package.module:attr' (a Module or a
+    callable returning one)."""
     from torch import nn
 
     from . import api
@@ -117,8 +118,7 @@ def _load_model(spec: str, keras: bool = False):
     if spec.endswith((".keras", ".h5")):
         from .keras_model import from_keras
 
-        net = _keras_file(spec)
-        return net if keras else from_keras(net)
+        return from_keras(_keras_file(spec))
 
     if Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
@@ -304,7 +304,7 @@ def compress(model: str = typer.Argument(..., help=_MODEL_HELP),
     """Compress a model with a recipe and write the artifact."""
     from . import api
 
-    net = _load_model(model, keras=True)
+    net = _load_model(model)
     inputs = _data_for(model, net, data_name, text)
     with Live() as live:
         result = api.compress(net, recipe, train_data=inputs["train_data"], calib_data=inputs["calib_data"],

@@ -25,7 +25,7 @@ from .api import as_recipe, compress
 from .batches import call_model, hold_out, logits_of, reusable, split_batch
 from .errors import ModelpressError
 from .html import render
-from .keras_model import from_keras, is_keras
+from .keras_model import torch_form
 from .measure import latencies, macs, machine_line, weights
 from .pipeline import evaluate
 from .report import fmt_metric
@@ -209,8 +209,7 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
     recipes = list(recipes)
     if not recipes:
         raise ModelpressError("compare needs at least one recipe (a preset name, a YAML file or a mapping)")
-    if is_keras(model):  # once, to its torch form (which carries the Keras config into every artifact)
-        model = from_keras(model)
+    model = torch_form(model)  # a Keras model converted once
     train_data, calib_data = reusable(train_data, "train_data"), reusable(calib_data, "calib_data")
     data = calib_data if calib_data is not None else train_data
     if example is None:

@@ -184,6 +184,12 @@ class _Graph:
                               f"{[u.name for u in users]} never join; models with several outputs do not convert")
 
 
+def torch_form(model: Any) -> Any:
+    """`from_keras(model)` for a Keras model (its torch form carries the Keras config, so that every file
+    made from it loads back as Keras); any other model as it is."""
+    return from_keras(model) if is_keras(model) else model
+
+
 def from_keras(model) -> nn.Sequential:
     """A torch.nn.Sequential computing what the Keras `model` computes (logits where it ends in a softmax),
     taking the same channels-last inputs. Raises ModelpressError naming the first layer that has no exact
