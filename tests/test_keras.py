@@ -450,7 +450,7 @@ def test_cli_takes_the_users_own_arrays_from_an_npz_file(tmp_path, caplog):
         res = runner.invoke(app, ["compress", str(tmp_path / "m.keras"), "--recipe", str(recipe), "--data",
                                   str(tmp_path / "d.npz"), "-o", str(tmp_path / "m.mpz")], terminal_width=200)
     assert res.exit_code == 0, res.output
-    assert "acc" in res.output and "on val_data" in caplog.text  # accuracy on x_test; the stop on x_val
+    assert "acc" in res.output and "samples of val_data" in caplog.text  # accuracy on x_test; the stop on x_val
     np.savez(tmp_path / "bad.npz", y_train=y)
     res = runner.invoke(app, ["compress", str(tmp_path / "m.keras"), "--recipe", "int8", "--data",
                               str(tmp_path / "bad.npz"), "-o", str(tmp_path / "b.mpz")], terminal_width=200)

@@ -11,7 +11,7 @@ from modelpress.data import TinyResNet
 from modelpress.graph import trace
 from modelpress.state import CompressionState
 from modelpress.context import RunContext
-from modelpress.techniques.finetune import train
+from modelpress.techniques.finetune import Lost, train
 from modelpress.techniques.stopping import agp_schedule
 from modelpress.techniques.structured import InputStats, compensate, prune_channels
 
@@ -180,13 +180,13 @@ def test_channel_sparsity_auto_stops_where_held_out_data_says(mlp, toy_data, cap
         widths[tolerance] = (_hidden(model), out["channels_after"], out["sparsity"])
     assert widths[100.0] == (4, 4, 0.95)  # int(0.95 * 64) = 60 of 64 neurons gone
     assert widths[1e-6][0] == widths[1e-6][1] > 4 and widths[1e-6][2] < 0.95  # it stopped earlier
-    assert "on held-out data" in caplog.text
+    assert "samples of held-out data" in caplog.text
 
 
 def test_channel_sparsity_auto_restores_the_last_good_step_whole(mlp, toy_data, monkeypatch, tmp_path):
     from modelpress.techniques import stopping
     script = iter([0.0, 2.0, 3.0])  # points lost after each step; tolerance 1
-    monkeypatch.setattr(stopping, "points_lost", lambda *a, **k: (next(script), "accuracy"))
+    monkeypatch.setattr(stopping, "points_lost", lambda *a, **k: Lost(next(script), 0.0, "accuracy", 100))
     x = torch.randn(5, 20)
     result = mp.compress(mlp, {"stages": [{"prune": {"granularity": "neuron", "sparsity": "auto", "steps": 3,
                                                      "max_sparsity": 0.9, "tolerance": 1.0, "criterion": "l2"}}]},
