@@ -22,8 +22,9 @@ from .stopping import agp_schedule, check_sparsity, gradual
 @register_stage
 class PruneConfig(StageConfig):
     """Pruning single weights to `sparsity` (granularity: element, the default), with recovery training
-    spread over the schedule; `sparsity: auto` stops where the model, measured on a tenth of train_data
-    held out from its training, loses more than `tolerance` points against the original two steps in a row."""
+    spread over the schedule; `sparsity: auto` stops where the model, measured on val_data or a tenth of
+    train_data held out from its training, loses more than `tolerance` points against the original (by more
+    than the noise of that data) two steps in a row."""
 
     key: ClassVar[str] = "prune"
     sparsity: Union[float, Literal["auto"]]
@@ -131,8 +132,9 @@ def prune(model: nn.Module, state: CompressionState, *, sparsity: float | str, c
     labels where batches carry them, or by distillation from the original (`distill`, or no labels).
 
     `sparsity="auto"` follows the AGP schedule towards `max_sparsity` and stops at the last step whose
-    fine-tuned model loses at most `tolerance` points against the original on every 10th sample of
-    train_data, held out from training and scoring (`stopping.gradual`). Returns the sparsity reached.
+    fine-tuned model loses at most `tolerance` points (plus one standard error) against the original on
+    val_data, else on every 10th sample of train_data, held out from training and scoring
+    (`stopping.gradual`). Returns the sparsity reached.
     """
     params = target_params(model, exclude)
     if not params:

@@ -36,7 +36,8 @@ class ChannelPruneConfig(StageConfig):
     them; filter or neuron: conv filters and Linear neurons; head: attention heads). With `refit`, a
     Linear that loses inputs is refitted to its calibration outputs. With `epochs`, pruning goes in
     `steps` steps (AGP) with recovery training after each; `sparsity: auto` stops where the model, measured
-    on a tenth of train_data held out from its training, loses more than `tolerance` points."""
+    on val_data or a tenth of train_data held out from its training, loses more than `tolerance` points (by
+    more than the noise of that data)."""
 
     key: ClassVar[str] = "prune"
     route: ClassVar[dict] = {"granularity": tuple(UNITS)}
@@ -224,7 +225,8 @@ def prune_channels(model: nn.Module, state: CompressionState, *, sparsity: float
     on calibration inputs (`compensate`). With `epochs`, the channels go in `steps` AGP steps, each
     followed by recovery training (labels where batches carry them, else distillation from the
     original); `sparsity="auto"` steps towards `max_sparsity` and keeps the last step that loses at most
-    `tolerance` points on a held-out tenth of train_data (`stopping.gradual`).
+    `tolerance` points (plus one standard error) on val_data or a held-out tenth of train_data
+    (`stopping.gradual`).
 
     `units`: "all" (channels and whole attention heads), "channels" (conv filters and Linear neurons
     only) or "heads" (attention heads only)."""
