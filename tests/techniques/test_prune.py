@@ -130,7 +130,8 @@ def test_sparsity_auto_measures_on_val_data_and_trains_on_all_of_train_data(mlp,
     from modelpress.techniques import stopping
     val = [(torch.randn(32, 20), torch.randint(0, 4, (32,)))]
     seen, trained = [], []
-    monkeypatch.setattr(stopping, "points_lost", lambda model, teacher, data: seen.append(data) or Lost(0.0, 0.0, "accuracy", 32))
+    monkeypatch.setattr(stopping, "points_lost",
+                        lambda model, teacher, data: seen.append(data) or Lost(0.0, 0.0, "accuracy", 32))
     monkeypatch.setattr(stopping, "train", lambda model, state, run, **k: trained.append(run.train_data))
     reached = prune(mlp, CompressionState(), sparsity="auto", max_sparsity=0.9, steps=3, epochs=1,
                     run=RunContext(train_data=toy_data, val_data=val, teacher=mlp))
