@@ -87,6 +87,11 @@ class Recurrent(nn.Module):
         self.return_sequences, self.bidirectional = return_sequences, bidirectional
         self.rnn = _RNNS[mode](input_size, hidden_size, bias=bias, batch_first=True, bidirectional=bidirectional)
 
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """The suffixes of torch's parameter names per direction, forward first: weight_ih_l0, ..._l0_reverse."""
+        return ("_l0", "_l0_reverse")[:1 + self.bidirectional]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, state = self.rnn(x.transpose(1, 2))
         if self.return_sequences:
@@ -453,11 +458,11 @@ def _bidirectional(cfg: dict, name: str) -> tuple[str, dict]:
     outputs concatenated, and a backward layer that is the forward one reading backwards."""
     inner, back = cfg.get("layer") or {}, cfg.get("backward_layer") or {}
     kind, fwd = inner.get("class_name"), dict(inner.get("config") or {})
-    same = {k: v for k, v in (back.get("config") or {}).items() if k not in ("name", "go_backwards")} == \
-        {k: v for k, v in fwd.items() if k not in ("name", "go_backwards")} and back.get("class_name") == kind
-    if kind not in _RNNS or cfg.get("merge_mode") != "concat" or (back and not same):
+    settings = lambda c: {k: v for k, v in c.items() if k not in ("name", "go_backwards")}  # noqa: E731
+    other = bool(back) and (back.get("class_name") != kind or settings(back.get("config") or {}) != settings(fwd))
+    if kind not in _RNNS or cfg.get("merge_mode") != "concat" or other:
         raise ModelpressError(f"Keras layer '{name}' (Bidirectional): a {kind} with merge_mode "
-                              f"'{cfg.get('merge_mode')}'{' and another backward layer' * bool(back and not same)}; "
+                              f"'{cfg.get('merge_mode')}'{' and another backward layer' * other}; "
                               f"only {', '.join(_RNNS)} with merge_mode 'concat', both directions alike, convert")
     return kind, fwd
 
@@ -494,7 +499,7 @@ def _load(m: nn.Module, link: _Link, weights: list[np.ndarray]) -> None:
     if link.kind in _RNNS:  # per direction: kernel (in, G * units), recurrent kernel (units, G * units), bias
         rnn, order = m.rnn, _gate_order(link.kind, m.hidden_size, t[0].shape[1] // m.hidden_size)
         n = len(t) // (1 + m.bidirectional)
-        for suffix, (ih, hh, *b) in zip(("_l0", "_l0_reverse"), (t[i:i + n] for i in range(0, len(t), n))):
+        for suffix, (ih, hh, *b) in zip(m.directions, (t[i:i + n] for i in range(0, len(t), n))):
             getattr(rnn, f"weight_ih{suffix}").copy_(ih[:, order].T)
             getattr(rnn, f"weight_hh{suffix}").copy_(hh[:, order].T)
             if b:  # a GRU's (2, 3 * units): the input and the recurrent biases; else one bias
@@ -567,7 +572,7 @@ def _recurrent_weights(m: Recurrent) -> list[np.ndarray]:
     order = _gate_order(m.mode, m.hidden_size, rnn.weight_ih_l0.shape[0] // m.hidden_size)
     w = lambda name: getattr(rnn, name).detach().float().cpu()[order]  # noqa: E731
     out = []
-    for suffix in ("_l0", "_l0_reverse")[:1 + m.bidirectional]:  # forward, then backward
+    for suffix in m.directions:
         out += [w(f"weight_ih{suffix}").T, w(f"weight_hh{suffix}").T]
         if m.bias:  # a GRU keeps both biases, (2, 3 * units); the others one, their sum
             b_ih, b_hh = w(f"bias_ih{suffix}"), w(f"bias_hh{suffix}")
