@@ -98,13 +98,17 @@ def test_a_users_text_file_calibrates_a_hugging_face_folder(tmp_path, monkeypatc
 
 
 def test_a_decoder_folder_loads_as_the_class_its_config_names(tmp_path):
-    """A LLaMA folder compresses as LlamaForCausalLM, LM head included, and the result generates."""
+    """A LLaMA folder compresses as LlamaForCausalLM, LM head included, and the result generates; its
+    tokenizer has no pad token (as decoders' often do) and the report measures next-token agreement and
+    perplexity on held-out text."""
     transformers = pytest.importorskip("transformers")
     from test_transformers import word_tokenizer
 
     folder = tmp_path / "tiny-llama"
     words = list("abcdefghijklmnopqrstuvwxyz") + ["the", "of"]
-    word_tokenizer(words).save_pretrained(folder)
+    tokenizer = word_tokenizer(words)
+    tokenizer.pad_token, tokenizer.eos_token = None, "[SEP]"
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=len(words) + 5, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2,
@@ -113,6 +117,7 @@ def test_a_decoder_folder_loads_as_the_class_its_config_names(tmp_path):
     out_path = tmp_path / "out.mpz"
     out = runner.invoke(app, ["compress", str(folder), "--recipe", "int8", "-o", str(out_path)], terminal_width=200)
     assert out.exit_code == 0, out.output
+    assert "agree 1.0000" in out.output and "ppl" in out.output  # the original's own agreement, then int8's
     loaded = mp.load(out_path)
     assert type(loaded).__name__ == "LlamaForCausalLM" and "lm_head.weight" in loaded.state_dict()
     tokens = loaded.generate(torch.tensor([[2, 5, 6]]), max_new_tokens=4, do_sample=False, pad_token_id=0)

@@ -45,3 +45,22 @@ def test_fast_on_a_transformers_model_drops_a_layer_then_runs_int8():
     out = result.model
     assert len(out.encoder.layer) == out.config.num_hidden_layers == 1
     assert type(out.encoder.layer[0].attention.self.query).__name__ == "Int8Linear"
+
+
+def test_next_token_fidelity_is_perplexity_and_agreement_on_real_tokens():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    batch = {"input_ids": ids, "attention_mask": mask}
+    fn = data.next_token_fidelity(model, [batch])
+    got = fn(model)
+    with torch.no_grad():  # transformers' own loss: mean cross-entropy over the shifted, unmasked labels
+        loss = model(**batch, labels=ids.masked_fill(mask == 0, -100)).loss
+    assert got["agree"] == 1.0 and got["ppl"] == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+    other = transformers.LlamaForCausalLM(config).eval()  # different random weights
+    worse = fn(other)
+    assert 0.0 <= worse["agree"] < 0.5 and worse["ppl"] > 0

@@ -184,11 +184,11 @@ def _is_zip(path: str) -> bool:
 
 
 def _text_data(folder: str, model, texts: list[str], noise: bool = False):
-    """Calibration batches, training batches and an embedding-fidelity eval_fn from `texts` (paragraphs),
-    for a model folder with a tokenizer: a fifth of them, at most 64, held out to measure; up to 128 of
-    the rest to calibrate; all the rest, batched by length, to distill on, with `noise` beside a copy
-    whose words are 30% random vocabulary words (`data.vocabulary_noise`: built-in text is not the
-    user's domain)."""
+    """Calibration batches, training batches and an eval_fn from `texts` (paragraphs), for a model folder
+    with a tokenizer: a fifth of them, at most 64, held out to measure (embedding fidelity for an encoder;
+    next-token agreement and perplexity for a causal LM); up to 128 of the rest to calibrate; all the
+    rest, batched by length, to distill on, with `noise` beside a copy whose words are 30% random
+    vocabulary words (`data.vocabulary_noise`: built-in text is not the user's domain)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -199,6 +199,8 @@ def _text_data(folder: str, model, texts: list[str], noise: bool = False):
     except Exception as e:  # no tokenizer files: calibration must come another way
         console.print(f"[yellow]no tokenizer in {folder} ({type(e).__name__}); no calibration text[/]")
         return None, None, None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # decoders often have none: batches pad
+        tokenizer.pad_token = tokenizer.eos_token                         # with end-of-text, masked out
     length = min(128, int(getattr(model.config, "max_position_embeddings", 128) or 128),
                  int(getattr(tokenizer, "model_max_length", 128) or 128))
     held = min(64, max(1, len(texts) // 5))
@@ -209,10 +211,15 @@ def _text_data(folder: str, model, texts: list[str], noise: bool = False):
                               max_length=length, by_length=True)
     try:
         with torch.no_grad():
-            model(**held_out[0]).last_hidden_state
-    except Exception:  # not an encoder with hidden states: calibrate, but no built-in metric
+            out = model(**held_out[0])
+    except Exception:  # the held-out batch does not run: calibrate, but no built-in metric
         return calib, train, None
-    return calib, train, data.embedding_fidelity(model, held_out)
+    generates = callable(getattr(model, "can_generate", None)) and model.can_generate()  # not a masked LM
+    if generates and getattr(out, "logits", None) is not None and "input_ids" in held_out[0]:
+        return calib, train, data.next_token_fidelity(model, held_out)  # a causal LM (its head kept)
+    if getattr(out, "last_hidden_state", None) is not None:
+        return calib, train, data.embedding_fidelity(model, held_out)
+    return calib, train, None
 
 
 _MODEL_HELP = "an .mpz file, a Hugging Face model folder, a Keras .keras / .h5 file, or 'package.module:attr'"

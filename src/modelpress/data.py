@@ -270,6 +270,32 @@ def embedding_fidelity(reference: nn.Module, batches: list[dict], k: int = 10):
     return fn
 
 
+def next_token_fidelity(reference: nn.Module, batches: list[dict]):
+    """An eval_fn for causal language models: `agree`, the share of real tokens (attention_mask 1) whose
+    prediction of the next real token is `reference`'s (higher is better, so it comes first and ranks
+    compare's rows), and `ppl`, the perplexity of the text's own next tokens (lower is better)."""
+    refs = [_next_token_logits(reference, b).argmax(-1) for b in batches]
+
+    def fn(model: nn.Module) -> dict[str, float]:
+        same = nll = count = 0.0
+        for b, ref in zip(batches, refs):
+            logits = _next_token_logits(model, b)
+            mask = b["attention_mask"].bool()
+            real = mask[:, 1:] & mask[:, :-1]  # a real token predicted from a real one (either padding side)
+            same += float((logits.argmax(-1) == ref)[real].sum())
+            targets = b["input_ids"][:, 1:][real]
+            nll += float(torch.nn.functional.cross_entropy(logits[real], targets, reduction="sum"))
+            count += float(real.sum())
+        return {"agree": same / max(count, 1.0), "ppl": float(np.exp(nll / max(count, 1.0)))}
+    return fn
+
+
+@torch.no_grad()
+def _next_token_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """A causal LM's float logits at every position but the last: position t predicts token t + 1."""
+    return model(**batch).logits[:, :-1].float()
+
+
 def neighbours(emb: torch.Tensor, k: int = 10) -> torch.Tensor:
     """Indices of each row's `k` most similar other rows (cosine, for L2-normalised rows)."""
     sim = emb @ emb.T
