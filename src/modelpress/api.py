@@ -1,7 +1,6 @@
 """The front door: compress() a model with a recipe, save the result, load() it back."""
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from .context import RunContext
 from .errors import ModelpressError, RecipeError
 from .format import mpz
 from .keras_model import keras_from_json, to_keras, torch_form
-from .pipeline import check_weights, run_pipeline
+from .pipeline import check_weights, float_copy, run_pipeline
 from .recipe import Recipe
 from .report import Report, StageRow
 from .state import CompressionState
@@ -102,7 +101,7 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, *, train_data
     recipe = as_recipe(recipe, model)
     train_data, calib_data = reusable(train_data, "train_data"), reusable(calib_data, "calib_data")
     val_data = reusable(val_data, "val_data")
-    teacher = copy.deepcopy(model).float().cpu().eval()
+    teacher = float_copy(model)
     for p in teacher.parameters():
         p.requires_grad_(False)
     example = check_batches(teacher, train_data, "train_data")

@@ -91,6 +91,11 @@ def check_weights(model: nn.Module) -> None:
             f"the model is a TorchScript module ({type(model).__name__}); its layers are compiled code that "
             "modelpress cannot replace or train. Pass the nn.Module it was made from, with the same weights: "
             "model = MyNet(); model.load_state_dict(scripted.state_dict()); modelpress.compress(model, ...)")
+    method = getattr(model, "quantization_method", None)  # set by transformers' from_pretrained
+    if getattr(model, "is_quantized", False) and str(getattr(method, "value", method)) != "gguf":
+        raise ModelpressError(f"the model was loaded quantized by transformers ({getattr(method, 'value', method)}); "
+                              "modelpress compresses float weights: load it without quantization_config / "
+                              "load_in_8bit / load_in_4bit")
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
         raise ModelpressError(f"the model's weights are on the meta device (not loaded): {_first(meta)}; load real "
@@ -101,6 +106,13 @@ def check_weights(model: nn.Module) -> None:
         raise ModelpressError(f"the model has non-finite values in {len(bad)} tensor(s): {_first(bad)}; every "
                               "technique would spread them (k-means, quantization grids, GPTQ): fix or reload the "
                               "weights first")
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A float32 CPU copy of `model` in eval mode. nn.Module's own conversion: transformers refuses
+    `.float()` on any model it loaded through a quantizer, even a GGUF file's, whose weights it has
+    already dequantized into plain float tensors (check_weights refuses the other quantizers)."""
+    return nn.Module.float(nn.Module.cpu(copy.deepcopy(model))).eval()
 
 
 def nonfinite(model: nn.Module) -> list[str]:
@@ -135,7 +147,7 @@ def run_pipeline(model: nn.Module, recipe: Recipe, run: RunContext, eval_fn: Cal
                  on_stage: Callable[[StageRow], None] | None = None, meta: dict | None = None) -> Outcome:
     """Apply every stage to a copy of `model`; the original is left untouched. `meta` goes into the
     file, so each row's bytes are the exact size of the file saved at that point."""
-    student = copy.deepcopy(model).float().cpu().eval()
+    student = float_copy(model)
     converted = linearize(student)
     for p in student.parameters():
         p.requires_grad_(True)
