@@ -13,9 +13,10 @@ import os
 import re
 import secrets
 import stat
+import tempfile
 import time
 import zlib
-from typing import BinaryIO
+from typing import BinaryIO, Iterable, Iterator
 
 import zstandard
 
@@ -28,7 +29,7 @@ from modelpress.errors import (ChecksumMismatch, FormatError, HeaderTooLarge, In
                                InvalidOffset, NotAModelpressFile, TruncatedFile, UnsupportedVersion)
 
 __all__ = ["MAGIC", "VERSION", "MAX_HEADER_BYTES", "MAX_HEADER_NESTS", "write_container",
-           "read_container", "container_overhead"]
+           "read_container", "container_overhead", "StreamSpool"]
 
 MAGIC = b"\x89MPZ"
 VERSION = 1
@@ -43,9 +44,51 @@ Buffer = bytes | bytearray | memoryview
 _STARTED = time.time()  # temp files older than this process can't be its own saves in progress
 
 
-def write_container(path: str | os.PathLike, manifest: dict, streams: dict[str, bytes]) -> int:
+class StreamSpool:
+    """Streams parked in an unnamed temporary file as they are made, so that a file larger than the memory
+    at hand is assembled without holding its streams: `write_container(path, manifest, spool)` writes
+    them in the order of `order` (default: as added)."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self._at: dict[str, tuple[int, int, int]] = {}  # name -> (offset, length, crc32)
+        self.order: list[str] = []
+
+    def add(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(name, str) or name in self._at:
+            raise ValueError(f"stream name {name!r} is not a new str")
+        view = memoryview(data).cast("B")
+        self._at[name] = (self._file.seek(0, os.SEEK_END), view.nbytes, zlib.crc32(view))
+        self._file.write(view)
+        self.order.append(name)
+
+    def table(self) -> list[list]:
+        if sorted(self.order) != sorted(self._at):
+            raise ValueError("the spool's order must name each stream it holds once")
+        return [[name, self._at[name][1], self._at[name][2]] for name in self.order]
+
+    def chunks(self, size: int = 1 << 22) -> Iterator[bytes]:
+        for name in self.order:
+            offset, left, _ = self._at[name]
+            self._file.seek(offset)
+            while left:
+                chunk = self._file.read(min(size, left))
+                if not chunk:
+                    raise OSError(f"stream {name!r} is cut short in the spool file")
+                left -= len(chunk)
+                yield chunk
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def write_container(path: str | os.PathLike, manifest: dict, streams: dict[str, bytes] | StreamSpool) -> int:
     """Atomically write `manifest` and `streams` to `path`; return the number of bytes written."""
-    prefix, views = _encode(manifest, streams)
+    if isinstance(streams, StreamSpool):
+        table = streams.table()
+        prefix, views = _prefix(manifest, table), streams.chunks()
+    else:
+        prefix, views = _encode(manifest, streams)
     target = os.fsdecode(os.fspath(path))
     directory = os.path.dirname(target) or "."
     _remove_stale_temps(target)
@@ -54,8 +97,9 @@ def write_container(path: str | os.PathLike, manifest: dict, streams: dict[str, 
         with os.fdopen(fd, "wb") as f:
             _lock(f.fileno())  # held until closed: tells other writers this temp file is alive
             f.write(prefix)
+            written = len(prefix)
             for view in views:
-                f.write(view)
+                written += f.write(view)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -64,7 +108,7 @@ def write_container(path: str | os.PathLike, manifest: dict, streams: dict[str, 
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
-    return len(prefix) + sum(v.nbytes for v in views)
+    return written
 
 
 def read_container(source: str | os.PathLike | Buffer) -> tuple[dict, dict[str, bytes]]:
@@ -103,6 +147,12 @@ def _encode(manifest: dict, streams: dict[str, bytes]) -> tuple[bytes, list[memo
         view = memoryview(data).cast("B")
         views.append(view)
         table.append([name, view.nbytes, zlib.crc32(view)])
+    return _prefix(manifest, table), views
+
+
+def _prefix(manifest: dict, table: Iterable[list]) -> bytes:
+    """Everything before the streams: magic, version, header length, header, header checksum."""
+    table = list(table)
     try:
         raw = json.dumps([manifest, table], sort_keys=True, separators=(",", ":"),
                          allow_nan=False, ensure_ascii=False).encode("utf-8")
@@ -121,7 +171,7 @@ def _encode(manifest: dict, streams: dict[str, bytes]) -> tuple[bytes, list[memo
                          f"{_nests(raw)} '[' or '{{', over the caps ({MAX_HEADER_BYTES} bytes, "
                          f"{MAX_HEADER_NESTS} brackets): move bulky data into streams.")
     body = MAGIC + bytes([VERSION]) + _varint(len(header)) + header
-    return body + zlib.crc32(body).to_bytes(4, "little"), views
+    return body + zlib.crc32(body).to_bytes(4, "little")
 
 
 def _nests(raw: bytes) -> int:

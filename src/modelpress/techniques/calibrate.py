@@ -76,6 +76,29 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], calib_data:
     """H = 2/n X^T X of each layer's inputs over the calibration batches, keyed like `layers`: (in, in)
     for a Linear, (groups, k, k) for a Conv1d/Conv2d whose groups each see k inputs."""
     batches = calibration_batches(calib_data, "method: gptq")
+
+    def feed() -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            for i, batch in enumerate(batches):
+                inputs, _ = split_batch(batch)
+                try:
+                    call_model(model, inputs)
+                except Exception as e:
+                    raise ModelpressError(f"calib_data batch {i + 1} could not be passed to the model "
+                                          f"({type(e).__name__}: {e}); {_HOW}") from None
+                if progress is not None:
+                    progress("calibrate", (i + 1) / len(batches))
+        finally:
+            model.train(was_training)
+
+    return hessians_while(layers, feed)
+
+
+@torch.no_grad()
+def hessians_while(layers: dict[str, nn.Module], feed: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """The input Hessians of `layers` (as `collect_hessians`) over whatever `feed()` passes through them."""
     shapes = {name: hessian_shape(m) for name, m in layers.items()}
     sums = {name: torch.zeros(g, k, k, dtype=torch.float64) for name, (g, k) in shapes.items()}
     counts = dict.fromkeys(layers, 0)
@@ -89,22 +112,11 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], calib_data:
         return fn
 
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        for i, batch in enumerate(batches):
-            inputs, _ = split_batch(batch)
-            try:
-                call_model(model, inputs)
-            except Exception as e:
-                raise ModelpressError(f"calib_data batch {i + 1} could not be passed to the model "
-                                      f"({type(e).__name__}: {e}); {_HOW}") from None
-            if progress is not None:
-                progress("calibrate", (i + 1) / len(batches))
+        feed()
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     bad = [name for name, h in sums.items() if not bool(torch.isfinite(h).all())]
     if bad:
         raise ModelpressError(f"calib_data gives non-finite inputs (NaN or Inf) to {len(bad)} layer(s): "

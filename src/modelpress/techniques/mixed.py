@@ -1,8 +1,9 @@
 """Per-layer bit-widths under a size budget, from measured sensitivity.
 
-Each target tensor is quantized alone to the base bit-width (round to nearest) and the change of the
-model's output on a few calibration batches is measured (KL divergence of class probabilities for a
-classifier, relative squared error otherwise). One more bit roughly quarters a tensor's
+Each target tensor is quantized alone to the base bit-width (round to nearest) and either the change of
+the model's output on a few calibration batches is measured (KL divergence of class probabilities for a
+classifier, relative squared error otherwise), or, with no forward pass at all, the change of that
+layer's own output, from its calibration Hessian (what a model compressed one block at a time allows). One more bit roughly quarters a tensor's
 quantization error, so the expected gain of raising a tensor from b to b+1 bits is taken as
 0.75 x sensitivity x 4^-(b - base); bits are handed out greedily by gain per stored bit until
 the budget is spent."""
@@ -53,6 +54,27 @@ def sensitivities(model: nn.Module, params: dict[str, nn.Parameter],
         out[name] = err / len(refs)
         if progress is not None:
             progress("sensitivity", (i + 1) / len(params))
+    return out
+
+
+@torch.no_grad()
+def layer_errors(params: dict[str, nn.Parameter], hessians: dict[str, torch.Tensor],
+                 quantize_fn: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Each tensor's own output error when it alone is quantized, relative to its output's power:
+    tr(dW H dW^T) / tr(W H W^T) with the layer's input Hessian H ((in, in), or (groups, k, k) for a
+    grouped convolution); for a tensor without one (an embedding table), |dW|^2 / |W|^2."""
+    out = {}
+    for name, p in params.items():
+        w = p.detach().double()
+        d = w - quantize_fn(name, p.detach()).double()
+        H = hessians.get(name)
+        if H is None:
+            num, den = (d * d).sum(), (w * w).sum()
+        else:
+            H = H.double() if H.dim() == 3 else H.double()[None]
+            d, w = d.reshape(H.shape[0], -1, H.shape[-1]), w.reshape(H.shape[0], -1, H.shape[-1])
+            num, den = ((d @ H) * d).sum(), ((w @ H) * w).sum()
+        out[name] = float(num / den) if float(den) > 0 else 0.0
     return out
 
 

@@ -16,13 +16,13 @@ from ..context import RunContext
 from ..errors import ModelpressError
 from ..runtime.int8 import Int8Linear
 from ..stage import StageConfig, handles, register_stage
-from ..state import CompressionState, broadcast_scale, split_name
+from ..state import CompressionState, ParamState, broadcast_scale, split_name
 from ..surgery import fixed_layers
 from .calibrate import HESSIAN_LAYERS, calibration_batches, collect_hessians
 from .common import excluded, replace_module, target_params
 from .gptq import gptq
 from .grid import group_scale, quantize_tensor, symmetric_scale
-from .mixed import allocate, sensitivities
+from .mixed import allocate, layer_errors, sensitivities
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class QuantizeConfig(StageConfig):
     include_bias: bool = False
     avg_bits: Optional[float] = Field(default=None, gt=0.0, le=8.0)    # per-layer bits: mean code bits per weight
     budget_mb: Optional[float] = Field(default=None, gt=0.0, le=10**7)  # per-layer bits: file size budget
+    sensitivity: Literal["output", "layer"] = "output"  # per-layer bits: the model's output, or each layer's
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeConfig":
@@ -66,7 +67,8 @@ class QuantizeConfig(StageConfig):
 def _apply(model: nn.Module, state: CompressionState, cfg: QuantizeConfig, run: RunContext) -> None:
     quantize(model, state, bits=cfg.bits, per_channel=cfg.per_channel, group_size=cfg.group_size,
              method=cfg.method, activations=cfg.activations, embeddings=cfg.embeddings,
-             avg_bits=cfg.avg_bits, budget_mb=cfg.budget_mb, include_bias=cfg.include_bias,
+             avg_bits=cfg.avg_bits, budget_mb=cfg.budget_mb, sensitivity=cfg.sensitivity,
+             include_bias=cfg.include_bias,
              exclude=run.excluded(cfg), calib_data=run.calib_data, progress=run.progress)
 
 
@@ -88,85 +90,116 @@ def quant_targets(model: nn.Module, exclude: Iterable[str], *, bias: bool, embed
 def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channel: bool = True,
              group_size: int | None = None, method: str = "rtn", activations: str = "none",
              embeddings: bool = True, include_bias: bool = False, exclude: tuple[str, ...] = (),
-             avg_bits: float | None = None, budget_mb: float | None = None,
+             avg_bits: float | None = None, budget_mb: float | None = None, sensitivity: str = "output",
              calib_data: Iterable | None = None, progress: Callable[[str, float], None] | None = None) -> None:
     """Snap target weights (or their codebooks) to a uniform grid of `bits` bits, or of per-tensor
-    bits chosen by measured sensitivity when `avg_bits` or `budget_mb` is given."""
+    bits chosen by measured sensitivity (`sensitivity`: "output" or "layer", see `mixed.py`) when
+    `avg_bits` or `budget_mb` is given."""
     params = quant_targets(model, exclude, bias=include_bias, embeddings=embeddings)
     if not params:
         raise ModelpressError("quantize: the model has no Linear, Conv or Embedding layer left after 'exclude'; "
                               "nothing to quantize")
-    widths = dict.fromkeys(params, bits)
-    if avg_bits is not None or budget_mb is not None:
-        widths = mixed_bits(model, params, bits, group_size, avg_bits, budget_mb, calib_data, progress)
+    if method == "gptq" and not per_channel:
+        raise ModelpressError("quantize: method 'gptq' solves per output channel; with per_channel=False use "
+                              "method 'rtn'")
+    mixed = avg_bits is not None or budget_mb is not None
+    budget = bit_budget(model, params, bits, group_size, avg_bits, budget_mb) if mixed else None
     hessians = {}
-    if method == "gptq":
-        if not per_channel:
-            raise ModelpressError("quantize: method 'gptq' solves per output channel; with per_channel=False use "
-                                  "method 'rtn'")
-        owners = {n: model.get_submodule(split_name(n)[0]) for n in params if n.endswith(".weight")}
-        solved = {n: m for n, m in owners.items() if isinstance(m, HESSIAN_LAYERS) and m.weight is params[n]}
-        rest = [n for n in params if n not in solved and state.get(n).codebook is None]
-        if rest:
+    if method == "gptq" or mixed and sensitivity == "layer":
+        layers = hessian_layers(model, params)
+        rest = [n for n in params if n not in layers and state.get(n).codebook is None]
+        if rest and method == "gptq":
             log.info("quantize: GPTQ solves Linear, Conv1d and Conv2d layers; %d other tensor(s) are rounded to "
                      "nearest: %s", len(rest), ", ".join(rest[:6]) + (", ..." if len(rest) > 6 else ""))
-        hessians = collect_hessians(model, solved, calib_data, progress=progress)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(params.items()):
-            st = state.get(name)
-            if st.codebook is not None:  # clustered: snap the shared values, so codes stay shared
-                s = symmetric_scale(st.codebook, bits, per_channel=False)
-                st.codebook = quantize_tensor(st.codebook, s, bits).float() * s
-                p.copy_(st.codebook[st.codes] * (st.mask if st.mask is not None else 1))
-                continue
-            group = _group_for(p, group_size)
-            b = widths[name]
-            if name in hessians and per_channel:
-                st.codes, st.scale = gptq(p.detach(), hessians.pop(name), b, group, mask=st.mask)
-            elif p.dim() > 1 and per_channel:
-                st.scale = group_scale(p, b, group)
-                st.codes = quantize_tensor(p, st.scale, b, group)
-            else:
-                group = None
-                st.scale = symmetric_scale(p, b, per_channel=False)
-                st.codes = quantize_tensor(p, st.scale, b)
-            st.bits, st.group = b, group
-            w = st.codes.float() * broadcast_scale(st.scale, p, group)
-            p.copy_(w if st.mask is None else w * st.mask)
-            if progress is not None:
-                progress(f"quantize {bits}-bit", (i + 1) / len(params))
+        hessians = collect_hessians(model, layers, calib_data, progress=progress)
+    widths = dict.fromkeys(params, bits)
+    if mixed:
+        widths = mixed_bits(model, params, bits, group_size, budget, calib_data, progress,
+                            hessians if sensitivity == "layer" else None)
+    if method != "gptq":
+        hessians = {}
+    for i, (name, p) in enumerate(params.items()):
+        st = state.get(name)
+        quantize_param(p, st, bits if st.codebook is not None else widths[name], group_size, hessians.pop(name, None),
+                       per_channel)
+        if progress is not None:
+            progress(f"quantize {bits}-bit", (i + 1) / len(params))
     if activations == "int8":
         to_int8_linear(model, state)
 
 
+@torch.no_grad()
+def quantize_param(p: nn.Parameter, st: ParamState, bits: int, group_size: int | None, hessian: torch.Tensor | None,
+                   per_channel: bool = True) -> None:
+    """Snap one parameter to its grid in place (GPTQ when its input Hessian is given), recording codes and
+    scales in `st`; a clustered tensor's codebook is snapped instead, so its codes stay shared."""
+    if st.codebook is not None:
+        s = symmetric_scale(st.codebook, bits, per_channel=False)
+        st.codebook = quantize_tensor(st.codebook, s, bits).float() * s
+        p.copy_(st.codebook[st.codes] * (st.mask if st.mask is not None else 1))
+        return
+    group = _group_for(p, group_size)
+    if hessian is not None and per_channel:
+        st.codes, st.scale = gptq(p.detach(), hessian, bits, group, mask=st.mask)
+    elif p.dim() > 1 and per_channel:
+        st.scale = group_scale(p, bits, group)
+        st.codes = quantize_tensor(p, st.scale, bits, group)
+    else:
+        group = None
+        st.scale = symmetric_scale(p, bits, per_channel=False)
+        st.codes = quantize_tensor(p, st.scale, bits)
+    st.bits, st.group = bits, group
+    w = st.codes.float() * broadcast_scale(st.scale, p, group)
+    p.copy_(w if st.mask is None else w * st.mask)
+
+
+def hessian_layers(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
+    """The layers whose input Hessian is collected: each Linear, Conv1d and Conv2d owning a target weight."""
+    owners = {n: model.get_submodule(split_name(n)[0]) for n in params if n.endswith(".weight")}
+    return {n: m for n, m in owners.items() if isinstance(m, HESSIAN_LAYERS) and m.weight is params[n]}
+
+
 def mixed_bits(model: nn.Module, params: dict[str, nn.Parameter], bits: int, group_size: int | None,
-               avg_bits: float | None, budget_mb: float | None, calib_data: Iterable | None,
-               progress: Callable[[str, float], None] | None) -> dict[str, int]:
-    """Bits per tensor under the tighter of the two budgets (code bits only; scales and the
-    tensors left in float are subtracted from `budget_mb` first)."""
-    batches = calibration_batches(calib_data, "per-layer bits (avg_bits / budget_mb)")[:2]
-    sizes = {k: p.numel() for k, p in params.items()}
+               budget: float, calib_data: Iterable | None, progress: Callable[[str, float], None] | None,
+               hessians: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Bits per tensor within `budget` code bits (`bit_budget`); sensitivities from each layer's
+    Hessian when `hessians` is given, else from the model's output."""
+    rtn = rounder(bits, group_size)
+    if hessians is not None:
+        sens = layer_errors(params, hessians, rtn)
+    else:
+        batches = calibration_batches(calib_data, "per-layer bits (avg_bits / budget_mb)")[:2]
+        sens = sensitivities(model, params, rtn, batches, progress)
+    widths = allocate({k: p.numel() for k, p in params.items()}, sens, bits, budget)
+    log.info("per-layer bits: %s", widths)
+    return widths
+
+
+def bit_budget(model: nn.Module, params: dict[str, nn.Parameter], bits: int, group_size: int | None,
+               avg_bits: float | None, budget_mb: float | None) -> float:
+    """The code bits the target tensors may take: `avg_bits` per weight, and within `budget_mb` once
+    the scales and the tensors left in float are paid for (shapes only: works on a meta model)."""
+    n = sum(p.numel() for p in params.values())
     budget = float("inf")
     if avg_bits is not None:
-        budget = avg_bits * sum(sizes.values())
+        budget = avg_bits * n
     if budget_mb is not None:
         scales = sum(_n_scales(p, group_size) for p in params.values())
         rest = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in params)
         budget = min(budget, budget_mb * 8e6 - 16 * scales - 8 * rest)
-    if budget < bits * sum(sizes.values()):
+    if budget < bits * n:
         raise ModelpressError(f"quantize: the size budget ({budget_mb} MB / avg_bits {avg_bits}) is smaller than "
                               f"{bits} bits for every weight; lower 'bits' or raise the budget")
-    g = {k: _group_for(p, group_size) for k, p in params.items()}
+    return budget
 
+
+def rounder(bits: int, group_size: int | None) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """Round to nearest at `bits` (per group of `group_size`, as the tensor would be), dequantized."""
     def rtn(name: str, w: torch.Tensor) -> torch.Tensor:
-        group = g[name]
+        group = _group_for(w, group_size)
         scale = group_scale(w, bits, group)
         return quantize_tensor(w, scale, bits, group).float() * broadcast_scale(scale, w, group)
-
-    sens = sensitivities(model, params, rtn, batches, progress)
-    widths = allocate(sizes, sens, bits, budget)
-    log.info("per-layer bits: %s", widths)
-    return widths
+    return rtn
 
 
 def _group_for(p: torch.Tensor, group_size: int | None) -> int | None:
