@@ -184,20 +184,24 @@ def test_fast_takes_the_form_that_fits_the_model():
     assert mp.Recipe.preset("fast", torch.nn.Linear(2, 2)).to_dict()["stages"][0]["prune"]["sparsity"] == 0.6
 
 
-def test_a_model_transformers_loaded_from_gguf_compresses_and_other_quantizers_are_refused():
+def test_a_model_transformers_loaded_from_gguf_compresses_and_other_quantizers_are_refused(tmp_path):
     """A GGUF file's weights load dequantized into float tensors but transformers marks the model quantized
-    and refuses .float(); another quantizer's model has no float weights to compress."""
+    (and its config names the .gguf file) and refuses .float(); another quantizer's model has no float
+    weights to compress."""
     cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.is_quantized, model.quantization_method = True, transformers.utils.quantization_config.QuantizationMethod.GGUF
+    model.config.quantization_config = transformers.utils.quantization_config.GgufConfig(gguf_file="model.Q4_1.gguf")
     with pytest.raises(ValueError, match="not supported for quantized model"):
         model.float()  # what compress used to call on the teacher's copy
     data = [b["input_ids"] for b in batches()]
     result = mp.compress(model, "int8", calib_data=data)
+    result.save(tmp_path / "m.mpz")  # the file's config names no .gguf file (the guard refuses one that does)
     with torch.no_grad():
-        ref, out = model(data[0]).logits, result.model(data[0]).logits
+        ref, out = model(data[0]).logits, mp.load(tmp_path / "m.mpz")(data[0]).logits
     assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
+    assert model.config.quantization_config is not None  # the user's model is left as it was
     model.quantization_method = transformers.utils.quantization_config.QuantizationMethod.BITS_AND_BYTES
     with pytest.raises(mp.ModelpressError, match=r"loaded quantized by transformers \(bitsandbytes\)"):
         mp.compress(model, "int8", calib_data=data)

@@ -91,9 +91,9 @@ def check_weights(model: nn.Module) -> None:
             f"the model is a TorchScript module ({type(model).__name__}); its layers are compiled code that "
             "modelpress cannot replace or train. Pass the nn.Module it was made from, with the same weights: "
             "model = MyNet(); model.load_state_dict(scripted.state_dict()); modelpress.compress(model, ...)")
-    method = getattr(model, "quantization_method", None)  # set by transformers' from_pretrained
-    if getattr(model, "is_quantized", False) and str(getattr(method, "value", method)) != "gguf":
-        raise ModelpressError(f"the model was loaded quantized by transformers ({getattr(method, 'value', method)}); "
+    method = _quantizer(model)
+    if getattr(model, "is_quantized", False) and method != "gguf":
+        raise ModelpressError(f"the model was loaded quantized by transformers ({method}); "
                               "modelpress compresses float weights: load it without quantization_config / "
                               "load_in_8bit / load_in_4bit")
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -108,11 +108,24 @@ def check_weights(model: nn.Module) -> None:
                               "weights first")
 
 
+def _quantizer(model: nn.Module) -> str | None:
+    """The quantization method transformers' from_pretrained marked the model with ('gguf', ...), if any."""
+    method = getattr(model, "quantization_method", None)
+    return None if method is None else str(getattr(method, "value", method))
+
+
 def float_copy(model: nn.Module) -> nn.Module:
     """A float32 CPU copy of `model` in eval mode. nn.Module's own conversion: transformers refuses
     `.float()` on any model it loaded through a quantizer, even a GGUF file's, whose weights it has
-    already dequantized into plain float tensors (check_weights refuses the other quantizers)."""
-    return nn.Module.float(nn.Module.cpu(copy.deepcopy(model))).eval()
+    already dequantized into plain float tensors (check_weights refuses the other quantizers). The copy
+    of a GGUF-loaded model forgets the file: its config would name it, and a file that names another
+    file to load is refused (format/guard.py)."""
+    out = nn.Module.float(nn.Module.cpu(copy.deepcopy(model))).eval()
+    if getattr(out, "is_quantized", False) and _quantizer(out) == "gguf":
+        out.is_quantized, out.quantization_method, out.hf_quantizer = False, None, None
+        if getattr(getattr(out, "config", None), "quantization_config", None) is not None:
+            del out.config.quantization_config
+    return out
 
 
 def nonfinite(model: nn.Module) -> list[str]:
