@@ -14,7 +14,7 @@ LAYERS = [
     {"format", "runtime", "graph", "measure", "report", "surgery", "forms", "keras_model"},
     {"techniques"},
     {"recipe"},
-    {"pipeline"},
+    {"pipeline", "sequential"},
     {"api", "export", "html"},
     {"compare", "data"},
     {"auto"},

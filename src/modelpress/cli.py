@@ -125,7 +125,9 @@ def _load_model(spec: str):
             raise typer.BadParameter(f"{spec} is a folder without config.json, not a Hugging Face model folder",
                                      param_hint="MODEL")
         try:  # a folder may come from anyone too: never its code, never the network
-            return _hf_class(Path(spec)).from_pretrained(spec, local_files_only=True, trust_remote_code=False).eval()
+            from .sequential import hf_class
+
+            return hf_class(Path(spec)).from_pretrained(spec, local_files_only=True, trust_remote_code=False).eval()
         except (OSError, ValueError) as e:
             raise ModelpressError(f"{spec}: cannot load the Hugging Face model in this folder: {e}") from None
     if spec.endswith(".mpz") or Path(spec).is_file():
@@ -160,22 +162,6 @@ def _keras_file(spec: str):
         return keras.saving.load_model(spec, compile=False, safe_mode=True)
     except Exception as e:  # Keras raises many kinds for a file it cannot read
         raise ModelpressError(f"{spec}: Keras cannot load this file ({type(e).__name__}: {str(e)[:300]})") from None
-
-
-def _hf_class(folder: Path):
-    """The transformers class a model folder's config names (`architectures`, e.g. LlamaForCausalLM, so
-    that a decoder keeps its LM head), if transformers has it; else AutoModel."""
-    import json
-
-    import transformers
-    from transformers import AutoModel
-
-    try:
-        names = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        names = []
-    cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
-    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else AutoModel
 
 
 def _is_zip(path: str) -> bool:

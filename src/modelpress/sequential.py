@@ -29,7 +29,7 @@ from .errors import ModelpressError
 from .format import arch
 from .format.codecs import encode_tensor
 from .format.container import StreamSpool, write_container
-from .format.mpz import FORMAT_NAME
+from .format.mpz import FORMAT_NAME, release_freed_memory
 from .recipe import Recipe
 from .state import ParamState
 from .techniques.calibrate import calibration_batches, hessians_while
@@ -94,15 +94,29 @@ def quantize_stage(recipe: Recipe) -> QuantizeConfig:
     return cfg
 
 
+def hf_class(folder: Path):
+    """The transformers class a model folder's config names (`architectures`, e.g. LlamaForCausalLM, so
+    that a decoder keeps its LM head), if transformers has it; else AutoModel."""
+    import transformers
+    from transformers import AutoModel
+
+    try:
+        names = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        names = []
+    cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else AutoModel
+
+
 def skeleton(folder: str | os.PathLike) -> nn.Module:
     """The model the folder's config names (its `architectures` class), on the meta device: no memory."""
     from transformers import AutoConfig
 
-    from .cli import _hf_class
-
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    cls = hf_class(Path(folder))
     with torch.device("meta"):
-        model = _hf_class(Path(folder))._from_config(config, dtype=torch.float32)
+        model = cls._from_config(config, dtype=torch.float32) if hasattr(cls, "_from_config") \
+            else cls.from_config(config, dtype=torch.float32)
     return model.eval()
 
 
@@ -235,6 +249,7 @@ def release(module: nn.Module) -> None:
     """Send a materialized part back to the meta device (its memory goes)."""
     module.to_empty(device="meta")
     gc.collect()
+    release_freed_memory()
 
 
 class _Stop(Exception):
@@ -379,7 +394,7 @@ def compress_sequential(folder: str | os.PathLike, recipe: Recipe, calib_data: I
         for n in names:  # each target quantized, coded and let go before the next
             state[n] = ParamState()
             quantize_param(run.tensor(n), state[n], widths[n], cfg.group_size,
-                           hess.pop(n, None) if cfg.method == "gptq" else None, cfg.per_channel)
+                           hess.pop(n, None) if cfg.method == "gptq" else None, cfg.per_channel, write_back=False)
             encode(n)
             run.drop(n)
         for n in sorted(shapes):

@@ -149,10 +149,23 @@ def _sqrt_table(counts: np.ndarray) -> np.ndarray:
     return best[1]
 
 
+_SLICE = 1 << 22  # symbols counted at once
+
+
 def _encode_ans(x: np.ndarray) -> bytes:
     """Method byte (+ table codes' orders), split exp-Golomb table, rANS words."""
-    present, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    m = len(present)
+    # x holds ints in [0, 2**16): count them in a table, not by sorting (np.unique took ~80 bytes a symbol), a
+    # slice at a time (bincount widens its input to int64)
+    size = int(x.max()) + 1
+    counts = sum(np.bincount(x[i:i + _SLICE], minlength=size) for i in range(0, len(x), _SLICE))
+    present = np.flatnonzero(counts)
+    counts, m = counts[present], len(present)
+    if m == present[-1] + 1:  # every symbol up to the largest occurs: the symbols are their own indices
+        inverse = x
+    else:
+        lut = np.zeros(present[-1] + 1, np.int32)
+        lut[present] = np.arange(m, dtype=np.int32)
+        inverse = lut[x]
     gaps = np.diff(present, prepend=-1) - 1
     kg = 3 if present[-1] == m - 1 else min(range(3), key=lambda k: _eg_len(gaps, k))
     v = _sqrt_table(counts)
@@ -162,7 +175,7 @@ def _encode_ans(x: np.ndarray) -> bytes:
                            _eg_write(vals, kv)])
     model = constriction.stream.model.Categorical(v.astype(np.float64) ** 2, perfect=False)
     coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(inverse.astype(np.int32), model)
+    coder.encode_reverse(np.ascontiguousarray(inverse, dtype=np.int32), model)
     head = (_ANS + delta) << 5 | kg << 3 | kv
     return bytes([head]) + np.packbits(bits).tobytes() + _ans_bytes(coder)
 
@@ -170,17 +183,19 @@ def _encode_ans(x: np.ndarray) -> bytes:
 def encode_symbols(symbols: np.ndarray) -> bytes:
     """Code a 1-D array of ints in [0, 2**16) with the cheapest of constant / bit packing /
     ANS with the empirical table. The first byte tags the method; the count is not stored."""
-    x = np.asarray(symbols).ravel().astype(np.int64)
+    x = np.asarray(symbols).ravel()
     if len(x) and (x.min() < 0 or x.max() >= _MAX_ALPHABET):
         raise ValueError("symbols must lie in [0, 2**16)")
     if len(x) == 0 or x.min() == x.max():                # symbol < 31 fits in the method byte
         sym = int(x[0]) if len(x) else 0
         return bytes([_CONST << 5 | min(sym, 31)]) + (sym.to_bytes(2, "little") if sym >= 31 else b"")
+    x = x.astype(np.int32, copy=False)  # 4 bytes a symbol: a large tensor's codes are coded in one stream
     w = int(x.max()).bit_length()
-    bits = np.unpackbits(x.astype(">u2").view(np.uint8)).reshape(-1, 16)[:, 16 - w:]
-    packed = bytes([_PACK << 5 | w]) + np.packbits(bits).tobytes()
     coded = _encode_ans(x)
-    return coded if len(coded) < len(packed) else packed
+    if len(coded) < 1 + -(-len(x) * w // 8):  # shorter than bit packing would be
+        return coded
+    bits = np.unpackbits(x.astype(">u2").view(np.uint8)).reshape(-1, 16)[:, 16 - w:]
+    return bytes([_PACK << 5 | w]) + np.packbits(bits).tobytes()
 
 
 def decode_symbols(data: bytes, count: int) -> np.ndarray:

@@ -185,11 +185,11 @@ def from_parts(manifest: dict, streams: dict[str, bytes], size: int, model: nn.M
     streams.clear()
     if packed:
         sparsify(model)
-    _release_freed_memory()
+    release_freed_memory()
     return model.eval()
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand the memory freed while decoding (the skeleton's fp32 weights, the streams, decode buffers) back
     to the OS. glibc keeps freed blocks of the sizes it has seen for reuse, which left a loaded int8
     MiniLM holding 96 MiB more than its 20 MiB file instead of 31 MiB."""

@@ -59,7 +59,7 @@ class Grid:
     def encode(self, key: str, t: torch.Tensor, st: ParamState, entry: dict) -> tuple[dict, dict[str, bytes]]:
         mask = st.mask if st.mask is not None and not bool(st.mask.all()) else None
         qmax = 2 ** (st.bits - 1) - 1
-        codes = st.codes.to(torch.int64) + qmax  # non-negative symbols; qmax means 0
+        codes = st.codes.to(torch.int32) + qmax  # non-negative symbols; qmax means 0
         entry.update(kind="q", bits=int(st.bits), nscale=int(st.scale.numel()))
         if st.group is not None and st.scale.dim() == 2:
             entry["group"] = int(st.group)

@@ -126,5 +126,9 @@ def hessians_while(layers: dict[str, nn.Module], feed: Callable[[], object]) -> 
     if unseen:
         log.warning("no calibration input reached %d layer(s) (%s); they are rounded to nearest instead",
                     len(unseen), ", ".join(unseen[:5]))
-    return {name: 2 * (sums[name][0] if isinstance(layers[name], nn.Linear) else sums[name]) / n
-            for name, n in counts.items() if n > 0}
+    out = {}
+    for name, n in counts.items():  # 2/n X^T X in place, each sum let go as it is done: no second copy of them all
+        h = sums.pop(name)
+        if n > 0:
+            out[name] = (h[0] if isinstance(layers[name], nn.Linear) else h).mul_(2).div_(n)
+    return out

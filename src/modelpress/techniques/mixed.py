@@ -20,6 +20,7 @@ from ..batches import call_model, logits_of, split_batch
 from ..errors import ModelpressError
 
 MAX_BITS = 8
+ROWS = 4096  # output rows per step of layer_errors
 
 
 @torch.no_grad()
@@ -65,16 +66,20 @@ def layer_errors(params: dict[str, nn.Parameter], hessians: dict[str, torch.Tens
     grouped convolution); for a tensor without one (an embedding table), |dW|^2 / |W|^2."""
     out = {}
     for name, p in params.items():
-        w = p.detach().double()
-        d = w - quantize_fn(name, p.detach()).double()
         H = hessians.get(name)
-        if H is None:
-            num, den = (d * d).sum(), (w * w).sum()
-        else:
+        if H is not None:
             H = H.double() if H.dim() == 3 else H.double()[None]
-            d, w = d.reshape(H.shape[0], -1, H.shape[-1]), w.reshape(H.shape[0], -1, H.shape[-1])
-            num, den = ((d @ H) * d).sum(), ((w @ H) * w).sum()
-        out[name] = float(num / den) if float(den) > 0 else 0.0
+        num = den = 0.0
+        rows = p.detach().split(ROWS) if p.dim() > 1 and (H is None or H.shape[0] == 1) else [p.detach()]
+        for w in rows:  # rows are independent (per-row or per-group grids): a few at a time bounds the memory
+            d = w.double() - quantize_fn(name, w).double()
+            w = w.double()
+            if H is None:
+                num, den = num + float((d * d).sum()), den + float((w * w).sum())
+            else:
+                d, w = d.reshape(H.shape[0], -1, H.shape[-1]), w.reshape(H.shape[0], -1, H.shape[-1])
+                num, den = num + float(((d @ H) * d).sum()), den + float(((w @ H) * w).sum())
+        out[name] = num / den if den > 0 else 0.0
     return out
 
 

@@ -130,9 +130,10 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
 
 @torch.no_grad()
 def quantize_param(p: nn.Parameter, st: ParamState, bits: int, group_size: int | None, hessian: torch.Tensor | None,
-                   per_channel: bool = True) -> None:
+                   per_channel: bool = True, write_back: bool = True) -> None:
     """Snap one parameter to its grid in place (GPTQ when its input Hessian is given), recording codes and
-    scales in `st`; a clustered tensor's codebook is snapped instead, so its codes stay shared."""
+    scales in `st`; a clustered tensor's codebook is snapped instead, so its codes stay shared. Without
+    `write_back` only `st` is set (the caller codes it and lets the parameter go)."""
     if st.codebook is not None:
         s = symmetric_scale(st.codebook, bits, per_channel=False)
         st.codebook = quantize_tensor(st.codebook, s, bits).float() * s
@@ -149,8 +150,9 @@ def quantize_param(p: nn.Parameter, st: ParamState, bits: int, group_size: int |
         st.scale = symmetric_scale(p, bits, per_channel=False)
         st.codes = quantize_tensor(p, st.scale, bits)
     st.bits, st.group = bits, group
-    w = st.codes.float() * broadcast_scale(st.scale, p, group)
-    p.copy_(w if st.mask is None else w * st.mask)
+    if write_back:
+        w = st.codes.float() * broadcast_scale(st.scale, p, group)
+        p.copy_(w if st.mask is None else w * st.mask)
 
 
 def hessian_layers(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
