@@ -1,8 +1,8 @@
 """The README's Python examples run as written: each in order, in the same folder (a later one reads the
 files an earlier one wrote), given `modelpress as mp` and the names a user brings (`model`, `loader`,
-`accuracy`, `MyNet`, `x`, `folder`, `batches`, `fidelity`, `my.yaml`, `keras_model`, `x_train`, `y_train`):
-here a digits MLP trained by the test, the same layers as a Keras model, and a small random BERT folder (model
-and WordPiece tokenizer) written by it."""
+`accuracy`, `MyNet`, `x`, `folder`, `llama_folder`, `batches`, `fidelity`, `my.yaml`, `keras_model`, `x_train`,
+`y_train`): here a digits MLP trained by the test, the same layers as a Keras model, and small random BERT and
+LLaMA folders (model and WordPiece tokenizer) written by it."""
 import os
 import re
 import shlex
@@ -48,6 +48,18 @@ def bert_folder(path: Path) -> Path:
     return path
 
 
+def llama_folder(path: Path, bert: Path) -> Path:
+    """A 2-block LLaMA of width 64 with the BERT folder's tokenizer (token ids and attention mask only)."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.BertTokenizerFast(vocab_file=str(bert / "vocab.txt"),
+                                         model_input_names=["input_ids", "attention_mask"])
+    tok.save_pretrained(path)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
 @pytest.mark.slow
 def test_every_python_example_in_the_readme_runs(tmp_path, monkeypatch):
     path = bert_folder(tmp_path / "bert")
@@ -69,7 +81,8 @@ def test_every_python_example_in_the_readme_runs(tmp_path, monkeypatch):
     names = {"mp": mp, "model": model, "keras_model": keras_model, "x_train": split.x_train.numpy(),
              "y_train": split.y_train.numpy(), "loader": split.loader(64), "MyNet": MyNet, "x": split.x_test[:64],
              "accuracy": lambda m: {"acc": data.accuracy(m, split.x_test, split.y_test)},
-             "folder": path, "batches": batches, "fidelity": fidelity}
+             "folder": path, "llama_folder": llama_folder(tmp_path / "llama", path), "batches": batches,
+             "fidelity": fidelity}
     for i, code in enumerate(python_examples()):
         try:
             exec(compile(code, f"README.md python example {i + 1}", "exec"), dict(names))
@@ -77,7 +90,7 @@ def test_every_python_example_in_the_readme_runs(tmp_path, monkeypatch):
             raise AssertionError(f"README python example {i + 1} failed: {type(e).__name__}: {e}\n{code}") from e
     assert (tmp_path / "model.mpz").exists() and (tmp_path / "minilm.mpz").exists()
     assert (tmp_path / "best.mpz").exists() and (tmp_path / "report" / "report.html").exists()
-    assert (tmp_path / "small.keras").exists()
+    assert (tmp_path / "small.keras").exists() and (tmp_path / "llama-w4.mpz").exists()
 
 
 def cli_examples() -> list[str]:
