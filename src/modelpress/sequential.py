@@ -179,8 +179,9 @@ def _header(path: Path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
         if name == "__metadata__":
             continue
         ok = isinstance(info, dict) and info.get("dtype") in _ST_DTYPES and isinstance(info.get("shape"), list) \
-            and all(isinstance(d, int) and d >= 0 for d in info["shape"]) and isinstance(info.get("data_offsets"), list) \
-            and len(info["data_offsets"]) == 2 and all(isinstance(o, int) for o in info["data_offsets"])
+            and all(isinstance(d, int) and d >= 0 for d in info["shape"]) \
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+            and all(isinstance(o, int) for o in info["data_offsets"])
         if ok:
             dtype, (begin, end) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
             numel = 1

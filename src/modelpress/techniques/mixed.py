@@ -3,7 +3,8 @@
 Each target tensor is quantized alone to the base bit-width (round to nearest) and either the change of
 the model's output on a few calibration batches is measured (KL divergence of class probabilities for a
 classifier, relative squared error otherwise), or, with no forward pass at all, the change of that
-layer's own output, from its calibration Hessian (what a model compressed one block at a time allows). One more bit roughly quarters a tensor's
+layer's own output, from its calibration Hessian (what a model compressed one block at a time allows).
+One more bit roughly quarters a tensor's
 quantization error, so the expected gain of raising a tensor from b to b+1 bits is taken as
 0.75 x sensitivity x 4^-(b - base); bits are handed out greedily by gain per stored bit until
 the budget is spent."""
