@@ -15,7 +15,7 @@ LAYERS = [
     {"techniques"},
     {"recipe"},
     {"pipeline", "sequential"},
-    {"api", "export", "html"},
+    {"api", "export", "export_hf", "html"},
     {"compare", "data"},
     {"auto"},
     {"cli"},

@@ -1,5 +1,6 @@
 """Block-by-block compression of a decoder folder writes the very file whole-model compression writes."""
 import json
+import re
 
 import pytest
 import torch
@@ -91,3 +92,33 @@ def test_checkpoint_refuses_damaged_safetensors(tmp_path):
         Checkpoint(folder)
     with pytest.raises(ModelpressError, match="no tensor 'nope'"):
         ckpt.read(["nope"])
+
+
+def test_cli_compresses_a_folder_too_big_for_memory_block_by_block(tmp_path, monkeypatch):
+    from test_transformers import word_tokenizer
+    from typer.testing import CliRunner
+
+    from modelpress import cli
+
+    folder = _folder(tmp_path, False, layers=2)
+    word_tokenizer(list("abcdefghijklmnopqrstuvwxyz") + ["the", "of", "and", "def", "class"]).save_pretrained(folder)
+    weights = (folder / "model.safetensors").stat().st_size
+    monkeypatch.setattr(cli, "available_memory", lambda: 6 * weights)  # 7x the weights would not fit
+    assert cli._too_big(folder)
+    out = CliRunner().invoke(cli.app, ["compress", str(folder), "--recipe", "w4", "-o", str(tmp_path / "s.mpz")],
+                             terminal_width=200)
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert "sensitivity: layer" in text and "block by block" in text
+    assert f"({(tmp_path / 's.mpz').stat().st_size:,} bytes" in text
+    loaded = mp.load(tmp_path / "s.mpz")
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    from modelpress.format import mpz
+
+    recorded = mpz.read(tmp_path / "s.mpz")[0]["meta"]["recipe"]  # the recipe that ran, as the file records it
+    assert recorded["stages"][0]["quantize"]["sensitivity"] == "layer"
+    monkeypatch.setattr(cli, "available_memory", lambda: 8 * weights)
+    assert not cli._too_big(folder)
+    out = CliRunner().invoke(cli.app, ["compress", str(tmp_path / "s.mpz"), "--recipe", "w4", "--sequential",
+                                       "-o", str(tmp_path / "t.mpz")], terminal_width=200)
+    assert out.exit_code == 2 and "is for a Hugging Face decoder folder" in re.sub(r"[\s│]+", " ", out.output)

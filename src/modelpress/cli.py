@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import sys
 import time
@@ -169,6 +170,20 @@ def _is_zip(path: str) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
+def _tokenizer(folder: str):
+    """The folder's tokenizer (padding with end-of-text where it has no pad token), or None."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # no tokenizer files: calibration must come another way
+        console.print(f"[yellow]no tokenizer in {folder} ({type(e).__name__}); no calibration text[/]")
+        return None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # decoders often have none: batches pad
+        tokenizer.pad_token = tokenizer.eos_token                         # with end-of-text, masked out
+    return tokenizer
+
+
 def _text_data(folder: str, model, texts: list[str], noise: bool = False):
     """Calibration batches, training batches and an eval_fn from `texts` (paragraphs), for a model folder
     with a tokenizer: a fifth of them, at most 64, held out to measure (embedding fidelity for an encoder;
@@ -176,17 +191,12 @@ def _text_data(folder: str, model, texts: list[str], noise: bool = False):
     rest, batched by length, to distill on, with `noise` beside a copy whose words are 30% random
     vocabulary words (`data.vocabulary_noise`: built-in text is not the user's domain)."""
     import torch
-    from transformers import AutoTokenizer
 
     from . import data
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # no tokenizer files: calibration must come another way
-        console.print(f"[yellow]no tokenizer in {folder} ({type(e).__name__}); no calibration text[/]")
+    tokenizer = _tokenizer(folder)
+    if tokenizer is None:
         return None, None, None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # decoders often have none: batches pad
-        tokenizer.pad_token = tokenizer.eos_token                         # with end-of-text, masked out
     length = min(128, int(getattr(model.config, "max_position_embeddings", 128) or 128),
                  int(getattr(tokenizer, "model_max_length", 128) or 128))
     held = min(64, max(1, len(texts) // 5))
@@ -293,10 +303,19 @@ def compress(model: str = typer.Argument(..., help=_MODEL_HELP),
              recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
              out: Path = typer.Option(..., "-o", "--out"),
              data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
-             text: Optional[Path] = typer.Option(None, "--text", help=_TEXT_HELP)) -> None:
+             text: Optional[Path] = typer.Option(None, "--text", help=_TEXT_HELP),
+             sequential: Optional[bool] = typer.Option(
+                 None, "--sequential/--whole", help="a Hugging Face decoder folder compressed one block at a time, "
+                 "in bounded memory (weight-only quantize recipes: w4, w3); by default when 7x its weights exceed "
+                 "the memory available")) -> None:
     """Compress a model with a recipe and write the artifact."""
     from . import api
 
+    if sequential is None:
+        sequential = Path(model).is_dir() and _too_big(Path(model))
+    if sequential:
+        _compress_sequential(model, recipe, out, text)
+        return
     net = _load_model(model)
     inputs = _data_for(model, net, data_name, text)
     with Live() as live:
@@ -305,6 +324,70 @@ def compress(model: str = typer.Argument(..., help=_MODEL_HELP),
                               on_stage=live.stage)
     console.print(result.report.to_rich())
     console.print(f"wrote {out} ({result.save(out):,} bytes)")
+
+
+def _too_big(folder: Path) -> bool:
+    """Whether compressing the folder's model whole would need more than the memory available: about 7x
+    its float32 weights (measured peak of a whole-model w4 run), against MemAvailable or a cgroup's cap."""
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or \
+        sum(f.stat().st_size for f in folder.glob("*.bin"))
+    dtypes = {"float16": 2, "bfloat16": 2}
+    try:
+        width = dtypes.get(json.loads((folder / "config.json").read_text()).get("torch_dtype"), 4)
+    except (OSError, ValueError, AttributeError):
+        width = 4
+    return 7 * weights * 4 / width > available_memory()
+
+
+def available_memory() -> float:
+    """Bytes this process may still take: MemAvailable, or less under a cgroup memory cap."""
+    avail = float("inf")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
+        try:
+            cap = Path(limit).read_text().strip()
+            if cap != "max" and int(cap) < 1 << 60:
+                avail = min(avail, int(cap) - int(Path(usage).read_text()))
+        except (OSError, ValueError):
+            continue
+    return avail
+
+
+def _compress_sequential(model: str, recipe: str, out: Path, text: Path | None) -> None:
+    """`compress --sequential`: the folder's decoder one block at a time (modelpress.sequential)."""
+    from . import api, data
+    from .sequential import compress_sequential, quantize_stage
+
+    if not Path(model).is_dir():
+        raise typer.BadParameter("--sequential is for a Hugging Face decoder folder (safetensors weights)",
+                                 param_hint="--sequential")
+    plan = api.as_recipe(recipe)
+    cfg = plan.stages[0] if len(plan.stages) == 1 else None
+    if getattr(cfg, "sensitivity", None) == "output" and (cfg.avg_bits is not None or cfg.budget_mb is not None):
+        plan = plan.model_copy(update={"stages": (cfg.model_copy(update={"sensitivity": "layer"}),)})
+        console.print("sequential: per-layer bits from each layer's own output error (sensitivity: layer); the "
+                      "whole model, which 'output' quantizes tensor by tensor, is never in memory")
+    quantize_stage(plan)  # a clear error before any text is tokenized
+    tokenizer = _tokenizer(model)
+    if tokenizer is None:
+        raise typer.BadParameter(f"{model} has no tokenizer: sequential compression calibrates on text",
+                                 param_hint="MODEL")
+    texts = data.text_file_paragraphs(text) if text is not None else data.builtin_text()
+    config = json.loads((Path(model) / "config.json").read_text())
+    length = min(128, int(config.get("max_position_embeddings") or 128),
+                 int(getattr(tokenizer, "model_max_length", 128) or 128))
+    calib = data.text_batches(tokenizer, texts[:128], max_length=length)
+    with Live() as live:
+        result = compress_sequential(model, plan, calib, out, progress=live)
+    console.print(f"wrote {out} ({result.bytes:,} bytes, {result.ratio:.1f}x smaller than float32) in "
+                  f"{result.seconds:.0f} s, block by block; peak resident memory {result.peak_rss_mb:,.0f} MB")
 
 
 @app.command(context_settings={"allow_extra_args": True})
@@ -391,18 +474,29 @@ def export(path: Path = typer.Argument(..., help="an .mpz file"),
            onnx: Optional[Path] = typer.Option(None, "--onnx", help="where to write the ONNX graph"),
            keras: Optional[Path] = typer.Option(None, "--keras", help="where to write a .keras file (for a file "
                                                 "made from a Keras model): plain Keras, no modelpress needed"),
+           hf: Optional[Path] = typer.Option(None, "--hf", help="a folder to write a Hugging Face model to, in "
+                                             "compressed-tensors' pack-quantized layout (transformers' "
+                                             "from_pretrained and vLLM load it; other files there are kept)"),
            input_shape: Optional[str] = typer.Option(None, help="e.g. 1,784 or 1,1,28,28; by default the input "
                                                     "recorded at compress time, or a transformers config's"),
            nbits: bool = typer.Option(False, "--nbits", help="int8 and low-bit Linear layers as onnxruntime's "
                                       "MatMulNBits, holding the file's codes"),
            max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help=_MAX_BYTES_HELP)) -> None:
-    """Write an artifact as an ONNX graph that onnxruntime runs (int8 layers kept int8), or as the Keras
-    model it was made from."""
+    """Write an artifact as an ONNX graph that onnxruntime runs (int8 layers kept int8), as the Keras
+    model it was made from, or as a quantized Hugging Face folder."""
     from .export import recorded_input, to_onnx
     from .format import mpz
 
-    if (onnx is None) == (keras is None):
-        raise typer.BadParameter("give one of --onnx or --keras", param_hint="--onnx / --keras")
+    if sum(x is not None for x in (onnx, keras, hf)) != 1:
+        raise typer.BadParameter("give one of --onnx, --keras or --hf", param_hint="--onnx / --keras / --hf")
+    if hf is not None:
+        from . import api
+        from .export_hf import to_hf
+
+        to_hf(api.load(path, max_bytes=max_bytes), hf)
+        console.print(f"wrote {hf} (config.json, model.safetensors: "
+                      f"{(hf / 'model.safetensors').stat().st_size:,} bytes)")
+        return
     if keras is not None:
         if keras.suffix != ".keras":
             raise typer.BadParameter(f"{keras} must end in .keras (Keras writes its format by that name)",

@@ -27,6 +27,7 @@ from .recipe import Recipe
 from .report import Report, StageRow
 from .stage import handler_for
 from .state import CompressionState
+from .techniques.calibrate import all_finite
 from .techniques.common import linearize
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def nonfinite(model: nn.Module) -> list[str]:
     bad = []
     for name, t, is_param in [*((n, p, True) for n, p in model.named_parameters()),
                               *((n, b, False) for n, b in model.named_buffers())]:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             if nan or is_param:
                 bad.append(f"{name} ({', '.join(f'{c} {k}' for c, k in ((nan, 'NaN'), (inf, 'Inf')) if c)})")

@@ -346,7 +346,8 @@ def compress_sequential(folder: str | os.PathLike, recipe: Recipe, calib_data: I
                         *, meta: dict | None = None, progress: Callable[[str, float], None] | None = None
                         ) -> SequentialResult:
     """Compress the decoder in `folder` with `recipe` (one weight-only quantize stage) to `path`, holding one
-    block of float weights at a time; returns sizes, per-block times and resident memory."""
+    block of float weights at a time; returns sizes, per-block times and resident memory. `meta` is what
+    the file records besides the tensors (default: the recipe)."""
     t0 = time.perf_counter()
     cfg = quantize_stage(recipe)
     batches = calibration_batches(calib_data, "sequential compression")
@@ -371,7 +372,8 @@ def compress_sequential(folder: str | os.PathLike, recipe: Recipe, calib_data: I
         sens: dict[str, float] = {}
 
         def measure(prefixes: list[str], names: list[str], hess: dict[str, torch.Tensor]) -> None:
-            sens.update(layer_errors({n: run.tensor(n) for n in names}, hess, rtn))
+            for n in names:  # each Hessian let go once used
+                sens.update(layer_errors({n: run.tensor(n)}, {n: hess.pop(n)} if n in hess else {}, rtn))
 
         _passes(run, batches, measure, steps, "sensitivity", progress)
         widths = allocate({k: p.numel() for k, p in params.items()}, sens, cfg.bits, budget)
@@ -396,8 +398,8 @@ def compress_sequential(folder: str | os.PathLike, recipe: Recipe, calib_data: I
             state[n] = ParamState()
             quantize_param(run.tensor(n), state[n], widths[n], cfg.group_size,
                            hess.pop(n, None) if cfg.method == "gptq" else None, cfg.per_channel, write_back=False)
+            run.drop(n)  # codes and scales say it all now: the float weight goes before the coding
             encode(n)
-            run.drop(n)
         for n in sorted(shapes):
             if n not in tensors and any(n.startswith(p + ".") for p in prefixes):
                 encode(n)
@@ -409,7 +411,7 @@ def compress_sequential(folder: str | os.PathLike, recipe: Recipe, calib_data: I
             raise ModelpressError(f"sequential compression left {len(left)} tensor(s) unwritten: {left[:5]}")
         spool.order = [k for n in sorted(keys) for k in keys[n]]
         manifest = {"format": FORMAT_NAME, "arch": spec, "tensors": {n: tensors[n] for n in sorted(tensors)},
-                    "meta": meta or {}}
+                    "meta": meta if meta is not None else {"recipe": recipe.to_dict()}}
         nbytes = write_container(path, manifest, spool)
     finally:
         spool.close()

@@ -14,18 +14,24 @@ ROWS = 8192  # output rows solved at once (an LM head's 32k-150k rows in steps)
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *, mask: torch.Tensor | None = None,
-         block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+         block: int = 128, damp: float = 0.01, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int32 like w, scales (out,) or (out, groups)) for a weight whose flattened inputs have the
     Hessian `hessian`: (in, in), or (G, k, k) for a grouped convolution whose G groups of output
-    channels each see their own k inputs (a depthwise convolution: one group per channel)."""
+    channels each see their own k inputs (a depthwise convolution: one group per channel). With
+    `overwrite`, a float64 `hessian` is factored in its own memory (it holds garbage afterwards): no
+    copy of it, which for an MLP's down projection is a quarter of a gigabyte."""
 
     if hessian.dim() == 2 and w.shape[0] > ROWS:  # rows are solved independently: a few at a time bound the memory
-        parts = [gptq(w[i:i + ROWS], hessian, bits, group, mask=None if mask is None else mask[i:i + ROWS],
-                      block=block, damp=damp) for i in range(0, w.shape[0], ROWS)]
-        return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+        codes, scales = torch.empty(w.shape, dtype=torch.int32), None
+        for i in range(0, w.shape[0], ROWS):
+            codes[i:i + ROWS], s = gptq(w[i:i + ROWS], hessian, bits, group, block=block, damp=damp,
+                                        mask=None if mask is None else mask[i:i + ROWS])
+            scales = s.new_empty(w.shape[0], *s.shape[1:]) if scales is None else scales
+            scales[i:i + ROWS] = s
+        return codes, scales
     qmax = 2 ** (bits - 1) - 1
-    H = hessian.detach().double()
-    H = H.unsqueeze(0) if H.dim() == 2 else H
+    own = overwrite and hessian.dtype == torch.float64 and hessian.is_contiguous()
+    H = (hessian.detach() if own else hessian.detach().to(torch.float64, copy=True)).view(-1, *hessian.shape[-2:])
     n_groups, cols = H.shape[0], H.shape[-1]
     out = w.shape[0]
     rows = out // n_groups
@@ -36,16 +42,12 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
     diag = H.diagonal(dim1=-2, dim2=-1)
     diag = diag + (diag == 0).to(H.dtype)  # inputs never active in calibration: rounded to nearest, not
     #                                        zeroed, as other data may reach them
-    H = H.clone()  # the caller's Hessian is left as it was; only the diagonal changes (damping)
     H.diagonal(dim1=-2, dim2=-1).copy_(diag + damp * diag.mean(-1)[:, None])
-    L = _cholesky(H)
-    del H  # each step frees the one before: an MLP's 10k-input Hessian is 0.8 GB in float64
-    Hinv = torch.cholesky_inverse(L)
-    del L
-    U = torch.linalg.cholesky(Hinv, upper=True)
-    del Hinv
-    Hinv = U.float()
-    del U
+    _cholesky(H)  # each step in H's own memory: an MLP's 10k-input Hessian is 0.8 GB in float64
+    torch.cholesky_inverse(H, out=H)
+    torch.linalg.cholesky(H, upper=True, out=H)
+    Hinv = H.float()
+    del H
     if group is not None:
         block = max(group, block // group * group)  # groups never straddle two blocks
         scale = torch.empty(n_groups, rows, -(-cols // group))
@@ -73,15 +75,17 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
     return Q.reshape(w.shape).to(torch.int32), scale.reshape(out, -1) if group is not None else scale.reshape(out)
 
 
-def _cholesky(H: torch.Tensor) -> torch.Tensor:
-    """The lower Cholesky factors of H (a batch of matrices), adding more damping to the diagonal if H is
-    not positive definite."""
-    mean = H.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None]
+def _cholesky(H: torch.Tensor) -> None:
+    """H (a batch of matrices) replaced by its lower Cholesky factors, with more damping on the diagonal
+    if H is not positive definite."""
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    first = diag.clone()
+    mean = first.mean(-1)[:, None]
     for extra in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0):
         if extra:
-            damped = H.clone()
-            damped.diagonal(dim1=-2, dim2=-1).add_(extra * mean)
-        L, info = torch.linalg.cholesky_ex(damped if extra else H)
+            diag.copy_(first + extra * mean)
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info.abs().max()) == 0:
-            return L
+            H.copy_(L)
+            return
     raise ValueError("the calibration Hessian is not positive definite even after damping")

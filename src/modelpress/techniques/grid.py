@@ -46,16 +46,30 @@ def row_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 def group_scale(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
     """Scales of a weight per output channel (`group` None) or (out, groups) per `group` flattened inputs."""
-    w2 = w.detach().flatten(1).float()
+    w2 = w.detach().flatten(1)
     if group is None:
-        return row_scale(w2, bits)
+        return torch.cat([row_scale(w2[r].float(), bits) for r in row_chunks(w2)])
     out, cols = w2.shape
     n = -(-cols // group)
-    padded = torch.nn.functional.pad(w2, (0, n * group - cols))  # zero padding never raises a max
-    return row_scale(padded.reshape(out * n, group), bits).reshape(out, n)
+    parts = []
+    for r in row_chunks(w2):  # a few rows at a time: no padded copy of a whole embedding table
+        padded = torch.nn.functional.pad(w2[r].float(), (0, n * group - cols))  # zero padding never raises a max
+        parts.append(row_scale(padded.reshape(-1, group), bits).reshape(-1, n))
+    return torch.cat(parts) if parts else torch.empty(0, n)
+
+
+def row_chunks(w: torch.Tensor, elements: int = 1 << 22) -> list[slice]:
+    """Slices of about `elements` entries along dim 0: row-wise work on a large tensor in bounded memory."""
+    step = max(1, elements // max(1, w[0].numel())) if w.dim() and len(w) else 1
+    return [slice(i, i + step) for i in range(0, len(w), step)]
 
 
 def quantize_tensor(w: torch.Tensor, scale: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
     """Integer codes of w on the grid `scale`, clamped to the signed `bits` range."""
-    qmax = 2 ** (bits - 1) - 1
-    return torch.round(w / broadcast_scale(scale, w, group)).clamp(-qmax, qmax).to(torch.int32)
+    qmax, w = 2 ** (bits - 1) - 1, w.detach()
+    if w.dim() == 0 or scale.numel() == 1:
+        return torch.round(w / broadcast_scale(scale, w, group)).clamp(-qmax, qmax).to(torch.int32)
+    out = torch.empty(w.shape, dtype=torch.int32)
+    for r in row_chunks(w):  # rows at a time: a 65M-entry table would take three float copies at once
+        out[r] = torch.round(w[r] / broadcast_scale(scale[r], w[r], group)).clamp(-qmax, qmax)
+    return out

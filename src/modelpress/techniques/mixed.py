@@ -19,9 +19,9 @@ from torch import nn
 
 from ..batches import call_model, logits_of, split_batch
 from ..errors import ModelpressError
+from .grid import row_chunks
 
 MAX_BITS = 8
-ROWS = 4096  # output rows per step of layer_errors
 
 
 @torch.no_grad()
@@ -71,7 +71,8 @@ def layer_errors(params: dict[str, nn.Parameter], hessians: dict[str, torch.Tens
         if H is not None:
             H = H.double() if H.dim() == 3 else H.double()[None]
         num = den = 0.0
-        rows = p.detach().split(ROWS) if p.dim() > 1 and (H is None or H.shape[0] == 1) else [p.detach()]
+        w = p.detach()
+        rows = [w[r] for r in row_chunks(w)] if p.dim() > 1 and (H is None or H.shape[0] == 1) else [w]
         for w in rows:  # rows are independent (per-row or per-group grids): a few at a time bounds the memory
             d = w.double() - quantize_fn(name, w).double()
             w = w.double()

@@ -133,7 +133,8 @@ def quantize_param(p: nn.Parameter, st: ParamState, bits: int, group_size: int |
                    per_channel: bool = True, write_back: bool = True) -> None:
     """Snap one parameter to its grid in place (GPTQ when its input Hessian is given), recording codes and
     scales in `st`; a clustered tensor's codebook is snapped instead, so its codes stay shared. Without
-    `write_back` only `st` is set (the caller codes it and lets the parameter go)."""
+    `write_back` only `st` is set (the caller codes it and lets the parameter go). The Hessian is used up:
+    GPTQ factors it in its own memory."""
     if st.codebook is not None:
         s = symmetric_scale(st.codebook, bits, per_channel=False)
         st.codebook = quantize_tensor(st.codebook, s, bits).float() * s
@@ -141,7 +142,7 @@ def quantize_param(p: nn.Parameter, st: ParamState, bits: int, group_size: int |
         return
     group = _group_for(p, group_size)
     if hessian is not None and per_channel:
-        st.codes, st.scale = gptq(p.detach(), hessian, bits, group, mask=st.mask)
+        st.codes, st.scale = gptq(p.detach(), hessian, bits, group, mask=st.mask, overwrite=True)
     elif p.dim() > 1 and per_channel:
         st.scale = group_scale(p, bits, group)
         st.codes = quantize_tensor(p, st.scale, bits, group)
