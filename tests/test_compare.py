@@ -101,7 +101,8 @@ def test_default_metric_is_agreement_with_the_original(mlp, toy_data):
 
 
 def test_pareto_fronts():
-    rows = [Row("a", bytes=100, latency_ms=5.0, metrics={"m": 0.9}), Row("b", bytes=50, latency_ms=6.0, metrics={"m": 0.8}),
+    rows = [Row("a", bytes=100, latency_ms=5.0, metrics={"m": 0.9}),
+            Row("b", bytes=50, latency_ms=6.0, metrics={"m": 0.8}),
             Row("c", bytes=60, latency_ms=7.0, metrics={"m": 0.7}), Row("d", error="failed")]
     c = Comparison(rows, "m", "cpu", "x")
     assert c.front("bytes") == ["a", "b"] and c.front("latency_ms") == ["a"]
@@ -149,3 +150,25 @@ def test_compare_trains_the_candidates_without_the_held_out_batches(monkeypatch)
     c = compare(torch.nn.Linear(4, 3), [{"stages": [{"finetune": {"epochs": 1}}]}], train_data=batches, repeats=1)
     assert seen == [18] and c.measured_on == "16 samples held out of train_data"
     assert c.to_dict()["measured_on"] == c.measured_on and c.rows[1].error is None
+
+
+def test_a_recipe_gets_the_same_batches_whatever_ran_before_it():
+    """A DataLoader shuffled by its own generator is put back after each recipe, and after compare's own
+    draws (the example, the held-out batches): the same recipe twice gives the same row, and the same as
+    alone in a second compare on the same loader (as on Ray, where each task gets the data as it was)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = (x @ torch.randn(8, 3, generator=g)).argmax(1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    tune = {"stages": [{"prune": {"sparsity": 0.5}}, {"finetune": {"epochs": 2}}]}
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    twice = compare(net, [tune, tune], train_data=loader, repeats=1)  # the default metric: held-out batches
+    once = compare(net, [tune], train_data=loader, repeats=1)
+    assert twice.rows[1].metrics == twice.rows[2].metrics == once.rows[1].metrics
+    assert twice.rows[1].bytes == twice.rows[2].bytes == once.rows[1].bytes
+    logits = lambda m: float(m(x).sum())  # noqa: E731  (agreement may not move; this does)
+    a, b = (compare(net, [tune], train_data=loader, eval_fn=logits, repeats=1) for _ in range(2))
+    assert a.rows[1].metrics == b.rows[1].metrics != a.rows[0].metrics

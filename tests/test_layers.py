@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "modelpress"
 # lowest first; a name is a module or a package (all its modules). A new module must be placed here.
 LAYERS = [
     {"errors", "safe_yaml", "presets", "capabilities"},
-    {"batches", "context", "stage", "state"},
+    {"batches", "context", "stage", "state", "sweep"},
     {"format", "runtime", "graph", "measure", "report", "surgery", "forms", "keras_model"},
     {"techniques"},
     {"recipe"},

@@ -9,19 +9,20 @@ within `max_drop` of the original's metric wins. Where nothing fits, the result 
 closest candidate. Seeded, so a given seed and inputs give the same choice."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
-import torch
 from torch import nn
 
-from .api import CompressionResult, compress
-from .batches import call_model, reusable, split_batch
-from .compare import Comparison, Row, compare, held_out_metric
+from . import sweep
+from .api import CompressionResult
+from .batches import call_model, generators_kept, reusable, split_batch
+from .compare import Comparison, Row, compare, held_out_metric, on_ray, run_recipe
 from .errors import ModelpressError
 from .keras_model import torch_form
 from .measure import latencies
@@ -142,13 +143,18 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
          min_ratio: float | None = None, max_drop: float | None = None, train_data: Iterable | None = None,
          calib_data: Iterable | None = None, eval_fn: Callable[[nn.Module], float | dict] | None = None,
          example: Any = None, metric: str | None = None, seed: int = 0, keep: int = 3, repeats: int = 10,
-         out_dir: str | None = None, progress: Callable[[str, float], None] | None = None) -> AutoResult:
+         out_dir: str | None = None, progress: Callable[[str, float], None] | None = None, executor: str = "local",
+         ray_address: str | None = None) -> AutoResult:
     """The most accurate recipe found that meets the budget (see the module docstring).
 
     max_drop: the largest loss of the metric (in its own units: accuracy points, cosine) accepted.
     keep: how many of the best-ranked candidates that fit are run in full; the best-ranked preset that
     fits is run in full too, so the choice is never worse than it on `eval_fn`.
+    executor, ray_address: where the candidates run, screened and in full, as for `compare`: "local" (one
+    after the other, in this process) or "ray" (one Ray task each, on one torch thread: the same choice
+    as a local run on one thread for the same seed). Latencies are timed here either way.
     """
+    sweep.check_executor(executor)
     budget = Budget(max_mb, max_latency_ms, min_ratio)
     if not str(budget):
         raise ModelpressError("auto needs a budget: max_mb, max_latency_ms or min_ratio")
@@ -157,34 +163,38 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
     data = calib_data if calib_data is not None else train_data
     if data is None and (example is None or eval_fn is None):
         raise ModelpressError("auto needs calib_data or train_data (to calibrate, measure and time the candidates)")
-    if example is None:
-        example = split_batch(next(iter(data)))[0]
-    measured_on = "the eval_fn given"
-    if eval_fn is None:
-        eval_fn, train_data, calib_data, measured_on = held_out_metric(model, train_data, calib_data)
+    with generators_kept(train_data, calib_data):  # the draws here change no result (nor a second auto's)
+        if example is None:
+            example = split_batch(next(iter(data)))[0]
+        measured_on = "the eval_fn given"
+        if eval_fn is None:
+            eval_fn, train_data, calib_data, measured_on = held_out_metric(model, train_data, calib_data)
     fp32 = 4 * sum(p.numel() for p in model.parameters())
     base = evaluate(model, eval_fn)
     metric = metric or next(iter(base), None)
     if metric is None or metric not in base:
         raise ModelpressError(f"auto needs a metric among eval_fn's results ({sorted(base)}); got {metric!r}")
     space = search_space(model, budget, fp32, trainable=train_data is not None)
-    proxies = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:  # one Ray for the screening and the full runs
+        if executor == "ray":
+            stack.enter_context(sweep.ray_session(ray_address))
         screen = functools.partial(_screen, model, train_data=train_data, calib_data=calib_data, eval_fn=eval_fn,
-                                   example=example, budget=budget, path=Path(tmp) / "c.mpz", fp32=fp32, seed=seed,
-                                   repeats=repeats)
-        for i, c in enumerate(space):
-            if progress:
-                progress(f"screening {i + 1}/{len(space)}: {c.name}", i / len(space))
-            proxies.append(screen(c.name, c.recipe))
+                                   example=example, budget=budget, fp32=fp32, seed=seed, repeats=repeats,
+                                   executor=executor, progress=progress)
+        proxies = screen(space, "screening")
         # the bit allocation's size model leaves out entropy coding, so its files come out smaller than
         # asked: ask again, scaled by what the first round measured, to use the whole budget
         refill = _refill(space, proxies)
-        for i, c in enumerate(refill):
-            if progress:
-                progress(f"screening, sized to the budget {i + 1}/{len(refill)}: {c.name}", i / len(refill))
-            proxies.append(screen(c.name, c.recipe))
+        proxies += screen(refill, "screening, sized to the budget")
         space += refill
+        return _choose(model, space, proxies, budget, fp32, base, metric, max_drop, measured_on, keep=keep,
+                       train_data=train_data, calib_data=calib_data, eval_fn=eval_fn, example=example,
+                       repeats=repeats, out_dir=out_dir, progress=progress, seed=seed, executor=executor)
+
+
+def _choose(model: nn.Module, space: list[Candidate], proxies: list[Row], budget: Budget, fp32: int, base: dict,
+            metric: str, max_drop: float | None, measured_on: str, *, keep: int, **run: Any) -> AutoResult:
+    """The full runs (`compare`) of the best-ranked screened candidates that fit, and the choice among them."""
     screened = [r for r in proxies if r.error is None and metric in r.metrics]
     if not screened:
         raise ModelpressError("auto could not run any candidate: " + "; ".join(
@@ -196,12 +206,12 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
     if not any(r.name in presets for r in chosen):  # the best preset that fits runs in full too
         chosen += [r for r in fits if r.name in presets][:1]
     recipes = {c.name: c.recipe for c in space}
-    tried = compare(model, [recipes[r.name] for r in chosen], train_data=train_data, calib_data=calib_data,
-                    eval_fn=eval_fn, example=example, metric=metric, repeats=repeats, out_dir=out_dir,
-                    progress=progress, seed=seed, names=[r.name for r in chosen], keep_results=True)
+    tried = compare(model, [recipes[r.name] for r in chosen], metric=metric, names=[r.name for r in chosen],
+                    keep_results=True, **run)
     done = [r for r in tried.rows[1:] if r.error is None and metric in r.metrics]
     if not done:
-        raise ModelpressError("auto: every full run failed: " + "; ".join(f"{r.name}: {r.error}" for r in tried.rows[1:]))
+        raise ModelpressError("auto: every full run failed: " + "; ".join(f"{r.name}: {r.error}"
+                                                                          for r in tried.rows[1:]))
     ref = base[metric]
     ok = [r for r in done if budget.misses(r, fp32) == 0]
     within = [r for r in ok if max_drop is None or ref - r.metrics[metric] <= max_drop]
@@ -218,7 +228,8 @@ def auto(model: nn.Module, *, max_mb: float | None = None, max_latency_ms: float
         message = f"met the budget ({budget}" + (f", drop <= {max_drop}" if max_drop is not None else "") + \
             f") with {summary}"
     elif ok:
-        message = f"the budget ({budget}) is met, but no candidate kept the drop within {max_drop}; the closest: {summary}"
+        message = (f"the budget ({budget}) is met, but no candidate kept the drop within {max_drop}; "
+                   f"the closest: {summary}")
     else:
         message = f"no candidate met the budget ({budget}); the closest: {summary}"
     message += f"; {metric} measured on {measured_on}"
@@ -257,21 +268,43 @@ def _refill(space: list[Candidate], proxies: list[Row]) -> list[Candidate]:
     return out
 
 
-def _screen(model, name, recipe, *, train_data, calib_data, eval_fn, example, budget, path, fp32, seed,
-            repeats) -> Row:
-    """One candidate's cheap measurement: its untrained form's exact size, latency (if the budget
-    has one) and metric."""
-    row = Row(name, recipe=recipe.to_dict())
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            result = compress(model, without_training(recipe), train_data=train_data, calib_data=calib_data)
-        row.bytes = result.save(path)
-        row.ratio = fp32 / row.bytes
-        if budget.max_latency_ms is not None:
-            times = latencies({name: functools.partial(call_model, result.model, example)}, repeats=repeats)[name]
-            row.latency_ms = statistics.median(times)
-        row.metrics = evaluate(result.model, eval_fn)
-    except Exception as e:  # a candidate this model can't take (nothing to factorize, untraceable...)
-        row.error = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return row
+def _screen(model: nn.Module, candidates: list[Candidate], stage: str, *, train_data: Iterable | None,
+            calib_data: Iterable | None, eval_fn: Callable, example: Any, budget: Budget, fp32: int, seed: int,
+            repeats: int, executor: str, progress: Callable[[str, float], None] | None) -> list[Row]:
+    """The candidates' cheap measurements: each one's untrained form's exact size, metric and, if the
+    budget has one, latency (timed here, one candidate at a time, as each result comes back)."""
+    jobs = [(without_training(c.recipe), c.name) for c in candidates]
+    if not jobs:
+        return []
+    shared = dict(train_data=train_data, calib_data=calib_data, eval_fn=eval_fn, example=example, seed=seed,
+                  fp32=fp32, details=False)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="modelpress-screen-") as tmp:
+        if executor == "ray":
+            tell = (lambda label, f: progress(f"{stage} {label}", f)) if progress else None
+            outcomes = on_ray(model, jobs, keep=False, progress=tell, out_dir=None, **shared)
+        else:
+            outcomes = _one_by_one(jobs, stage, progress, functools.partial(
+                run_recipe, model, path=Path(tmp) / "c.mpz", **shared))
+        for c, (row, result) in zip(candidates, outcomes):
+            row.recipe = c.recipe.to_dict()  # the candidate's, not its untrained form's
+            if row.error is None and budget.max_latency_ms is not None:
+                try:
+                    times = latencies({row.name: functools.partial(call_model, result.model, example)}, repeats)
+                    row.latency_ms = statistics.median(times[row.name])
+                except Exception as e:
+                    row.error = f"{type(e).__name__}: {e}"
+            if row.error is not None:  # a candidate this model can't take (nothing to factorize, untraceable...)
+                row.error = (row.error.strip().splitlines() or ["failed"])[0][:200]
+            rows.append(row)
+    return rows
+
+
+def _one_by_one(jobs: list[tuple[Recipe, str]], stage: str, progress: Callable[[str, float], None] | None,
+                run: Callable[..., tuple[Row, CompressionResult | None]]
+                ) -> Iterator[tuple[Row, CompressionResult | None]]:
+    """`run(spec, name)` of each job in turn, here, saying which as each starts."""
+    for i, (spec, name) in enumerate(jobs):
+        if progress:
+            progress(f"{stage} {i + 1}/{len(jobs)}: {name}", i / len(jobs))
+        yield run(spec, name)

@@ -3,6 +3,7 @@ a tuple of positional inputs or a dict of keyword inputs. Shared by the techniqu
 compare and export; depends on nothing of modelpress but its errors."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any, Iterable
@@ -174,6 +175,22 @@ def reusable(data: Iterable | None, name: str) -> Iterable | None:
     return data
 
 
+@contextlib.contextmanager
+def generators_kept(*datas: Iterable | None) -> Iterator[None]:
+    """Within the block, draw from the random generators of `datas` (a shuffling DataLoader's, or its
+    sampler's) freely: each is put back as it was when the block ends, so that what comes after (the next
+    recipe of a sweep, here or in another process) sees the same order of batches."""
+    gens = {g for data in datas if data is not None
+            for g in (getattr(data, "generator", None), getattr(getattr(data, "sampler", None), "generator", None))
+            if isinstance(g, torch.Generator)}
+    states = [(g, g.get_state()) for g in gens]
+    try:
+        yield
+    finally:
+        for g, state in states:
+            g.set_state(state)
+
+
 @torch.no_grad()
 def check_batches(model: nn.Module, data: Iterable | None, name: str) -> dict | None:
     """Call `model` on the inputs of the first batch of `data`: a clear error now if it can't take them.
@@ -182,17 +199,10 @@ def check_batches(model: nn.Module, data: Iterable | None, name: str) -> dict | 
     tensor, for the file to record (export traces with it)."""
     if data is None:
         return None
-    gens = {g for g in (getattr(data, "generator", None), getattr(getattr(data, "sampler", None), "generator", None))
-            if isinstance(g, torch.Generator)}
-    states = [(g, g.get_state()) for g in gens]
-    try:
-        with torch.random.fork_rng(devices=[]):
-            batch = next(iter(data), None)
-            if batch is not None:  # empty: the stage that needs the data says so
-                _call_first(model, batch, name)
-    finally:
-        for g, state in states:
-            g.set_state(state)
+    with generators_kept(data), torch.random.fork_rng(devices=[]):
+        batch = next(iter(data), None)
+        if batch is not None:  # empty: the stage that needs the data says so
+            _call_first(model, batch, name)
     x = split_batch(batch)[0] if batch is not None else None
     if isinstance(x, torch.Tensor) and x.dim() >= 1:
         return {"shape": [1, *x.shape[1:]], "dtype": str(x.dtype).removeprefix("torch.")}

@@ -16,18 +16,21 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from .api import as_recipe, compress
-from .batches import call_model, hold_out, logits_of, reusable, split_batch
+from . import sweep
+from .api import CompressionResult, as_recipe, compress, load
+from .batches import call_model, generators_kept, hold_out, logits_of, reusable, split_batch
 from .errors import ModelpressError
+from .format import mpz
 from .html import render
 from .keras_model import torch_form
 from .measure import latencies, macs, machine_line, weights
 from .pipeline import evaluate
+from .recipe import Recipe
 from .report import fmt_metric
 
 log = logging.getLogger(__name__)
@@ -193,7 +196,8 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
             calib_data: Iterable | None = None, eval_fn: Callable[[nn.Module], float | dict] | None = None,
             example: Any = None, out_dir: str | os.PathLike | None = None, metric: str | None = None,
             repeats: int = 20, progress: Callable[[str, float], None] | None = None, seed: int | None = 0,
-            names: list[str] | None = None, keep_results: bool = False) -> Comparison:
+            names: list[str] | None = None, keep_results: bool = False, executor: str = "local",
+            ray_address: str | None = None) -> Comparison:
     """Run each recipe (a preset name, YAML file or text, mapping or Recipe) on a copy of `model` and
     measure every result alike; with `out_dir`, write the artifacts, results.json and report.html
     (without it, the artifacts are measured in a temporary folder that is removed before returning).
@@ -205,22 +209,35 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
     seed: torch's seed before each recipe, so that a rerun gives the same results (None: left alone).
     names: the rows' names (default: preset names, file stems, or the stages' keys).
     keep_results: keep each recipe's `CompressionResult` in `Comparison.results`.
+    executor: "local" runs the recipes one after the other in this process; "ray" runs each recipe's
+        compression, file and metric as one Ray task (`pip install "modelpress[ray]"`), in parallel, on one
+        CPU and torch thread each: the same files and metrics as a local run for the same seed on as many
+        threads (`torch.set_num_threads(1)`; with more threads here, training sums in another order and a
+        trained recipe can differ in the last bits). A task that fails or whose worker dies becomes its
+        row's error. The latencies are timed here either way, round by round, each result loaded from its file.
+    ray_address: with executor="ray", the cluster to connect to, e.g. "ray://head:10001" (where this process
+        is already connected to a Ray, that one is used; without either, a local Ray on this machine's CPUs,
+        started for the run and shut down after it). On a cluster, modelpress, the model's classes and
+        eval_fn must be importable on every node.
     """
+    sweep.check_executor(executor)
     recipes = list(recipes)
     if not recipes:
         raise ModelpressError("compare needs at least one recipe (a preset name, a YAML file or a mapping)")
     model = torch_form(model)  # a Keras model converted once
     train_data, calib_data = reusable(train_data, "train_data"), reusable(calib_data, "calib_data")
     data = calib_data if calib_data is not None else train_data
-    if example is None:
-        if data is None:
-            raise ModelpressError("compare needs example inputs to time: pass example=..., calib_data or train_data")
-        example = split_batch(next(iter(data)))[0]
-    measured_on = "the eval_fn given"
-    if eval_fn is None:
-        if data is None:
-            raise ModelpressError("compare needs eval_fn, or calib_data/train_data to measure fidelity on")
-        eval_fn, train_data, calib_data, measured_on = held_out_metric(model, train_data, calib_data)
+    with generators_kept(train_data, calib_data):  # the draws here change no result (nor a second compare's)
+        if example is None:
+            if data is None:
+                raise ModelpressError("compare needs example inputs to time: pass example=..., calib_data or "
+                                      "train_data")
+            example = split_batch(next(iter(data)))[0]
+        measured_on = "the eval_fn given"
+        if eval_fn is None:
+            if data is None:
+                raise ModelpressError("compare needs eval_fn, or calib_data/train_data to measure fidelity on")
+            eval_fn, train_data, calib_data, measured_on = held_out_metric(model, train_data, calib_data)
     model = copy.deepcopy(model).eval()
     tmp = tempfile.TemporaryDirectory(prefix="modelpress-compare-") if out_dir is None else None
     workdir = Path(out_dir) if out_dir is not None else Path(tmp.name)
@@ -231,35 +248,21 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
     _measure(base, model, example, eval_fn)
     names = list(names) if names is not None else [recipe_label(spec, i) for i, spec in enumerate(recipes)]
     names = [n if names.count(n) == 1 else f"{n} ({i + 1})" for i, n in enumerate(names)]
-    for i, (spec, name) in enumerate(zip(recipes, names)):
-        row = Row(name)
+    shared = dict(train_data=train_data, calib_data=calib_data, eval_fn=eval_fn, example=example, seed=seed,
+                  fp32=fp32)
+    jobs = list(zip(recipes, names))
+    if executor == "local":
+        outcomes = _here(model, jobs, workdir=workdir, keep_files=out_dir is not None, progress=progress, **shared)
+    else:
+        with sweep.ray_session(ray_address):
+            outcomes = on_ray(model, jobs, details=True, keep=keep_results, progress=progress,
+                              out_dir=None if out_dir is None else workdir, **shared)
+    for row, result in outcomes:
         rows.append(row)
-        tell = (lambda label, f, _i=i, _n=name: progress(f"[{_i + 1}/{len(recipes)}] {_n}: {label}", f)) \
-            if progress else None
-        try:
-            recipe = as_recipe(spec, model)
-            row.recipe = recipe.to_dict()
-            t = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
-                if seed is not None:
-                    torch.manual_seed(seed)
-                result = compress(model, recipe, train_data=train_data, calib_data=calib_data, progress=tell)
-            row.compress_s = time.perf_counter() - t
-            path = workdir / f"{_slug(name)}.mpz"
-            row.bytes, row.artifact = result.save(path), str(path) if out_dir is not None else None
-            row.ratio = fp32 / row.bytes
-            row.layers = result.layers()
-        except Exception as e:  # reported in the row; the other recipes still run
-            row.error = _why(e)
-            continue
-        try:
-            _measure(row, result.model, example, eval_fn)
-        except Exception as e:
-            row.error = f"the metric or a measurement could not run on the result: {_why(e)}"
-            continue
-        models[name] = result.model
-        if keep_results:
-            kept[name] = result
+        if row.error is None:
+            models[row.name] = result.model
+            if keep_results:
+                kept[row.name] = result
     if tmp is not None:
         tmp.cleanup()  # the files were only measured (an exception leaves it to tmp's finalizer)
     if progress:
@@ -275,6 +278,116 @@ def compare(model: nn.Module, recipes: Iterable[Any], *, train_data: Iterable | 
     if out_dir is not None:
         comparison.write(out_dir)
     return comparison
+
+
+def run_recipe(model: nn.Module, spec: Any, name: str, *, train_data: Iterable | None, calib_data: Iterable | None,
+               eval_fn: Callable, example: Any, seed: int | None, fp32: int, path: Path, details: bool = True,
+               progress: Callable[[str, float], None] | None = None) -> tuple[Row, CompressionResult | None]:
+    """One recipe's work, the same in this process and in a Ray task (so that the two cannot drift):
+    compress a copy of `model` (torch seeded with `seed` first; torch's random state and the generators of
+    shuffling DataLoaders put back after, so that no recipe depends on those before it), write the file to
+    `path`, and measure the result: the metric, and with `details` its parameters, MACs and per-layer
+    bytes. Returns the row (with the error that stopped it, if any) and the result (None where the recipe
+    or a measurement failed)."""
+    row = Row(name)
+    try:
+        recipe = as_recipe(spec, model)
+        row.recipe = recipe.to_dict()
+        t = time.perf_counter()
+        # the caller's random state, and the data's shuffling generators, are left as they were: each recipe
+        # sees the same batches whatever ran before it (in this process or not)
+        with torch.random.fork_rng(devices=[]), generators_kept(train_data, calib_data):
+            if seed is not None:
+                torch.manual_seed(seed)
+            result = compress(model, recipe, train_data=train_data, calib_data=calib_data, progress=progress)
+        row.compress_s = time.perf_counter() - t
+        row.bytes = result.save(path)
+        row.ratio = fp32 / row.bytes
+        if details:
+            row.layers = result.layers()
+    except Exception as e:  # reported in the row; the other recipes still run
+        row.error = _why(e)
+        return row, None
+    try:
+        if details:
+            _measure(row, result.model, example, eval_fn)
+        else:
+            row.metrics = evaluate(result.model, eval_fn)
+    except Exception as e:
+        row.error = f"the metric or a measurement could not run on the result: {_why(e)}"
+        return row, None
+    return row, result
+
+
+def _here(model: nn.Module, jobs: list[tuple[Any, str]], *, workdir: Path, keep_files: bool,
+          progress: Callable[[str, float], None] | None, **shared: Any
+          ) -> Iterator[tuple[Row, CompressionResult | None]]:
+    """`run_recipe` of each (spec, name) of `jobs` in turn, in this process, each file written to `workdir`."""
+    for i, (spec, name) in enumerate(jobs):
+        tell = (lambda label, f, _i=i, _n=name: progress(f"[{_i + 1}/{len(jobs)}] {_n}: {label}", f)) \
+            if progress else None
+        path = workdir / f"{_slug(name)}.mpz"
+        row, result = run_recipe(model, spec, name, path=path, progress=tell, **shared)
+        row.artifact = str(path) if keep_files and row.bytes is not None else None
+        yield row, result
+
+
+def _in_task(model: nn.Module, spec: Any, name: str, *, keep: bool, **kw: Any
+             ) -> tuple[Row, bytes | None, tuple | None]:
+    """`run_recipe` in a Ray task: the row, the file's bytes (None if compression failed) and, with
+    `keep`, the result's report and state (what the file does not hold)."""
+    with tempfile.TemporaryDirectory(prefix="modelpress-task-") as tmp:
+        path = Path(tmp) / "result.mpz"
+        row, result = run_recipe(model, spec, name, path=path, **kw)
+        blob = path.read_bytes() if row.bytes is not None else None
+    return row, blob, (result.report, result.state) if keep and result is not None else None
+
+
+def on_ray(model: nn.Module, jobs: list[tuple[Any, str]], *, details: bool, keep: bool,
+           progress: Callable[[str, float], None] | None, out_dir: Path | None, **shared: Any
+           ) -> list[tuple[Row, CompressionResult | None]]:
+    """`run_recipe` for each (spec, name) of `jobs` as Ray tasks (`sweep.on_ray`), in a connected Ray. A
+    recipe that does not parse fails here, as it would locally (files are read here, not on the workers).
+    Each file comes back as bytes, is written to `out_dir` when given, and is loaded here (`load`, in the
+    unpacked form compress returns, into a copy of `model`) for timing; with `keep`, as a full result."""
+    rows: list[Row | None] = [None] * len(jobs)
+    tasks, where = [], []
+    for i, (spec, name) in enumerate(jobs):
+        try:
+            recipe = as_recipe(spec, model)
+        except Exception as e:
+            rows[i] = Row(name, error=_why(e))
+            continue
+        tasks.append(dict(spec=recipe, name=name))
+        where.append(i)
+    done = (lambda k, n: progress(f"[{n}/{len(tasks)}] {tasks[k]['name']}: done on Ray", n / len(tasks))) \
+        if progress else None
+    returned = sweep.on_ray(_in_task, tasks, dict(model=model, details=details, keep=keep, **shared), done=done)
+    results: list[CompressionResult | None] = [None] * len(jobs)
+    for i, task, value in zip(where, tasks, returned):
+        if isinstance(value, sweep.Failed):
+            rows[i] = Row(task["name"], recipe=task["spec"].to_dict(), error=value.error)
+            continue
+        rows[i], blob, extras = value
+        if blob is not None and out_dir is not None:
+            path = out_dir / f"{_slug(task['name'])}.mpz"
+            path.write_bytes(blob)
+            rows[i].artifact = str(path)
+        if rows[i].error is None:
+            try:
+                results[i] = _rebuilt(blob, model, task["spec"], extras)
+            except Exception as e:  # the row keeps what the task measured; only the timing is lost
+                rows[i].error = f"the file the Ray task wrote could not be loaded here, to time it: {_why(e)}"
+    return list(zip(rows, results))
+
+
+def _rebuilt(blob: bytes, model: nn.Module, recipe: Recipe, extras: tuple | None) -> CompressionResult:
+    """A task's result from its file: the model loaded into a copy of `model` (the classes compress
+    returns, weights unpacked as compress leaves them), and, where the task sent them, report and state."""
+    net = load(blob, copy.deepcopy(model), packed=False)
+    manifest, streams, _ = mpz.read(blob)
+    report, state = extras or (None, None)
+    return CompressionResult(model=net, report=report, state=state, recipe=recipe, manifest=manifest, streams=streams)
 
 
 def _measure(row: Row, model: nn.Module, example: Any, eval_fn: Callable) -> None:
