@@ -429,7 +429,7 @@ def test_cli_compresses_a_keras_file_and_exports_plain_keras(tmp_path):
     assert np.abs(fresh - _torch_probs(mp.load(out, keras=False), x[:50])).max() < 1e-5
     assert (fresh.argmax(1) == m.predict(x[:50], verbose=0).argmax(1)).mean() >= 0.9  # w4 keeps the decisions
     res = runner.invoke(app, ["export", str(out)])
-    assert res.exit_code != 0 and "give one of --onnx, --keras or --hf" in re.sub(r"[\s│]+", " ", res.output)
+    assert res.exit_code != 0 and "give one of --onnx, --keras, --hf or --gguf" in re.sub(r"[\s│]+", " ", res.output)
 
 
 def test_cli_takes_the_users_own_arrays_from_an_npz_file(tmp_path, caplog):

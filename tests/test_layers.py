@@ -15,7 +15,7 @@ LAYERS = [
     {"techniques"},
     {"recipe"},
     {"pipeline", "sequential"},
-    {"api", "export", "export_hf", "html"},
+    {"api", "export", "export_hf", "export_gguf", "html"},
     {"compare", "data"},
     {"auto"},
     {"cli"},

@@ -390,6 +390,16 @@ def _compress_sequential(model: str, recipe: str, out: Path, text: Path | None) 
                   f"{result.seconds:.0f} s, block by block; peak resident memory {result.peak_rss_mb:,.0f} MB")
 
 
+_RAY_HELP = ('run each recipe as a Ray task, in parallel (pip install "modelpress[ray]"): on a local Ray '
+             "started for the run, or on the cluster of --ray-address")
+_RAY_ADDRESS_HELP = "the Ray cluster to run on, e.g. ray://head:10001 or auto (implies --ray)"
+
+
+def _executor(ray: bool, address: Optional[str]) -> dict:
+    """compare's and auto's executor arguments from the --ray options."""
+    return {"executor": "ray" if ray or address else "local", "ray_address": address}
+
+
 @app.command(context_settings={"allow_extra_args": True})
 def compare(ctx: typer.Context,
             model: str = typer.Argument(..., help=_MODEL_HELP),
@@ -397,7 +407,9 @@ def compare(ctx: typer.Context,
             out: Path = typer.Option(..., "-o", "--out", help="folder for the artifacts, results.json and report.html"),
             data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
             text: Optional[Path] = typer.Option(None, "--text", help=_TEXT_HELP),
-            repeats: int = typer.Option(20, help="timed calls of each model")) -> None:
+            repeats: int = typer.Option(20, help="timed calls of each model"),
+            ray: bool = typer.Option(False, "--ray", help=_RAY_HELP),
+            ray_address: Optional[str] = typer.Option(None, "--ray-address", help=_RAY_ADDRESS_HELP)) -> None:
     """Run several recipes from the same model and compare size, speed and the metric side by side."""
     from .compare import compare as run_compare
 
@@ -409,7 +421,8 @@ def compare(ctx: typer.Context,
         raise typer.BadParameter("no data to measure the models on: give --data, or a Hugging Face folder with a "
                                  "tokenizer", param_hint="--data")
     with Live() as live:
-        comparison = run_compare(net, recipes, out_dir=out, repeats=repeats, progress=live, **inputs)
+        comparison = run_compare(net, recipes, out_dir=out, repeats=repeats, progress=live, **inputs,
+                                 **_executor(ray, ray_address))
     console.print(comparison.to_rich(title=f"{model}: {len(recipes)} recipes"))
     failed = [r.name for r in comparison.rows if r.error]
     if failed:
@@ -427,7 +440,9 @@ def auto(model: str = typer.Argument(..., help=_MODEL_HELP),
          report: Optional[Path] = typer.Option(None, "--report", help="folder for the report of the full runs"),
          data_name: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
          text: Optional[Path] = typer.Option(None, "--text", help=_TEXT_HELP),
-         seed: int = typer.Option(0)) -> None:
+         seed: int = typer.Option(0),
+         ray: bool = typer.Option(False, "--ray", help=_RAY_HELP),
+         ray_address: Optional[str] = typer.Option(None, "--ray-address", help=_RAY_ADDRESS_HELP)) -> None:
     """Search recipes for the most accurate one that meets a size or latency budget."""
     from .auto import auto as run_auto
 
@@ -439,7 +454,7 @@ def auto(model: str = typer.Argument(..., help=_MODEL_HELP),
                                  param_hint="--data")
     with Live() as live:
         result = run_auto(net, max_mb=max_mb, max_latency_ms=max_latency_ms, min_ratio=min_ratio, max_drop=max_drop,
-                          seed=seed, out_dir=report, progress=live, **inputs)
+                          seed=seed, out_dir=report, progress=live, **inputs, **_executor(ray, ray_address))
     console.print(result.tried.to_rich(title="full runs of the best-ranked candidates that fit"))
     console.print(("[green]" if result.met else "[yellow]") + result.message + "[/]")
     console.print(f"wrote {out} ({result.save(out):,} bytes)")
@@ -477,18 +492,33 @@ def export(path: Path = typer.Argument(..., help="an .mpz file"),
            hf: Optional[Path] = typer.Option(None, "--hf", help="a folder to write a Hugging Face model to, in "
                                              "compressed-tensors' pack-quantized layout (transformers' "
                                              "from_pretrained and vLLM load it; other files there are kept)"),
+           gguf: Optional[Path] = typer.Option(None, "--gguf", help="where to write a GGUF file for llama.cpp (LLaMA, "
+                                               "Mistral and Qwen2 decoder LMs)"),
+           tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="with --gguf: the model's Hugging Face "
+                                                    "folder, whose tokenizer.json goes into the file"),
            input_shape: Optional[str] = typer.Option(None, help="e.g. 1,784 or 1,1,28,28; by default the input "
                                                     "recorded at compress time, or a transformers config's"),
            nbits: bool = typer.Option(False, "--nbits", help="int8 and low-bit Linear layers as onnxruntime's "
                                       "MatMulNBits, holding the file's codes"),
            max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help=_MAX_BYTES_HELP)) -> None:
     """Write an artifact as an ONNX graph that onnxruntime runs (int8 layers kept int8), as the Keras
-    model it was made from, or as a quantized Hugging Face folder."""
+    model it was made from, as a quantized Hugging Face folder, or as a GGUF file for llama.cpp."""
     from .export import recorded_input, to_onnx
     from .format import mpz
 
-    if sum(x is not None for x in (onnx, keras, hf)) != 1:
-        raise typer.BadParameter("give one of --onnx, --keras or --hf", param_hint="--onnx / --keras / --hf")
+    if sum(x is not None for x in (onnx, keras, hf, gguf)) != 1:
+        raise typer.BadParameter("give one of --onnx, --keras, --hf or --gguf", param_hint="--onnx / --keras / --hf / "
+                                 "--gguf")
+    if gguf is not None:
+        from .export_gguf import to_gguf
+
+        done = to_gguf(path, gguf, tokenizer=tokenizer, max_bytes=max_bytes)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(done.types.items()))
+        console.print(f"wrote {gguf} ({done.bytes:,} bytes; tensors: {kinds}; vocabulary: {done.vocab})")
+        if tokenizer is None:
+            console.print("[yellow]no --tokenizer: the file holds no vocabulary, and llama.cpp runs it on token ids "
+                          "only[/]")
+        return
     if hf is not None:
         from . import api
         from .export_hf import to_hf

@@ -28,9 +28,7 @@ from torch import nn
 from . import surgery
 from .batches import logits_of
 from .errors import ModelpressError
-from .runtime.int8 import Int8Linear
-from .runtime.packed import PackedEmbedding, PackedLinear
-from .runtime.sparse import SparseLinear
+from .runtime import PackedEmbedding, PackedLinear, SparseLinear, quantized_weight
 
 OPSET = 17
 
@@ -148,12 +146,10 @@ def _as_float(m: nn.Module) -> nn.Module | None:
 
 def _nbits(m: nn.Module) -> nn.Module | None:
     """The MatMulNBits form of a packed or int8 layer, where onnxruntime's op can hold it exactly."""
-    if type(m) is Int8Linear:
-        codes, scale, bits, group = m.weight, m.weight_scale, 8, 0
-    elif isinstance(m, PackedLinear):
-        codes, scale, bits, group = m.signed_codes(), m.scale, m.bits, m.group
-    else:
+    q = quantized_weight(m)
+    if q is None:
         return None
+    codes, scale, bits, group = q
     block = group or max(16, min(128, 1 << (int(codes.shape[1]) - 1).bit_length()))
     if block not in (16, 32, 64, 128, 256):
         return None

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ModelpressError
-from .runtime.int8 import Int8Linear
-from .runtime.packed import PackedEmbedding, PackedLinear
+from .runtime import PackedEmbedding, quantized_weight
 
 FORMAT = "pack-quantized"
 
@@ -45,13 +44,10 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _quantized(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
     """(signed codes, scale (rows, groups), bits, group size or 0 for per row) of a quantized Linear."""
-    if isinstance(m, PackedLinear):
-        codes, scale, bits, group = m.signed_codes(), m.scale, m.bits, m.group
-    elif type(m) is Int8Linear:
-        codes, scale, bits, group = m.weight, m.weight_scale, 8, 0
-    else:
+    q = quantized_weight(m)
+    if q is None:
         return None
-    scale = scale.float().reshape(codes.shape[0], -1)
+    codes, scale, bits, group = q
     if group and codes.shape[1] % group:
         raise ModelpressError(f"a Linear of {codes.shape[1]} inputs has groups of {group}, and the last is short: "
                               "compressed-tensors' layout needs equal groups; use a group_size that divides it")

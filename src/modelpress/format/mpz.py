@@ -43,14 +43,17 @@ def encode_model(model: nn.Module, state: CompressionState, meta: dict | None = 
     return manifest, streams
 
 
-def decode_state_dict(manifest: dict, streams: dict[str, bytes], as_grid: set[str] = frozenset()
-                      ) -> dict[str, Any]:
-    """Every tensor of a manifest, decoded and checked; those named in `as_grid` (grid-coded, unmasked)
-    as the form's codes and scales (`forms.grid.GridWeight`) instead of a float tensor."""
+def decode_state_dict(manifest: dict, streams: dict[str, bytes], as_grid: set[str] = frozenset(),
+                      only: set[str] | None = None) -> dict[str, Any]:
+    """Every tensor of a manifest (or those named in `only`, aliases not followed), decoded and checked;
+    those named in `as_grid` (grid-coded, unmasked) as the form's codes and scales (`forms.grid.GridWeight`)
+    instead of a float tensor."""
     entries = _entries(manifest)
     out, aliases = {}, {}
     for i, name in enumerate(sorted(entries)):
         entry = entries[name]
+        if only is not None and (name not in only or entry.get("kind") == "alias"):
+            continue
         if entry.get("kind") == "alias":
             aliases[name] = entry
             continue
