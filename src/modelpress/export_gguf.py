@@ -52,10 +52,17 @@ class GgufReport:
     scale_rounding: float = 0.0
 
 
-def _qtype(bits: int) -> Any:
-    import gguf
+def _gguf() -> Any:
+    """The `gguf` package (llama.cpp's own reader and writer), or an error saying how to install it."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ModelpressError(f'GGUF export needs the gguf package ({e}): pip install "modelpress[hf]"') from None
+    return gguf
 
-    T = gguf.GGMLQuantizationType
+
+def _qtype(bits: int) -> Any:
+    T = _gguf().GGMLQuantizationType
     return T.Q4_0 if bits <= 4 else T.Q5_0 if bits == 5 else T.Q8_0
 
 
@@ -163,7 +170,7 @@ def _byte_level_pre(tok: dict) -> str:
 
 def _vocab(writer: Any, folder: Path, n_vocab: int) -> str:
     """The tokenizer of `folder` in the file's metadata; returns its llama.cpp model name."""
-    import gguf
+    gguf = _gguf()
 
     path = folder / "tokenizer.json"
     if not path.is_file():
@@ -246,7 +253,7 @@ def to_gguf(model: nn.Module | str | os.PathLike, path: str | os.PathLike, token
     written as float32; from the file it keeps its codes). `tokenizer`: the model's Hugging Face folder or a
     transformers tokenizer (None: a file with no vocabulary, which llama.cpp runs on token ids). The file
     appears whole or not at all. `max_bytes`: as for `modelpress.load`, when reading a file."""
-    import gguf
+    gguf = _gguf()
 
     from .api import load
 
