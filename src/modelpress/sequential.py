@@ -74,7 +74,13 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
+    """The process's peak resident memory, MB: Linux's VmHWM (this program's own, since it started), else
+    ru_maxrss, which on Linux also keeps the peak of the parent's memory a forked child shared before exec."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1e3  # kB
+    except (OSError, ValueError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
 
 
 def quantize_stage(recipe: Recipe) -> QuantizeConfig:
