@@ -5,7 +5,7 @@ perplexity of fp32, `w4` and `w3` with the whole-model and the sequential file c
 The large model has TinyLlama-1.1B's shapes (hidden 2048, MLP 5632, 32 heads, 4 KV heads, vocabulary
 32000, untied head) with random weights (std 0.02): no pretrained model that size ships in a package, so it
 measures memory and time only; 31 blocks instead of 22 make its weights 3x the default cap. (Measured
-2026-12-07 after 747ed0b: completed under the 2.0 GB cap, peak resident 1867 MB; see issue 16's note.) Its
+2026-12-07, AMD EPYC, alone: completed under the 2.0 GB cap in 936 s, peak resident 1772 MB; README, Results.) Its
 calibration is 4 batches of 4 x 128 random token ids. The compression runs in a child process in a memory cgroup capped
 at --cap-gb (where this process may make one, as root in a container; else its address space is capped
 with RLIMIT_AS, `ulimit -v`, which also counts ~0.5 GB of library mappings). The real decoder is

@@ -190,3 +190,11 @@ def test_a_classifiers_sensitivity_weighs_the_classes_that_decide_its_top_1():
         model = Scores(shape)
         sens = sensitivities(model, dict(model.named_parameters()), lambda n, w: w + change[n], [torch.zeros(4)])
         assert max(sens, key=sens.get) == louder, sens
+
+
+def test_sensitivity_without_per_layer_bits_is_refused():
+    from modelpress.recipe import Recipe
+
+    with pytest.raises(Exception, match="add avg_bits or budget_mb, or drop sensitivity"):
+        Recipe.from_yaml("stages:\n  - quantize: {bits: 4, sensitivity: layer}\n")
+    Recipe.from_yaml("stages:\n  - quantize: {bits: 4, avg_bits: 4.5, sensitivity: layer}\n")  # accepted

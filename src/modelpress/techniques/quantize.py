@@ -54,6 +54,9 @@ class QuantizeConfig(StageConfig):
         if self.avg_bits is not None and self.avg_bits < self.bits:
             raise ValueError(f"avg_bits ({self.avg_bits}) must be at least bits ({self.bits}): "
                              "'bits' is the lowest width any layer gets")
+        if "sensitivity" in self.model_fields_set and self.avg_bits is None and self.budget_mb is None:
+            raise ValueError(f"sensitivity: {self.sensitivity} ranks layers for per-layer bits, and there are none "
+                             "to give: add avg_bits or budget_mb, or drop sensitivity")
         if (self.avg_bits is not None or self.budget_mb is not None) and self.activations == "int8":
             raise ValueError("per-layer bits (avg_bits / budget_mb) are for weight-only quantization; "
                              "drop them or use activations: none")
