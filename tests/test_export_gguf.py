@@ -1,4 +1,6 @@
 """GGUF export: the file read back by llama.cpp's own gguf package (and run by llama.cpp where installed)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -122,6 +124,39 @@ def _byte_level_tokenizer(tmp_path, vocab: int):
     return fast
 
 
+def _sentencepiece_style_tokenizer(tmp_path, vocab: int):
+    """A LLaMA-2-style tokenizer.json: BPE over "▁"-joined words with byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from modelpress.data import builtin_text
+
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    alphabet = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab - 20, special_tokens=["<unk>", "<s>", "</s>"] + alphabet)
+    tk.train_from_iterator(builtin_text()[:200], trainer)
+    fast = transformers.LlamaTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(tmp_path / "tok")
+    return fast
+
+
+def test_sentencepiece_style_vocabulary(tmp_path):
+    fast = _sentencepiece_style_tokenizer(tmp_path, 600)
+    ours = _compressed(tmp_path, "{bits: 4, group_size: 32, method: rtn}", vocab=600)
+    assert to_gguf(ours, tmp_path / "m.gguf", tokenizer=tmp_path / "tok").vocab == "llama"
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and fields["tokenizer.ggml.add_space_prefix"].contents()
+    vocab = fast.get_vocab()
+    scores, types = fields["tokenizer.ggml.scores"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    assert types[vocab["<0x0A>"]] == gguf.TokenType.BYTE and types[vocab["<unk>"]] == gguf.TokenType.UNKNOWN
+    assert types[vocab["<s>"]] == gguf.TokenType.CONTROL
+    merges = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]["merges"][:3]
+    merged = [vocab["".join(m.split(" ") if isinstance(m, str) else m)] for m in merges]
+    assert [scores[i] for i in merged] == [-1.0, -2.0, -3.0]  # a merge's result scores minus its rank
+
+
 def test_byte_level_vocabulary(tmp_path):
     fast = _byte_level_tokenizer(tmp_path, 320)
     ours = _compressed(tmp_path, "{bits: 4, group_size: 32, method: rtn}", vocab=320)
@@ -139,14 +174,15 @@ def test_byte_level_vocabulary(tmp_path):
     assert (tmp_path / "m2.gguf").read_bytes() == (tmp_path / "m.gguf").read_bytes()
 
 
-@pytest.mark.parametrize("kind", ["Llama", "Qwen2"])
-def test_llama_cpp_runs_it(tmp_path, kind):
+@pytest.mark.parametrize("kind,spm", [("Llama", False), ("Qwen2", False), ("Llama", True)])
+def test_llama_cpp_runs_it(tmp_path, kind, spm):
     llama_cpp = pytest.importorskip("llama_cpp")
-    fast = _byte_level_tokenizer(tmp_path, 320)
-    ours = _compressed(tmp_path, "{bits: 4, group_size: 32, method: gptq}", vocab=320, kind=kind)
+    vocab = 600 if spm else 320  # (the byte fallback's 256 tokens, then merges)
+    fast = (_sentencepiece_style_tokenizer if spm else _byte_level_tokenizer)(tmp_path, vocab)
+    ours = _compressed(tmp_path, "{bits: 4, group_size: 32, method: gptq}", vocab=vocab, kind=kind)
     to_gguf(ours, tmp_path / "m.gguf", tokenizer=tmp_path / "tok")
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    ids = fast(TEXT)["input_ids"][:60]
+    ids = fast(TEXT, add_special_tokens=False)["input_ids"][:60]
     assert llm.tokenize(TEXT.encode(), add_bos=False)[:60] == ids  # llama.cpp splits text as the tokenizer does
     llm.eval(ids)
     theirs = np.array(llm.scores[:len(ids)])

@@ -7,14 +7,15 @@ Q8_0; the only change to the weights is each scale rounded to float16 (`GgufRepo
 Norms and float layers are written as float32. LLaMA's q and k rows are reordered the way llama.cpp's
 rotary embedding expects (its converter does the same); a row's codes and scales move together, so
 this is exact. The tokenizer comes from the model's Hugging Face folder (`tokenizer.json`, byte-level BPE
-as "gpt2" or SentencePiece-style BPE as "llama"); without one the file holds no vocabulary and runs on
-token ids only. The `gguf` package (llama.cpp's own) writes the file.
+as "gpt2" or SentencePiece-style BPE as "llama", scored by merge rank); without one the file holds no
+vocabulary and runs on token ids only. The `gguf` package (llama.cpp's own) writes the file.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -149,10 +150,15 @@ def _hparams(writer: Any, config: Any, arch: str) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
+def _parts(step: dict | None, key: str) -> list[dict]:
+    """The steps of a tokenizer.json normalizer or pre-tokenizer, a Sequence's or the one."""
+    step = step or {}
+    return step.get(key, []) if step.get("type") == "Sequence" else [step]
+
+
 def _byte_level_pre(tok: dict) -> str:
     """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer ("default" if not one it knows)."""
-    pre = tok.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    parts = _parts(tok.get("pre_tokenizer"), "pretokenizers")
     slim = [{k: p[k] for k in ("type", "individual_digits", "use_regex") if k in p} for p in parts]
     if slim == [{"type": "ByteLevel", "use_regex": True}]:
         return "gpt-2"
@@ -168,6 +174,14 @@ def _byte_level_pre(tok: dict) -> str:
     return "default"
 
 
+def _space_prefix(tok: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before the text (llama.cpp's add_space_prefix)."""
+    if any(p.get("type") == "Prepend" for p in _parts(tok.get("normalizer"), "normalizers")):
+        return True
+    return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never"
+               and p.get("add_prefix_space", True) for p in _parts(tok.get("pre_tokenizer"), "pretokenizers"))
+
+
 def _vocab(writer: Any, folder: Path, n_vocab: int) -> str:
     """The tokenizer of `folder` in the file's metadata; returns its llama.cpp model name."""
     gguf = _gguf()
@@ -180,21 +194,31 @@ def _vocab(writer: Any, folder: Path, n_vocab: int) -> str:
     model = tok.get("model", {})
     if model.get("type") != "BPE":
         raise ModelpressError(f"GGUF export writes BPE tokenizers; {path} holds a {model.get('type')} one")
-    if model.get("byte_fallback"):  # SentencePiece-style (LLaMA 1/2, Mistral, TinyLlama)
-        v = gguf.vocab.LlamaHfVocab(folder)
-        tokens, scores, types = zip(*v.all_tokens())
+    ids = dict(model["vocab"])
+    kinds = {}
+    for t in tok.get("added_tokens", []):
+        ids[t["content"]] = t["id"]
+        kinds[t["id"]] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+    if sorted(ids.values()) != list(range(len(ids))):
+        raise ModelpressError(f"{path}: token ids are not 0..{len(ids) - 1} without gaps")
+    by_id = sorted(ids, key=ids.get)
+    tokens = [t.encode("utf-8") for t in by_id]
+    types = [kinds.get(i, gguf.TokenType.NORMAL) for i in range(len(by_id))]
+    if model.get("byte_fallback"):  # SentencePiece-style BPE (LLaMA 1/2, Mistral, TinyLlama): llama.cpp merges
+        # the adjacent pair whose join has the highest score, so a merge's result scores minus its rank
+        rank: dict[str, int] = {}
+        for r, m in enumerate(model.get("merges", [])):
+            rank.setdefault("".join(m.split(" ", 1) if isinstance(m, str) else m), r)
+        scores = [-1.0 - rank[t] if t in rank else 0.0 for t in by_id]
+        for i, t in enumerate(by_id):
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):  # the byte fallback's tokens, even where listed as added
+                types[i] = gguf.TokenType.BYTE
+        if model.get("unk_token") in ids:
+            types[ids[model["unk_token"]]] = gguf.TokenType.UNKNOWN
         kind, pre = "llama", "default"
+        writer.add_add_space_prefix(_space_prefix(tok))
     else:  # byte-level BPE (GPT-2 style: SmolLM, Qwen2, LLaMA 3)
-        ids = {text: i for text, i in model["vocab"].items()}
-        special = {}
-        for t in tok.get("added_tokens", []):
-            ids[t["content"]] = t["id"]
-            special[t["id"]] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
-        if sorted(ids.values()) != list(range(len(ids))):
-            raise ModelpressError(f"{path}: token ids are not 0..{len(ids) - 1} without gaps")
-        by_id = sorted(ids, key=ids.get)
-        tokens, scores = [t.encode("utf-8") for t in by_id], [0.0] * len(by_id)
-        types = [special.get(i, gguf.TokenType.NORMAL) for i in range(len(by_id))]
+        scores = [0.0] * len(by_id)
         kind, pre = "gpt2", _byte_level_pre(tok)
     tokens, scores, types = list(tokens), list(scores), list(types)
     for i in range(len(tokens), n_vocab):  # embedding rows beyond the tokenizer's (padding): unused tokens
