@@ -161,3 +161,26 @@ def test_progress_is_plain_lines_when_the_output_is_a_log(monkeypatch):
         clock[0] += 0.5
         live("gptq", 0.5)
     assert lines[12:] == ["gptq: 50% (52 s)", "gptq: 50% (62 s)", "gptq: 50% (72 s)"]
+
+
+@pytest.mark.parametrize("flags,expect", [([], ("local", None)), (["--ray"], ("ray", None)),
+                                          (["--ray-address", "ray://head:10001"], ("ray", "ray://head:10001"))])
+def test_ray_options_choose_where_compare_and_auto_run(tmp_path, monkeypatch, flags, expect):
+    import importlib
+
+    seen = []
+
+    def stop(*args, **kwargs):
+        seen.append((kwargs["executor"], kwargs["ray_address"]))
+        raise mp.ModelpressError("stopped here")
+
+    for name in ("compare", "auto"):  # (the package's `mp.compare` is the function: patch the module's)
+        monkeypatch.setattr(importlib.import_module(f"modelpress.{name}"), name, stop)
+    torch.manual_seed(0)
+    mp.compress(torch.nn.Sequential(torch.nn.Linear(784, 10)), "stages:\n  - quantize: {bits: 8}\n").save(
+        tmp_path / "m.mpz")
+    for cmd in (["compare", str(tmp_path / "m.mpz"), "--recipes", "w4", "-o", str(tmp_path / "c")],
+                ["auto", str(tmp_path / "m.mpz"), "--max-mb", "1", "-o", str(tmp_path / "a.mpz")]):
+        out = runner.invoke(app, [*cmd, "--data", "mnist-image", *flags])
+        assert "stopped here" in str(out.exception), out.output
+    assert seen == [expect, expect]
