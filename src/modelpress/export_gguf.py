@@ -119,10 +119,9 @@ def _tied_head(model: nn.Module) -> nn.Module | None:
     a, b = quantized_weight(head, embeddings=True), quantized_weight(emb, embeddings=True)
     if a is not None and b is not None:
         same = a[2:] == b[2:] and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    elif a is None and b is None and _weight(head) is not None and _weight(emb) is not None:
-        same = torch.equal(_weight(head), _weight(emb))
     else:
-        same = False
+        wa, wb = (_weight(head), _weight(emb)) if a is None and b is None else (None, None)
+        same = wa is not None and wb is not None and torch.equal(wa, wb)
     return head if same and getattr(head, "bias", None) is None else None
 
 
@@ -220,7 +219,6 @@ def _vocab(writer: Any, folder: Path, n_vocab: int) -> str:
     else:  # byte-level BPE (GPT-2 style: SmolLM, Qwen2, LLaMA 3)
         scores = [0.0] * len(by_id)
         kind, pre = "gpt2", _byte_level_pre(tok)
-    tokens, scores, types = list(tokens), list(scores), list(types)
     for i in range(len(tokens), n_vocab):  # embedding rows beyond the tokenizer's (padding): unused tokens
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
@@ -248,10 +246,10 @@ def _tokenizer_folder(tokenizer: Any, stack: list) -> Path:
     return Path(tmp.name)
 
 
-def stored_codes(file: str | os.PathLike, model: nn.Module) -> dict[str, tuple]:
+def stored_codes(manifest: dict, streams: dict[str, bytes], model: nn.Module) -> dict[str, tuple]:
     """The codes and scales (as `quantized_weight` gives them) of `model`'s float Linears and Embeddings
-    whose weights `file` stores quantized: those `load` makes float because they are tied to another."""
-    manifest, streams, _ = mpz.read(file)
+    whose weights the file (`mpz.read`'s manifest and streams) stores quantized: those `load` makes float
+    because they are tied to another."""
     entries = manifest.get("tensors", {})
     owner = {}
     for name, m in model.named_modules():
@@ -279,12 +277,11 @@ def to_gguf(model: nn.Module | str | os.PathLike, path: str | os.PathLike, token
     appears whole or not at all. `max_bytes`: as for `modelpress.load`, when reading a file."""
     gguf = _gguf()
 
-    from .api import load
-
     coded: dict[str, tuple] = {}
-    if isinstance(model, (str, os.PathLike)):
-        file, model = model, load(model, max_bytes=max_bytes)
-        coded = stored_codes(file, model)
+    if isinstance(model, (str, os.PathLike)):  # the file read once: the model, then its tied weights' codes
+        manifest, streams, size = mpz.read(model)
+        model = mpz.from_parts(manifest, dict(streams), size, max_bytes=max_bytes)  # (empties the copy it gets)
+        coded = stored_codes(manifest, streams, model)
     config = getattr(model, "config", None)
     arch = ARCHS.get(getattr(config, "model_type", None))
     if arch is None:
