@@ -105,10 +105,16 @@ def test_points_lost_is_accuracy_with_labels_and_agreement_without():
         student.weight.copy_(torch.eye(2).flip(0))  # always the other class
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     y = torch.tensor([0, 0, 0, 1])  # the teacher gets 3 of 4 right, the student 1
-    # per sample, teacher right minus student right: 1, 1, -1, 1; mean 0.5, standard error sqrt(0.75 / 4)
+    # per sample, teacher right minus student right: 1, 1, -1, 1; mean 0.5; the standard error counts one
+    # more change each way: mean square (3 + 1 + 2) / (4 + 2), standard error sqrt((1 - 0.5 ** 2) / 4)
     assert points_lost(student, teacher, [(x, y)]) == pytest.approx(Lost(50.0, 100 * 0.75 ** 0.5 / 2, "accuracy", 4))
-    assert points_lost(student, teacher, [x]) == Lost(100.0, 0.0, "top-1 agreement", 4)
-    assert points_lost(teacher, teacher, [(x, y)]) == Lost(0.0, 0.0, "accuracy", 4)
+    # 4 of 4 decisions changed; the standard error from (4 + 1) / (4 + 2) of them
+    assert points_lost(student, teacher, [x]) == pytest.approx(Lost(100.0, 100 * (5 / 36 / 4) ** 0.5,
+                                                                     "top-1 agreement", 4))
+    # nothing changed: no loss, yet not certainty (from one change each way in 4 + 2 samples)
+    assert points_lost(teacher, teacher, [(x, y)]) == pytest.approx(Lost(0.0, 100 * (2 / 6 / 4) ** 0.5, "accuracy", 4))
+    assert points_lost(teacher, teacher, [x]) == pytest.approx(Lost(0.0, 100 * (5 / 36 / 4) ** 0.5,
+                                                                     "top-1 agreement", 4))
 
 
 def test_sparsity_auto_stops_where_held_out_data_says(mlp, toy_data, caplog):

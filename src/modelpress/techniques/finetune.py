@@ -151,8 +151,11 @@ def points_lost(model: nn.Module, teacher: nn.Module, data: Iterable, max_batche
         same += int((s == t).sum())
         total += s.numel()
     n = max(1, total)
+    # the standard errors count one more changed decision each way than seen (a Laplace prior): from a
+    # handful of changes the plain estimate is far too sure (4 of 400 lost and none gained: 0.50 points,
+    # which made LeNet-300-100's sparsity auto stop at 88% on a loss of 1.0 point, one sample past)
     if labelled and total:  # the mean of per-sample differences in {-1, 0, 1}, and its standard error
-        mean, square = (worse - better) / n, (worse + better) / n
+        mean, square = (worse - better) / n, (worse + better + 2) / (n + 2)
         return Lost(100.0 * mean, 100.0 * math.sqrt(max(0.0, square - mean * mean) / n), "accuracy", total)
-    changed = (total - same) / n
-    return Lost(100.0 * changed, 100.0 * math.sqrt(changed * (1 - changed) / n), "top-1 agreement", total)
+    changed, prior = (total - same) / n, (total - same + 1) / (n + 2)
+    return Lost(100.0 * changed, 100.0 * math.sqrt(prior * (1 - prior) / n), "top-1 agreement", total)
