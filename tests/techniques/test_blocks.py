@@ -33,9 +33,12 @@ def test_the_recipe_routes_to_block_removal_and_checks_the_amount():
     r = mp.Recipe.from_yaml("stages: [{prune: {granularity: block, blocks: 2}}]")
     assert isinstance(r.stages[0], BlockPruneConfig) and r.stages[0].blocks == 2
     assert mp.Recipe.from_yaml(r.to_yaml()) == r
+    checked = BlockPruneConfig(granularity="block", blocks=1, epochs=2, min_fidelity=0.98)
+    assert checked.without_training() == BlockPruneConfig(granularity="block", blocks=1)  # auto's screening form
     for bad, field in [("{granularity: block}", "exactly one"), ("{granularity: block, blocks: 1, sparsity: 0.5}",
                                                                   "exactly one"),
-                       ("{granularity: block, blocks: 0}", "blocks"), ("{granularity: block, sparsity: 1.0}", "sparsity")]:
+                       ("{granularity: block, blocks: 0}", "blocks"), ("{granularity: block, sparsity: 1.0}", "sparsity"),
+                       ("{granularity: block, blocks: 1, min_fidelity: 1.5}", "min_fidelity")]:
         with pytest.raises(mp.RecipeError, match=field):
             mp.Recipe.from_yaml(f"stages: [{{prune: {bad}}}]")
 
@@ -163,3 +166,83 @@ def test_hidden_distillation_pairs_each_layer_with_its_original(tiny_bert):
                         train_data=batches())
     kept = [int(v.rpartition(".")[2]) for _, v in sorted(twice.state.renamed.items())]
     assert len(kept) == 2 and kept == sorted(kept) and 1 not in kept  # originals, through both removals
+
+
+def weighty(model):
+    """A random BERT whose layers matter (as drawn, their residual branches add almost nothing)."""
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            layer.output.dense.weight.mul_(30.0)
+    return model
+
+
+def test_min_fidelity_keeps_a_removal_the_held_out_outputs_hardly_notice(tiny_bert, caplog):
+    model = tiny_bert(4)
+    make_passthrough(model.encoder.layer[2])
+    with caplog.at_level(logging.INFO, logger="modelpress.techniques.blocks"):
+        result = drop(model, {"blocks": 1, "min_fidelity": 0.99}, calib_data=batches(), val_data=batches(2))
+    assert result.model.config.num_hidden_layers == 3
+    assert "block removal kept (encoder.layer.2): output cosine 1.0000" in caplog.text and "val_data" in caplog.text
+
+
+def test_min_fidelity_undoes_a_removal_that_costs_more_and_the_model_is_the_original(tiny_bert, tmp_path, caplog):
+    model = weighty(tiny_bert(3))
+    with caplog.at_level(logging.INFO, logger="modelpress.techniques.blocks"):
+        result = drop(model, {"blocks": 1, "min_fidelity": 0.99, "epochs": 1}, calib_data=batches(),
+                      train_data=batches(20))  # no val_data: every 10th of the 20 batches is held out
+    assert "block removal undone (encoder.layer." in caplog.text and "the tenth of train_data held out" in caplog.text
+    out = result.model
+    assert out.config.num_hidden_layers == 3 and len(out.encoder.layer) == 3 and result.state.renamed == {}
+    assert [layer.attention.self.layer_idx for layer in out.encoder.layer] == [0, 1, 2]
+    x = batches(1)[0]
+    assert torch.equal(out(**x).last_hidden_state, model(**x).last_hidden_state)  # the snapshot, untrained
+    path = tmp_path / "m.mpz"
+    result.save(path)
+    assert torch.equal(mp.load(path)(**x).last_hidden_state, model(**x).last_hidden_state)
+
+
+def test_recovery_epochs_distill_the_shorter_model_towards_the_original(tiny_bert):
+    from modelpress.techniques.finetune import output_cosine
+
+    model, held = weighty(tiny_bert(3)), batches(4)
+    bare = drop(model, {"blocks": 1}, calib_data=batches()).model
+    trained = drop(model, {"blocks": 1, "epochs": 3, "lr": 1e-3}, calib_data=batches(), train_data=batches(8)).model
+    assert trained.config.num_hidden_layers == bare.config.num_hidden_layers == 2
+    assert output_cosine(trained, model, held) > output_cosine(bare, model, held) + 0.001
+
+
+def test_min_fidelity_without_data_to_hold_out_measures_on_the_training_data_and_says_so(tiny_bert, caplog):
+    with caplog.at_level(logging.INFO, logger="modelpress.techniques.blocks"):
+        result = drop(tiny_bert(2), {"blocks": 1, "min_fidelity": 0.5}, calib_data=batches(), train_data=batches(3))
+    assert "nothing held out to check min_fidelity on" in caplog.text and "measured on train_data" in caplog.text
+    assert "kept (encoder.layer." in caplog.text and result.model.config.num_hidden_layers == 1
+
+
+def test_output_cosine_pools_real_tokens_and_flattens_other_outputs():
+    from modelpress.techniques.finetune import output_cosine
+
+    class Echo(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, input_ids, attention_mask):
+            return self.scale * input_ids.float().unsqueeze(-1).expand(-1, -1, 2)
+
+    ids = torch.tensor([[1.0, 2.0, 7.0], [3.0, 4.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    assert output_cosine(Echo(2.0), Echo(1.0), [batch]) == pytest.approx(1.0)  # a scale does not change a cosine
+
+    class Flip(Echo):
+        def forward(self, input_ids, attention_mask):
+            out = super().forward(input_ids, attention_mask).clone()
+            out[0, 2] = -out[0, 2]  # a padding position only
+            out[1, :, 1] = 0.0      # a real row: sample 2's pooled (12, 12) becomes (12, 0), cosine 1/sqrt(2)
+            return out
+    assert output_cosine(Flip(1.0), Echo(1.0), [batch]) == pytest.approx((1 + 2 ** -0.5) / 2)
+    lin = nn.Linear(3, 4)
+    x = torch.randn(5, 3)
+    assert output_cosine(lin, lin, [x]) == pytest.approx(1.0)
+    with pytest.raises(ModelpressError, match="no batch"):
+        output_cosine(lin, lin, [])

@@ -11,10 +11,19 @@ than layer 2, whose removal keeps the sentence embeddings better on every domain
 one at a time, the cheapest first, with the costs measured again after each. A dropped transformers layer is
 deleted (the layers renumber, the config and the attention modules' `layer_idx` follow, so the file
 rebuilds the model from its config); a dropped block elsewhere becomes nn.Identity.
+
+With `epochs`, the stage distills from the original after the removal (hidden states matched, dropout
+off); with `min_fidelity` too, it then measures the mean cosine of the model's outputs to the original's
+on held-out data (`val_data`, else every 10th batch of train_data, kept out of that training) and undoes
+the removal where it falls short: a layer's removal that distillation cannot repair on text it never
+saw is not worth the time it saves (all-MiniLM-L6-v2 without its layer 2, distilled on Python's docs:
+0.94 on the King James Bible, against 0.997 for int8 alone).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 from typing import Any, ClassVar, Iterable, Iterator, Literal, Optional
 
@@ -22,14 +31,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..batches import call_model, logits_of, split_batch
+from ..batches import call_model, hold_out, logits_of, split_batch
 from ..context import RunContext
 from ..errors import ModelpressError
 from ..runtime import register_runtime_module
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState
 from .common import excluded
-from .losses import token_weights
+from .finetune import output_cosine, train
+from .losses import Objective, token_weights
 
 log = logging.getLogger(__name__)
 register_runtime_module(nn.Identity)  # a dropped block of a user's class: a skeleton rebuilds it as Identity
@@ -38,7 +48,9 @@ register_runtime_module(nn.Identity)  # a dropped block of a user's class: a ske
 @register_stage
 class BlockPruneConfig(StageConfig):
     """Drop `blocks` whole blocks (or the `sparsity` share of the candidates), the least costly first,
-    measured on up to `batches` calibration batches."""
+    measured on up to `batches` calibration batches; then `epochs` of distillation from the original,
+    and with `min_fidelity` the removal is kept only where the outputs' mean cosine to the original's on
+    held-out data reaches it."""
 
     key: ClassVar[str] = "prune"
     route: ClassVar[dict] = {"granularity": ("block",)}
@@ -46,6 +58,9 @@ class BlockPruneConfig(StageConfig):
     blocks: Optional[int] = Field(default=None, ge=1, le=100_000)
     sparsity: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
     batches: int = Field(default=8, ge=1, le=1000)
+    epochs: float = Field(default=0.0, ge=0.0, le=1000)
+    lr: float = Field(default=1.5e-4, gt=0.0, lt=1.0)
+    min_fidelity: Optional[float] = Field(default=None, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_amount(self) -> "BlockPruneConfig":
@@ -53,11 +68,40 @@ class BlockPruneConfig(StageConfig):
             raise ValueError("give exactly one of blocks (how many to drop) or sparsity (the share of blocks)")
         return self
 
+    def without_training(self) -> "BlockPruneConfig":  # the removal alone: nothing to check it on without training
+        return self.model_copy(update={"epochs": 0.0, "min_fidelity": None})
+
 
 @handles(BlockPruneConfig)
 def _apply(model: nn.Module, state: CompressionState, cfg: BlockPruneConfig, run: RunContext) -> None:
-    drop_blocks(model, state, blocks=cfg.blocks, sparsity=cfg.sparsity, batches=cfg.batches,
-                exclude=run.excluded(cfg), run=run)
+    held, where = run.val_data, "val_data"
+    if cfg.min_fidelity is not None and held is None:
+        fit, held = hold_out(run.train_data) if run.train_data is not None else (None, None)
+        if held is not None:
+            run, where = dataclasses.replace(run, train_data=fit), "the tenth of train_data held out"
+        else:
+            held = run.train_data if run.train_data is not None else run.calib_data
+            where = "train_data" if run.train_data is not None else "calib_data"
+            log.warning("block removal: nothing held out to check min_fidelity on (no val_data, and no train_data "
+                        "of 10 or more batches, or a DataLoader over a dataset, to hold a tenth out of), so it is "
+                        "measured on %s, which flatters the removal; pass val_data", where)
+    before = (copy.deepcopy(model), copy.deepcopy(state)) if cfg.min_fidelity is not None else None
+    dropped = drop_blocks(model, state, blocks=cfg.blocks, sparsity=cfg.sparsity, batches=cfg.batches,
+                          exclude=run.excluded(cfg), run=run)
+    if cfg.epochs > 0:
+        train(model, state, run, epochs=cfg.epochs, lr=cfg.lr, label="prune blocks: distill",
+              objective=Objective(distill=True, hidden=True, renamed=tuple(state.renamed.items())))
+    if before is None:
+        return
+    fidelity = output_cosine(model, run.teacher, held)
+    names = ", ".join(name for name, _ in dropped)
+    if fidelity >= cfg.min_fidelity:
+        log.info("block removal kept (%s): output cosine %.4f to the original on %s (min_fidelity %.4g)",
+                 names, fidelity, where, cfg.min_fidelity)
+        return
+    log.warning("block removal undone (%s): after distillation the outputs' mean cosine to the original's on %s "
+                "was %.4f, under min_fidelity %.4g; every block kept", names, where, fidelity, cfg.min_fidelity)
+    _restore(model, state, *before)
 
 
 def candidates(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
@@ -239,3 +283,11 @@ def _remove(model: nn.Module, state: CompressionState, names: list[str]) -> None
             types = getattr(config, "layer_types", None)
             if isinstance(types, list) and len(types) == len(old):
                 config.layer_types = [t for i, t in enumerate(types) if i not in gone]
+
+
+def _restore(model: nn.Module, state: CompressionState, saved: nn.Module, saved_state: CompressionState) -> None:
+    """Put a snapshot taken before the removal back into `model` and `state`, in place (the pipeline holds
+    these objects): modules, parameters, buffers and the config of a transformers model."""
+    model.__dict__.update(saved.__dict__)
+    for f in dataclasses.fields(state):
+        setattr(state, f.name, getattr(saved_state, f.name))

@@ -20,7 +20,7 @@ from ..context import RunContext
 from ..errors import ModelpressError
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState, constrained
-from .losses import Objective, batch_loss
+from .losses import Objective, batch_loss, token_weights
 
 
 @register_stage
@@ -159,3 +159,25 @@ def points_lost(model: nn.Module, teacher: nn.Module, data: Iterable, max_batche
         return Lost(100.0 * mean, 100.0 * math.sqrt(max(0.0, square - mean * mean) / n), "accuracy", total)
     changed, prior = (total - same) / n, (total - same + 1) / (n + 2)
     return Lost(100.0 * changed, 100.0 * math.sqrt(prior * (1 - prior) / n), "top-1 agreement", total)
+
+
+@torch.no_grad()
+def output_cosine(model: nn.Module, teacher: nn.Module, data: Iterable, max_batches: int = 50) -> float:
+    """Mean cosine, over the samples of up to `max_batches` batches, of the model's output to the teacher's:
+    per sample the whole output flattened, except an output over tokens with a tokenizer's attention_mask,
+    which is first averaged over the real tokens (a sentence embedding)."""
+    model.eval()
+    cos: list[torch.Tensor] = []
+    for i, batch in enumerate(data):
+        if i >= max_batches:
+            break
+        inputs = split_batch(batch)[0]
+        s, t = logits_of(call_model(model, inputs)).float(), logits_of(call_model(teacher, inputs)).float()
+        w = token_weights(inputs.get("attention_mask") if isinstance(inputs, dict) else None, t)
+        if w is not None:
+            s, t = (s * w).sum(1), (t * w).sum(1)  # the mean's 1 / tokens scale does not change a cosine
+        rows = s.shape[0] if s.dim() else 1
+        cos.append(torch.nn.functional.cosine_similarity(s.reshape(rows, -1), t.reshape(rows, -1), dim=1, eps=1e-12))
+    if not cos:
+        raise ModelpressError("the held-out data gave no batch to measure the outputs' cosine on")
+    return float(torch.cat(cos).mean())
