@@ -387,7 +387,7 @@ def _compress_sequential(model: str, recipe: str, out: Path, text: Path | None) 
     if tokenizer is None:
         raise typer.BadParameter(f"{model} has no tokenizer: sequential compression calibrates on text",
                                  param_hint="MODEL")
-    texts = data.text_file_paragraphs(text) if text is not None else data.builtin_text()
+    texts = data.text_file_paragraphs(text) if text is not None else data.builtin_domains()[0]  # as compress's
     config = json.loads((Path(model) / "config.json").read_text())
     length = min(128, int(config.get("max_position_embeddings") or 128),
                  int(getattr(tokenizer, "model_max_length", 128) or 128))
