@@ -159,6 +159,17 @@ def test_sparsity_auto_forgives_one_step_past_tolerance_but_not_two(mlp, toy_dat
     assert abs(1 - kept / total - targets[2]) < 0.01  # the masks are step 3's again
 
 
+def test_sparsity_auto_warns_where_one_held_out_sample_outweighs_the_tolerance(mlp, toy_data, monkeypatch, caplog):
+    from modelpress.techniques import stopping
+    for samples, warned in ((143, True), (400, False)):  # one sample: 0.70 points, then 0.25; tolerance 0.5
+        caplog.clear()
+        monkeypatch.setattr(stopping, "points_lost", lambda *a, **k: Lost(0.0, 0.5, "accuracy", samples))
+        with caplog.at_level(logging.WARNING, logger="modelpress"):
+            prune(copy.deepcopy(mlp), CompressionState(), sparsity="auto", max_sparsity=0.9, steps=2, tolerance=0.5,
+                  run=RunContext(train_data=toy_data, teacher=mlp))
+        assert ("one of the 143 held-out samples is 0.70 points" in caplog.text) is warned
+
+
 def test_sparsity_auto_goes_on_through_a_loss_within_its_standard_error(mlp, toy_data, monkeypatch):
     from modelpress.techniques import stopping
     script = iter([Lost(1.4, 0.5, "accuracy", 400), Lost(1.5, 0.6, "accuracy", 400),  # within 1 + noise

@@ -67,6 +67,10 @@ def gradual(model: nn.Module, state: CompressionState, run: RunContext, targets:
                   objective=Objective(distill=distill))
         if auto:
             lost = points_lost(model, run.teacher, held if held is not None else run.train_data)
+            if i == 0 and 100.0 / max(1, lost.samples) > tolerance:
+                log.warning("sparsity auto: one of the %d held-out samples is %.2f points, more than the tolerance "
+                            "(%.2g), so the stopping point is mostly chance; pass more val_data or a larger "
+                            "tolerance", lost.samples, 100.0 / max(1, lost.samples), tolerance)
             log.info("prune step %d: sparsity %.4f, %s %.2f +- %.2f points below the original on %d samples of %s",
                      i + 1, s, lost.what, lost.points, lost.noise, lost.samples, "val_data" if run.val_data is not None
                      else "held-out data" if held is not None else "training data")
