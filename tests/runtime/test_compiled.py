@@ -104,3 +104,31 @@ def test_the_fp32_output_int8_path_of_cpus_without_native_bf16(monkeypatch):
     y = fast(x)
     assert fast.graph == "inductor (freezing)"
     assert float((y - eager).norm() / eager.norm()) < 1e-4  # both write fp32: float rounding only
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.Linear(16, 64)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_bf16_gives_loaded_buffers_their_own_storage_and_the_model_compiles(tmp_path):
+    """A loaded buffer can be a view of a float32 base; cast with `.data =` it stayed one, and torch.compile
+    refused the model (every loaded CNN's BatchNorm statistics on a CPU with native bf16)."""
+    torch.manual_seed(0)
+    path = tmp_path / "c.mpz"
+    mp.compress(ConvNet().eval(), {"stages": [{"quantize": {"bits": 4, "group_size": 16}}]}).save(path)
+    loaded = mp.load(path, model=ConvNet())
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        expected = loaded(x)
+    fast = mp.accelerate(loaded, dtype="bf16", compile=True)
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert all(t._base is None or t._base.dtype == t.dtype for t in tensors)
+    assert loaded.bn.running_mean.dtype == torch.bfloat16
+    y = fast(x)
+    assert fast.graph == "inductor (freezing)"  # compiled, not "eager (compile failed)"
+    assert cos(y, expected) > 0.999

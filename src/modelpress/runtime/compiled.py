@@ -113,9 +113,14 @@ def accelerate(model: nn.Module, *, dtype: Literal["auto", "bf16", "fp32"] = "au
     if int8 == "bf16":
         _widen_int8(model)
     for m in model.modules():  # float weights only: integer codes and their scales stay as stored
-        for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+        for name, t in m.named_parameters(recurse=False):
+            if t.is_floating_point() and t.dtype != use and not name.endswith("scale"):
+                t.data = t.data.to(use)  # the same Parameter: tied weights stay tied
+        for name, t in m.named_buffers(recurse=False):
             if t is not None and t.is_floating_point() and t.dtype != use and not name.endswith("scale"):
-                t.data = t.data.to(use)
+                # a new tensor, not `.data =`: a loaded buffer can be a view, and a bf16 view of a float32
+                # base made torch.compile fail (BatchNorm statistics of every loaded CNN on a bf16 CPU)
+                m._buffers[name] = t.to(use)
         if hasattr(m, "compute_dtype"):
             m.compute_dtype = use
     how = "none" if not has_int8 else "int8 kernel" if int8 == "kernel" else \
