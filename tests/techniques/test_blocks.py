@@ -208,7 +208,7 @@ def test_recovery_epochs_distill_the_shorter_model_towards_the_original(tiny_ber
     bare = drop(model, {"blocks": 1}, calib_data=batches()).model
     trained = drop(model, {"blocks": 1, "epochs": 3, "lr": 1e-3}, calib_data=batches(), train_data=batches(8)).model
     assert trained.config.num_hidden_layers == bare.config.num_hidden_layers == 2
-    assert output_cosine(trained, model, held) > output_cosine(bare, model, held) + 0.001
+    assert output_cosine(trained, model, held) > output_cosine(bare, model, held) + 0.05  # 0.88 -> 0.99 here
 
 
 def test_min_fidelity_without_data_to_hold_out_measures_on_the_training_data_and_says_so(tiny_bert, caplog):
