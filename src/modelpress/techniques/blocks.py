@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..batches import call_model, hold_out, logits_of, split_batch
+from ..batches import call_model, logits_of, split_batch
 from ..context import RunContext
 from ..errors import ModelpressError
 from ..runtime import register_runtime_module
@@ -40,6 +40,7 @@ from ..state import CompressionState
 from .common import excluded
 from .finetune import output_cosine, train
 from .losses import Objective, token_weights
+from .stopping import measured_on
 
 log = logging.getLogger(__name__)
 register_runtime_module(nn.Identity)  # a dropped block of a user's class: a skeleton rebuilds it as Identity
@@ -74,17 +75,8 @@ class BlockPruneConfig(StageConfig):
 
 @handles(BlockPruneConfig)
 def _apply(model: nn.Module, state: CompressionState, cfg: BlockPruneConfig, run: RunContext) -> None:
-    held, where = run.val_data, "val_data"
-    if cfg.min_fidelity is not None and held is None:
-        fit, held = hold_out(run.train_data) if run.train_data is not None else (None, None)
-        if held is not None:
-            run, where = dataclasses.replace(run, train_data=fit), "the tenth of train_data held out"
-        else:
-            held = run.train_data if run.train_data is not None else run.calib_data
-            where = "train_data" if run.train_data is not None else "calib_data"
-            log.warning("block removal: nothing held out to check min_fidelity on (no val_data, and no train_data "
-                        "of 10 or more batches, or a DataLoader over a dataset, to hold a tenth out of), so it is "
-                        "measured on %s, which flatters the removal; pass val_data", where)
+    if cfg.min_fidelity is not None:
+        run, held, where = measured_on(run, "block removal", "min_fidelity")
     before = (copy.deepcopy(model), copy.deepcopy(state)) if cfg.min_fidelity is not None else None
     dropped = drop_blocks(model, state, blocks=cfg.blocks, sparsity=cfg.sparsity, batches=cfg.batches,
                           exclude=run.excluded(cfg), run=run)

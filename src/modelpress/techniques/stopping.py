@@ -31,6 +31,22 @@ def agp_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
     return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
 
 
+def measured_on(run: RunContext, stage: str, rule: str) -> tuple[RunContext, Any, str]:
+    """(run, data, its name) for a stopping `rule` of `stage` that measures the model against the original:
+    `val_data`; else every 10th sample of train_data, held out of training (the run returned trains on the
+    rest); else, with a warning, train_data itself (or calib_data where there is none), which flatters it."""
+    if run.val_data is not None:
+        return run, run.val_data, "val_data"
+    fit, held = hold_out(run.train_data) if run.train_data is not None else (None, None)
+    if held is not None:
+        return dataclasses.replace(run, train_data=fit), held, "held-out data (the tenth of train_data held out)"
+    data, name = (run.train_data, "train_data") if run.train_data is not None else (run.calib_data, "calib_data")
+    log.warning("%s: nothing held out to check %s on (no val_data, and no train_data of 10 or more batches, or "
+                "DataLoader over a dataset, to hold a tenth out of), so it is measured on %s, which flatters the "
+                "model; pass val_data", stage, rule, name)
+    return run, data, name
+
+
 def gradual(model: nn.Module, state: CompressionState, run: RunContext, targets: list[float],
             prune_to: Callable[[float, RunContext], None], *, epochs: float, lr: float, distill: bool, auto: bool,
             tolerance: float, snapshot: Callable[[], Any], restore: Callable[[Any], None]) -> float:
@@ -48,14 +64,8 @@ def gradual(model: nn.Module, state: CompressionState, run: RunContext, targets:
     `restore` the `snapshot` of the last step within it. Where train_data can't be split (an
     iterable that is neither a list nor a DataLoader over a dataset), it measures on the training data,
     which lets it go too far."""
-    held = run.val_data
-    if auto and held is None:
-        fit, held = hold_out(run.train_data)
-        run = dataclasses.replace(run, train_data=fit)
-        if held is None:
-            log.warning("sparsity auto: train_data is neither a list nor a DataLoader over a dataset (or too small "
-                        "to split), so nothing is held out and the stopping point is measured on the data the "
-                        "model trains on; pass a list of batches or a DataLoader to hold out a tenth")
+    if auto:
+        run, held, where = measured_on(run, "prune", "sparsity auto")
     reached = 0.0
     good, strikes = None, 0  # auto: (snapshot, sparsity) of the last step within tolerance; steps past it since
     for i, s in enumerate(targets):
@@ -66,14 +76,13 @@ def gradual(model: nn.Module, state: CompressionState, run: RunContext, targets:
             train(model, state, run, epochs=epochs / len(targets), lr=lr, label=f"prune {i + 1}/{len(targets)}",
                   objective=Objective(distill=distill))
         if auto:
-            lost = points_lost(model, run.teacher, held if held is not None else run.train_data)
+            lost = points_lost(model, run.teacher, held)
             if i == 0 and 100.0 / max(1, lost.samples) > tolerance:
                 log.warning("sparsity auto: one of the %d held-out samples is %.2f points, more than the tolerance "
                             "(%.2g), so the stopping point is mostly chance; pass more val_data or a larger "
                             "tolerance", lost.samples, 100.0 / max(1, lost.samples), tolerance)
             log.info("prune step %d: sparsity %.4f, %s %.2f +- %.2f points below the original on %d samples of %s",
-                     i + 1, s, lost.what, lost.points, lost.noise, lost.samples, "val_data" if run.val_data is not None
-                     else "held-out data" if held is not None else "training data")
+                     i + 1, s, lost.what, lost.points, lost.noise, lost.samples, where)
             if lost.points - lost.noise > tolerance:  # one step past it may be noise too: the next step's
                 strikes += 1                          # recovery gets one chance; a second (or the last step) ends it
                 if strikes == 2 or i == len(targets) - 1:
