@@ -12,11 +12,11 @@ from modelpress.sequential import Checkpoint, compress_sequential
 transformers = pytest.importorskip("transformers")
 
 
-def _folder(tmp_path, tied: bool, layers: int = 3):
+def _folder(tmp_path, tied: bool, layers: int = 3, bias: bool = False):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=tied)
+                                   tie_word_embeddings=tied, attention_bias=bias)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
     return tmp_path / "llama"
 
@@ -32,14 +32,15 @@ def _batches():
     return out
 
 
-@pytest.mark.parametrize("tied,yaml", [
-    (True, "{bits: 4, group_size: 16, method: gptq, avg_bits: 4.4, sensitivity: layer}"),
-    (False, "{bits: 4, group_size: 16, method: gptq, avg_bits: 4.4, sensitivity: layer}"),
-    (False, "{bits: 3, method: rtn}"),
-    (False, "{bits: 4, group_size: 32, method: gptq, budget_mb: 0.1, sensitivity: layer}"),
+@pytest.mark.parametrize("tied,yaml,bias", [
+    (True, "{bits: 4, group_size: 16, method: gptq, avg_bits: 4.4, sensitivity: layer}", False),
+    (False, "{bits: 4, group_size: 16, method: gptq, avg_bits: 4.4, sensitivity: layer}", False),
+    (False, "{bits: 3, method: rtn}", False),
+    (False, "{bits: 4, group_size: 32, method: gptq, budget_mb: 0.1, sensitivity: layer}", False),
+    (False, "{bits: 4, group_size: 16, method: gptq}", True),  # q/k/v/o biases: bias correction block by block
 ])
-def test_sequential_file_is_the_whole_model_file(tmp_path, tied, yaml):
-    folder = _folder(tmp_path, tied)
+def test_sequential_file_is_the_whole_model_file(tmp_path, tied, yaml, bias):
+    folder = _folder(tmp_path, tied, bias=bias)
     recipe = mp.Recipe.from_yaml(f"stages:\n  - quantize: {yaml}\n")
     whole = mp.compress(transformers.LlamaForCausalLM.from_pretrained(folder).eval(), recipe, calib_data=_batches())
     n = whole.save(tmp_path / "whole.mpz")

@@ -31,10 +31,12 @@ from .format.codecs import encode_tensor
 from .format.container import StreamSpool, write_container
 from .format.mpz import FORMAT_NAME, release_freed_memory
 from .recipe import Recipe
-from .state import ParamState
+from .state import ParamState, split_name
+from .techniques.bias_correction import correct, output_shift
 from .techniques.calibrate import calibration_batches, hessians_while
 from .techniques.mixed import allocate, layer_errors
-from .techniques.quantize import QuantizeConfig, bit_budget, hessian_layers, quant_targets, quantize_param, rounder
+from .techniques.quantize import (QuantizeConfig, bit_budget, dequantized, hessian_layers, quant_targets,
+                                  quantize_param, rounder)
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +346,8 @@ class _Model:
             m._parameters[attr] = nn.Parameter(torch.empty_like(m._parameters[attr], device="meta"), False)
 
 
-Work = Callable[[list[str], list[str], dict[str, torch.Tensor]], None]  # (module prefixes, targets, Hessians)
+# (module prefixes, targets, their Hessians, their mean input rows)
+Work = Callable[[list[str], list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
 
 
 @torch.no_grad()
@@ -377,7 +380,7 @@ def compress_sequential(folder: str | os.PathLike, recipe: Recipe, calib_data: I
         rtn = rounder(cfg.bits, cfg.group_size)
         sens: dict[str, float] = {}
 
-        def measure(prefixes: list[str], names: list[str], hess: dict[str, torch.Tensor]) -> None:
+        def measure(prefixes: list[str], names: list[str], hess: dict[str, torch.Tensor], means: dict) -> None:
             for n in names:  # each Hessian let go once used
                 sens.update(layer_errors({n: run.tensor(n)}, {n: hess.pop(n)} if n in hess else {}, rtn))
 
@@ -399,11 +402,16 @@ def compress_sequential(folder: str | os.PathLike, recipe: Recipe, calib_data: I
 
     state: dict[str, ParamState] = {}
 
-    def solve(prefixes: list[str], names: list[str], hess: dict[str, torch.Tensor]) -> None:
+    def solve(prefixes: list[str], names: list[str], hess: dict[str, torch.Tensor],
+              means: dict[str, torch.Tensor]) -> None:
         for n in names:  # each target quantized, coded and let go before the next
             state[n] = ParamState()
-            quantize_param(run.tensor(n), state[n], widths[n], cfg.group_size,
-                           hess.pop(n, None) if cfg.method == "gptq" else None, cfg.per_channel, write_back=False)
+            h = hess.pop(n, None) if cfg.method == "gptq" else None
+            quantize_param(run.tensor(n), state[n], widths[n], cfg.group_size, h, cfg.per_channel, write_back=False)
+            if h is not None and cfg.bias_correction and n in means:  # as `quantize` does (no BatchNorm in an LM)
+                layer = split_name(n)[0]
+                shift = output_shift(run.tensor(n), dequantized(state[n], run.tensor(n)), means.pop(n))
+                correct(model.get_submodule(layer), shift, [], f"{layer}.bias" not in params)
             run.drop(n)  # codes and scales say it all now: the float weight goes before the coding
             encode(n)
         for n in sorted(shapes):
@@ -449,10 +457,11 @@ def _passes(run: _Model, batches: list, work: Work, steps: list[BlockStep], stag
             for args, kwargs in calls:
                 outputs.append(block(*args, **kwargs))
 
-        hess = hessians_while(hessian_layers(model, {n: run.tensor(n) for n in names}), feed)
+        means: dict[str, torch.Tensor] = {}
+        hess = hessians_while(hessian_layers(model, {n: run.tensor(n) for n in names}), feed, means)
         calls, last = [_next_call(c, o) for c, o in zip(calls, outputs)], outputs
-        work([prefix], names, hess)
-        del hess
+        work([prefix], names, hess, means)
+        del hess, means
         release(block)
         _step(steps, i, stage, t, len(blocks), progress)
     t = time.perf_counter()
@@ -475,17 +484,18 @@ def _passes(run: _Model, batches: list, work: Work, steps: list[BlockStep], stag
             s.at = j
 
     try:
+        means = {}
         hess = hessians_while(hessian_layers(model, {n: run.tensor(n) for n in names}), lambda: _run_model(
-            model, tail_batches, at))
+            model, tail_batches, at), means)
     finally:
         for j, b in enumerate(saved):
             blocks[j] = b
-    work(tail, names, hess)
+    work(tail, names, hess, means)
     for p in tail:
         release(model.get_submodule(p))
     if embedding in rest:
         materialize(model, [embedding], run.ckpt, run.tied)
-        work([embedding], run.names([embedding]), {})
+        work([embedding], run.names([embedding]), {}, {})
         release(model.get_submodule(embedding))
     _step(steps, len(blocks), stage + " (outside the blocks)", t, len(blocks), None)
 

@@ -73,9 +73,11 @@ def _input_rows(module: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], calib_data: Iterable | None,
-                     progress: Callable[[str, float], None] | None = None) -> dict[str, torch.Tensor]:
+                     progress: Callable[[str, float], None] | None = None,
+                     means: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """H = 2/n X^T X of each layer's inputs over the calibration batches, keyed like `layers`: (in, in)
-    for a Linear, (groups, k, k) for a Conv1d/Conv2d whose groups each see k inputs."""
+    for a Linear, (groups, k, k) for a Conv1d/Conv2d whose groups each see k inputs; `means`, if given,
+    is filled with each layer's mean input row (groups, k) from the same pass."""
     batches = calibration_batches(calib_data, "method: gptq")
 
     def feed() -> None:
@@ -94,7 +96,7 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], calib_data:
         finally:
             model.train(was_training)
 
-    return hessians_while(layers, feed)
+    return hessians_while(layers, feed, means)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -109,10 +111,14 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def hessians_while(layers: dict[str, nn.Module], feed: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """The input Hessians of `layers` (as `collect_hessians`) over whatever `feed()` passes through them."""
+def hessians_while(layers: dict[str, nn.Module], feed: Callable[[], object],
+                   means: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The input Hessians of `layers` (as `collect_hessians`) over whatever `feed()` passes through them,
+    and their mean input rows into `means` if given."""
     shapes = {name: hessian_shape(m) for name, m in layers.items()}
     sums = {name: torch.zeros(g, k, k, dtype=torch.float64) for name, (g, k) in shapes.items()}
+    firsts = {name: torch.zeros(g, k, dtype=torch.float64) for name, (g, k) in shapes.items()} if means is not None \
+        else {}
     counts = dict.fromkeys(layers, 0)
 
     def hook(name: str):
@@ -120,6 +126,8 @@ def hessians_while(layers: dict[str, nn.Module], feed: Callable[[], object]) -> 
             for rows in _input_rows(module, args[0].detach()):
                 rows = rows.double()
                 sums[name].baddbmm_(rows.transpose(1, 2), rows)
+                if means is not None:
+                    firsts[name] += rows.sum(1)
                 counts[name] += rows.shape[1]
         return fn
 
@@ -143,4 +151,6 @@ def hessians_while(layers: dict[str, nn.Module], feed: Callable[[], object]) -> 
         h = sums.pop(name)
         if n > 0:
             out[name] = (h[0] if isinstance(layers[name], nn.Linear) else h).mul_(2).div_(n)
+            if means is not None:
+                means[name] = firsts.pop(name).div_(n)
     return out

@@ -18,6 +18,7 @@ from ..runtime.int8 import Int8Linear
 from ..stage import StageConfig, handles, register_stage
 from ..state import CompressionState, ParamState, broadcast_scale, split_name
 from ..surgery import fixed_layers
+from .bias_correction import batchnorm_readers, correct, output_shift
 from .calibrate import HESSIAN_LAYERS, calibration_batches, collect_hessians
 from .common import excluded, replace_module, target_params
 from .gptq import gptq
@@ -43,6 +44,7 @@ class QuantizeConfig(StageConfig):
     avg_bits: Optional[float] = Field(default=None, gt=0.0, le=8.0)    # per-layer bits: mean code bits per weight
     budget_mb: Optional[float] = Field(default=None, gt=0.0, le=10**7)  # per-layer bits: file size budget
     sensitivity: Literal["output", "layer"] = "output"  # per-layer bits: the model's output, or each layer's
+    bias_correction: bool = True  # with gptq: each layer's mean output shift goes back into its bias or BatchNorm
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeConfig":
@@ -71,7 +73,7 @@ def _apply(model: nn.Module, state: CompressionState, cfg: QuantizeConfig, run: 
     quantize(model, state, bits=cfg.bits, per_channel=cfg.per_channel, group_size=cfg.group_size,
              method=cfg.method, activations=cfg.activations, embeddings=cfg.embeddings,
              avg_bits=cfg.avg_bits, budget_mb=cfg.budget_mb, sensitivity=cfg.sensitivity,
-             include_bias=cfg.include_bias,
+             include_bias=cfg.include_bias, bias_correction=cfg.bias_correction,
              exclude=run.excluded(cfg), calib_data=run.calib_data, progress=run.progress)
 
 
@@ -94,10 +96,12 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
              group_size: int | None = None, method: str = "rtn", activations: str = "none",
              embeddings: bool = True, include_bias: bool = False, exclude: tuple[str, ...] = (),
              avg_bits: float | None = None, budget_mb: float | None = None, sensitivity: str = "output",
-             calib_data: Iterable | None = None, progress: Callable[[str, float], None] | None = None) -> None:
+             bias_correction: bool = True, calib_data: Iterable | None = None,
+             progress: Callable[[str, float], None] | None = None) -> None:
     """Snap target weights (or their codebooks) to a uniform grid of `bits` bits, or of per-tensor
     bits chosen by measured sensitivity (`sensitivity`: "output" or "layer", see `mixed.py`) when
-    `avg_bits` or `budget_mb` is given."""
+    `avg_bits` or `budget_mb` is given. With GPTQ and `bias_correction`, each layer's mean output shift
+    on the calibration data is put back (`bias_correction.py`)."""
     params = quant_targets(model, exclude, bias=include_bias, embeddings=embeddings)
     if not params:
         raise ModelpressError("quantize: the model has no Linear, Conv or Embedding layer left after 'exclude'; "
@@ -107,26 +111,40 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
                               "method 'rtn'")
     mixed = avg_bits is not None or budget_mb is not None
     budget = bit_budget(model, params, bits, group_size, avg_bits, budget_mb) if mixed else None
-    hessians = {}
+    hessians, means, readers = {}, None, {}
     if method == "gptq" or mixed and sensitivity == "layer":
         layers = hessian_layers(model, params)
         rest = [n for n in params if n not in layers and state.get(n).codebook is None]
         if rest and method == "gptq":
             log.info("quantize: GPTQ solves Linear, Conv1d and Conv2d layers; %d other tensor(s) are rounded to "
                      "nearest: %s", len(rest), ", ".join(rest[:6]) + (", ..." if len(rest) > 6 else ""))
-        hessians = collect_hessians(model, layers, calib_data, progress=progress)
+        means = {} if method == "gptq" and bias_correction else None
+        hessians = collect_hessians(model, layers, calib_data, progress=progress, means=means)
+        if means:
+            readers = batchnorm_readers(model, {n: layers[n] for n in means}, calibration_batches(calib_data, "")[0])
     widths = dict.fromkeys(params, bits)
     if mixed:
         widths = mixed_bits(model, params, bits, group_size, budget, calib_data, progress,
                             hessians if sensitivity == "layer" else None)
     if method != "gptq":
         hessians = {}
+    places: dict[str | None, list[str]] = {}
     for i, (name, p) in enumerate(params.items()):
         st = state.get(name)
-        quantize_param(p, st, bits if st.codebook is not None else widths[name], group_size, hessians.pop(name, None),
-                       per_channel)
+        hessian = hessians.pop(name, None)
+        before = p.detach().clone() if hessian is not None and means and name in means else None
+        quantize_param(p, st, bits if st.codebook is not None else widths[name], group_size, hessian, per_channel)
+        if before is not None:
+            layer = split_name(name)[0]
+            shift = output_shift(before, p, means.pop(name))
+            places.setdefault(correct(layers[name], shift, readers.get(name, []), f"{layer}.bias" not in params),
+                              []).append(name)
         if progress is not None:
             progress(f"quantize {bits}-bit", (i + 1) / len(params))
+    if places:
+        log.info("bias correction: %d layer(s) into their bias, %d into the BatchNorm after them; %d with neither "
+                 "(left as quantized): %s", len(places.get("bias", [])), len(places.get("batchnorm", [])),
+                 len(places.get(None, [])), ", ".join(places.get(None, [])[:6]) or "-")
     if activations == "int8":
         to_int8_linear(model, state)
 
@@ -155,8 +173,13 @@ def quantize_param(p: nn.Parameter, st: ParamState, bits: int, group_size: int |
         st.codes = quantize_tensor(p, st.scale, bits)
     st.bits, st.group = bits, group
     if write_back:
-        w = st.codes.float() * broadcast_scale(st.scale, p, group)
-        p.copy_(w if st.mask is None else w * st.mask)
+        p.copy_(dequantized(st, p))
+
+
+def dequantized(st: ParamState, like: torch.Tensor) -> torch.Tensor:
+    """The float weight a grid state stands for (codes times scales, masked), shaped like `like`."""
+    w = st.codes.float() * broadcast_scale(st.scale, like, st.group)
+    return w if st.mask is None else w * st.mask
 
 
 def hessian_layers(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
