@@ -58,6 +58,14 @@ def split_name(name: str) -> tuple[str, str]:
     return module, attr
 
 
+def code_range(bits: int) -> tuple[int, int]:
+    """The integer codes a `bits`-bit grid uses: all 2^bits levels below 8 bits (a scale's sign puts a
+    group's largest weight on the extra level, as llama.cpp's Q4_0 does), [-127, 127] at 8 bits and above,
+    which int8 kernels take as symmetric."""
+    top = 2 ** (bits - 1) - 1
+    return (-top - 1 if bits < 8 else -top), top
+
+
 def broadcast_scale(scale: torch.Tensor, weight: torch.Tensor, group: int | None = None) -> torch.Tensor:
     """A per-tensor, per-channel (dim 0) or per-group (out, groups) scale shaped to broadcast against
     `weight`; groups run along the flattened input dims, `group` inputs each (the last may be short)."""

@@ -1,4 +1,4 @@
-"""Quantized grid (`q`): integer codes times float16 scales per tensor, per output channel or per
+"""Quantized grid (`q`): integer codes times float16 scales (of either sign) per tensor, per output channel or per
 group of inputs (the scales' two byte planes entropy-coded where there are many), plus a mask where
 storing it apart is smaller. Training moves latent weights; rounding is straight-through."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import CorruptStream
 from ..format.codecs import (DEFAULT_MASK_CODER, PLANE_MIN, cheapest_split, decode_codes, decode_planes,
                              encode_planes, from_bytes, int_field, scatter, stream)
-from ..state import ParamState, broadcast_scale, register_form
+from ..state import ParamState, broadcast_scale, code_range, register_form
 
 
 class RoundSTE(torch.autograd.Function):
@@ -27,16 +27,16 @@ class RoundSTE(torch.autograd.Function):
 
 
 class _Quant(nn.Module):
-    """W = round(V / s).clamp(-qmax, qmax) * s (masked), straight-through for the rounding."""
+    """W = round(V / s).clamp(lo, hi) * s (masked), straight-through for the rounding."""
 
     def __init__(self, scale: torch.Tensor, bits: int, mask: torch.Tensor | None):
         super().__init__()
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
-        self.qmax = 2 ** (bits - 1) - 1
+        self.lo, self.hi = code_range(bits)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        w = RoundSTE.apply(v / self.scale).clamp(-self.qmax, self.qmax) * self.scale
+        w = RoundSTE.apply(v / self.scale).clamp(self.lo, self.hi) * self.scale
         return w if self.mask is None else w * self.mask
 
 
@@ -59,8 +59,11 @@ class Grid:
     def encode(self, key: str, t: torch.Tensor, st: ParamState, entry: dict) -> tuple[dict, dict[str, bytes]]:
         mask = st.mask if st.mask is not None and not bool(st.mask.all()) else None
         qmax = 2 ** (st.bits - 1) - 1
-        codes = st.codes.to(torch.int32) + qmax  # non-negative symbols; qmax means 0
+        full = bool(st.codes.numel()) and int(st.codes.min()) < -qmax  # the extra negative code is used
+        codes = st.codes.to(torch.int32) + qmax + full  # non-negative symbols; qmax (+1 if full) means 0
         entry.update(kind="q", bits=int(st.bits), nscale=int(st.scale.numel()))
+        if full:
+            entry["full_range"] = True
         if st.group is not None and st.scale.dim() == 2:
             entry["group"] = int(st.group)
         scale = st.scale.half().flatten()
@@ -105,9 +108,10 @@ class Grid:
         if group is not None:
             scale = scale.reshape(rows, -1)
         qmax = 2 ** (bits - 1) - 1
-        if codes.numel() and int(codes.max()) > 2 * qmax:
+        zero = qmax + (entry.get("full_range") is True)  # the symbol of code 0: files without the field are symmetric
+        if codes.numel() and int(codes.max()) > zero + qmax:
             raise CorruptStream(f"tensor {name!r}: a code is outside the {bits}-bit range")
-        q = (scatter(codes, mask, shape, fill=qmax) - qmax).to(torch.int32)
+        q = (scatter(codes, mask, shape, fill=zero) - zero).to(torch.int32)
         return GridWeight(q, scale, group or 0, bits), mask
 
     def parametrize(self, st: ParamState, weight: torch.Tensor) -> nn.Module | None:

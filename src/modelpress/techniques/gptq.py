@@ -1,13 +1,14 @@
 """GPTQ (Frantar et al., 2022): quantize a Linear or convolution weight one input column at a time and
 spread each column's rounding error over the columns not yet quantized, in proportion to the inverse
 Hessian H = 2 X^T X of the layer's calibration inputs (a convolution's inputs are its receptive fields,
-and a grouped convolution has one Hessian per group). The same grid as round-to-nearest (symmetric, per
+and a grouped convolution has one Hessian per group). The same grid as round-to-nearest (`grid.py`: per
 channel or per group, float16-exact scales), so the result stores and runs the same way; only the
 codes are chosen to keep the layer's outputs, not its weights, close."""
 from __future__ import annotations
 
 import torch
 
+from ..state import code_range
 from .grid import row_scale
 
 ROWS = 8192  # output rows solved at once (an LM head's 32k-150k rows in steps)
@@ -29,7 +30,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
             scales = s.new_empty(w.shape[0], *s.shape[1:]) if scales is None else scales
             scales[i:i + ROWS] = s
         return codes, scales
-    qmax = 2 ** (bits - 1) - 1
+    lo, hi = code_range(bits)
     own = overwrite and hessian.dtype == torch.float64 and hessian.is_contiguous()
     H = (hessian.detach() if own else hessian.detach().to(torch.float64, copy=True)).view(-1, *hessian.shape[-2:])
     n_groups, cols = H.shape[0], H.shape[-1]
@@ -64,7 +65,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
                 chunk = W1[:, :, i:i + group]
                 scale[:, :, col // group] = row_scale(chunk.reshape(out, -1), bits).reshape(n_groups, rows)
             s = scale[:, :, col // group] if group is not None else scale
-            q = torch.round(W1[:, :, i] / s).clamp(-qmax, qmax)
+            q = torch.round(W1[:, :, i] / s).clamp(lo, hi)
             if M is not None:
                 q = q * M[:, :, col]
             Q[:, :, col] = q

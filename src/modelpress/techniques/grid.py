@@ -1,13 +1,15 @@
-"""Uniform symmetric grids: per tensor, per output channel or per group of inputs, `bits` bits, zero
-exactly representable (so pruned weights stay zero). Scales are float16-exact so the file stores them
-losslessly. Below 8 bits each scale is the one, among shrunken copies of max|w|, that minimises the
-squared error of its group (clipping the rare largest weights is worth the finer grid). Shared by
-round-to-nearest, GPTQ and per-layer bit allocation."""
+"""Uniform grids: per tensor, per output channel or per group of inputs, `bits` bits, zero exactly
+representable (so pruned weights stay zero). Below 8 bits all 2^bits codes are used: a scale's sign is
+chosen so that a group's largest weight lands on the extra negative code (-8 at 4 bits; a step 8/7 finer
+than a symmetric grid's), and the scale is the one, among shrunken copies of that weight, that minimises
+the squared error of its group (clipping the rare largest weights is worth the finer grid). 8 bits stay
+symmetric, [-127, 127], for the int8 kernels. Scales are float16-exact so the file stores them losslessly.
+Shared by round-to-nearest, GPTQ and per-layer bit allocation."""
 from __future__ import annotations
 
 import torch
 
-from ..state import broadcast_scale
+from ..state import broadcast_scale, code_range
 
 _SHRINK = torch.linspace(1.0, 0.5, 11)  # candidate clip ratios of max|w| below 8 bits
 
@@ -21,25 +23,28 @@ def symmetric_scale(w: torch.Tensor, bits: int, per_channel: bool = True) -> tor
 
 def _f16_scale(scale: torch.Tensor) -> torch.Tensor:
     """Round to 8 significant bits (0.4% steps: no measurable loss) inside float16, so that the
-    file's entropy coder stores a scale in about half of float16's 16 bits."""
+    file's entropy coder stores a scale in about half of float16's 16 bits; the sign is kept, and a zero
+    (an all-zero group) becomes 1."""
     mantissa, exponent = torch.frexp(scale)
     scale = torch.ldexp(torch.round(mantissa * 256) / 256, exponent).half().float()
     tiny = torch.finfo(torch.float16).tiny
-    return torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min(tiny)
+    size = torch.where(scale != 0, scale.abs(), torch.ones_like(scale)).clamp_min(tiny)
+    return torch.where(scale < 0, -size, size)
 
 
 def row_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """One scale per row of a 2-D tensor; below 8 bits the clip ratio with the least squared error."""
-    qmax = 2 ** (bits - 1) - 1
-    amax = w.abs().amax(1)
+    """One scale per row of a 2-D tensor: max|w| / 127 at 8 bits; below, signed so that the row's
+    largest weight falls on the lowest code, with the clip ratio of least squared error."""
+    lo, hi = code_range(bits)
     if bits >= 8:
-        return _f16_scale(amax / qmax)
-    cands = _f16_scale((amax.unsqueeze(0) * _SHRINK.unsqueeze(1)) / qmax)  # (ratios, rows)
-    best = torch.empty_like(amax)
+        return _f16_scale(w.abs().amax(1) / hi)
+    extreme = w.gather(1, w.abs().argmax(1, keepdim=True)).squeeze(1)  # signed: the weight of largest magnitude
+    cands = _f16_scale((extreme.unsqueeze(0) * _SHRINK.unsqueeze(1)) / lo)  # (ratios, rows)
+    best = torch.empty_like(extreme)
     step = max(1, 2 ** 22 // (len(_SHRINK) * max(1, w.shape[1])))  # bounded memory on big tables
     for r in range(0, w.shape[0], step):
         c, x = cands[:, r:r + step].unsqueeze(2), w[r:r + step].unsqueeze(0)
-        err = ((torch.round(x / c).clamp(-qmax, qmax) * c - x) ** 2).sum(2)
+        err = ((torch.round(x / c).clamp(lo, hi) * c - x) ** 2).sum(2)
         best[r:r + step] = c.squeeze(2).gather(0, err.argmin(0, keepdim=True)).squeeze(0)
     return best
 
@@ -65,11 +70,11 @@ def row_chunks(w: torch.Tensor, elements: int = 1 << 22) -> list[slice]:
 
 
 def quantize_tensor(w: torch.Tensor, scale: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
-    """Integer codes of w on the grid `scale`, clamped to the signed `bits` range."""
-    qmax, w = 2 ** (bits - 1) - 1, w.detach()
+    """Integer codes of w on the grid `scale`, clamped to the `bits` codes (`code_range`)."""
+    (lo, hi), w = code_range(bits), w.detach()
     if w.dim() == 0 or scale.numel() == 1:
-        return torch.round(w / broadcast_scale(scale, w, group)).clamp(-qmax, qmax).to(torch.int32)
+        return torch.round(w / broadcast_scale(scale, w, group)).clamp(lo, hi).to(torch.int32)
     out = torch.empty(w.shape, dtype=torch.int32)
     for r in row_chunks(w):  # rows at a time: a 65M-entry table would take three float copies at once
-        out[r] = torch.round(w[r] / broadcast_scale(scale[r], w[r], group)).clamp(-qmax, qmax)
+        out[r] = torch.round(w[r] / broadcast_scale(scale[r], w[r], group)).clamp(lo, hi)
     return out

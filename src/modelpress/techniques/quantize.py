@@ -1,8 +1,8 @@
-"""Uniform symmetric weight quantization (the grids are in `grid.py`): per tensor, per output channel
-or per group of inputs, round-to-nearest or error-compensating. `method="gptq"` compensates each column's rounding error in the columns not yet
-quantized, weighted by the layer's input Hessian from calibration data. On a clustered tensor the
-codebook itself is snapped to a per-tensor grid, so codes stay shared. With `activations="int8"`,
-8-bit Linear layers become `runtime.Int8Linear` (int8 x int8 products, activations per token)."""
+"""Uniform weight quantization (the grids are in `grid.py`: all 2^bits codes below 8 bits, symmetric at 8):
+per tensor, per output channel or per group of inputs, round-to-nearest or error-compensating.
+`method="gptq"` compensates each column's rounding error in the columns not yet quantized, weighted by
+the layer's input Hessian from calibration data. On a clustered tensor the codebook itself is snapped to
+a per-tensor grid, so codes stay shared. With `activations="int8"`, 8-bit Linear layers become `runtime.Int8Linear` (int8 x int8 products, activations per token)."""
 from __future__ import annotations
 
 import logging
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @register_stage
 class QuantizeConfig(StageConfig):
-    """Uniform symmetric weight quantization (per output channel, or per group of `group_size` inputs),
+    """Uniform weight quantization (per output channel, or per group of `group_size` inputs),
     round-to-nearest or GPTQ; `activations: int8` runs 8-bit Linear layers as int8 x int8 products."""
 
     key: ClassVar[str] = "quantize"
