@@ -2,7 +2,8 @@
 per tensor, per output channel or per group of inputs, round-to-nearest or error-compensating.
 `method="gptq"` compensates each column's rounding error in the columns not yet quantized, weighted by
 the layer's input Hessian from calibration data. On a clustered tensor the codebook itself is snapped to
-a per-tensor grid, so codes stay shared. With `activations="int8"`, 8-bit Linear layers become `runtime.Int8Linear` (int8 x int8 products, activations per token)."""
+a per-tensor grid, so codes stay shared. With `activations="int8"`, 8-bit Linear layers become
+`runtime.Int8Linear` (int8 x int8 products, activations per token)."""
 from __future__ import annotations
 
 import logging
