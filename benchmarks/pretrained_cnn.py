@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import modelpress as mp
+from modelpress.capabilities import native_bf16
 from modelpress.measure import latencies, machine_line
 
 CALIB_PHOTOS = ("china", "flower", "hubble_deep_field", "immunohistochemistry", "brick", "grass", "gravel")
@@ -200,7 +201,12 @@ def main() -> None:
 
     fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
     rows.append(("torch fp32 eager", fp32_mb, agreement(ref, ref), 1.0, 1.0, 0.0))
-    row("torch fp32, modelpress.accelerate", fp32_mb, mp.accelerate(build()))
+    # where accelerate computes in bf16, each model also runs through accelerate(dtype="fp32"): bf16 compute
+    # alone moves near-tie decisions of the uncompressed model
+    dtypes = ("auto", "fp32") if native_bf16() else ("auto",)
+    suffix = {"auto": "", "fp32": "(dtype='fp32')"}
+    for dtype in dtypes:
+        row(f"torch fp32, modelpress.accelerate{suffix[dtype]}", fp32_mb, mp.accelerate(build(), dtype=dtype))
     with tempfile.TemporaryDirectory() as work:
         if not args.no_peers:
             for int8 in (False, True):
@@ -213,8 +219,9 @@ def main() -> None:
             seconds = time.perf_counter() - t
             path = os.path.join(work, f"{preset}.mpz")
             size = result.save(path)
-            row(f"modelpress {preset}, accelerate", size / 1e6, mp.accelerate(mp.load(path, model=build())),
-                seconds)
+            for dtype in dtypes:
+                row(f"modelpress {preset}, accelerate{suffix[dtype]}", size / 1e6,
+                    mp.accelerate(mp.load(path, model=build()), dtype=dtype), seconds)
     print("| method | file MB | top-1 agree | fp32 top-1 in top-5 | mean cos | speed b1 | speed b32 | s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, mb, a, s1, s32, sec in rows:

@@ -132,3 +132,21 @@ def test_bf16_gives_loaded_buffers_their_own_storage_and_the_model_compiles(tmp_
     y = fast(x)
     assert fast.graph == "inductor (freezing)"  # compiled, not "eager (compile failed)"
     assert cos(y, expected) > 0.999
+
+
+def test_each_accelerated_model_gets_its_own_room_under_dynamos_recompile_limit(monkeypatch):
+    """Dynamo's recompile limit counts graphs per forward function, across models of one class; past it
+    the function runs eagerly without a word. With the limit at 1, two models of one class still compile."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    x = torch.randn(2, 16)
+    before = counters["stats"]["unique_graphs"]
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+        fast = mp.accelerate(model, dtype="fp32", compile=True)
+        with torch.no_grad():
+            assert torch.allclose(fast(x), model(x), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - before == 2  # one graph each: the second was not left eager
