@@ -66,11 +66,11 @@ def batchnorm_readers(model: nn.Module, layers: dict[str, nn.Module], batch: Any
 
 
 @torch.no_grad()
-def correct(layer: nn.Module, shift: torch.Tensor, readers: list[_BatchNorm], bias_free: bool = True) -> str | None:
-    """Put `shift` back where `layer`'s outputs go: "bias" (when `bias_free`: the bias is not itself
-    quantized), "batchnorm", or None where there is no such place."""
+def correct(layer: nn.Module, shift: torch.Tensor, readers: list[_BatchNorm], into_bias: bool = True) -> str | None:
+    """Put `shift` back where `layer`'s outputs go: "bias" (unless not `into_bias`: a bias that is itself
+    quantized), "batchnorm" (`readers`), or None where there is no such place."""
     bias = getattr(layer, "bias", None)
-    if isinstance(bias, torch.Tensor) and bias_free and bias.shape == shift.shape:
+    if isinstance(bias, torch.Tensor) and into_bias and bias.shape == shift.shape:
         bias.add_(shift.to(bias.dtype))
         return "bias"
     targets = [bn for bn in readers if bn.running_mean.shape == shift.shape]

@@ -117,7 +117,7 @@ def hessians_while(layers: dict[str, nn.Module], feed: Callable[[], object],
     and their mean input rows into `means` if given."""
     shapes = {name: hessian_shape(m) for name, m in layers.items()}
     sums = {name: torch.zeros(g, k, k, dtype=torch.float64) for name, (g, k) in shapes.items()}
-    firsts = {name: torch.zeros(g, k, dtype=torch.float64) for name, (g, k) in shapes.items()} if means is not None \
+    row_sums = {name: torch.zeros(g, k, dtype=torch.float64) for name, (g, k) in shapes.items()} if means is not None \
         else {}
     counts = dict.fromkeys(layers, 0)
 
@@ -127,7 +127,7 @@ def hessians_while(layers: dict[str, nn.Module], feed: Callable[[], object],
                 rows = rows.double()
                 sums[name].baddbmm_(rows.transpose(1, 2), rows)
                 if means is not None:
-                    firsts[name] += rows.sum(1)
+                    row_sums[name] += rows.sum(1)
                 counts[name] += rows.shape[1]
         return fn
 
@@ -152,5 +152,5 @@ def hessians_while(layers: dict[str, nn.Module], feed: Callable[[], object],
         if n > 0:
             out[name] = (h[0] if isinstance(layers[name], nn.Linear) else h).mul_(2).div_(n)
             if means is not None:
-                means[name] = firsts.pop(name).div_(n)
+                means[name] = row_sums.pop(name).div_(n)
     return out

@@ -119,10 +119,11 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
         if rest and method == "gptq":
             log.info("quantize: GPTQ solves Linear, Conv1d and Conv2d layers; %d other tensor(s) are rounded to "
                      "nearest: %s", len(rest), ", ".join(rest[:6]) + (", ..." if len(rest) > 6 else ""))
+        calib_data = calibration_batches(calib_data, "method: gptq")  # a list: it is passed over more than once
         means = {} if method == "gptq" and bias_correction else None
         hessians = collect_hessians(model, layers, calib_data, progress=progress, means=means)
         if means:
-            readers = batchnorm_readers(model, {n: layers[n] for n in means}, calibration_batches(calib_data, "")[0])
+            readers = batchnorm_readers(model, {n: layers[n] for n in means}, calib_data[0])
     widths = dict.fromkeys(params, bits)
     if mixed:
         widths = mixed_bits(model, params, bits, group_size, budget, calib_data, progress,
