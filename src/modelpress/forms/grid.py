@@ -58,7 +58,7 @@ class Grid:
 
     def encode(self, key: str, t: torch.Tensor, st: ParamState, entry: dict) -> tuple[dict, dict[str, bytes]]:
         mask = st.mask if st.mask is not None and not bool(st.mask.all()) else None
-        qmax = 2 ** (st.bits - 1) - 1
+        qmax = code_range(st.bits)[1]
         full = bool(st.codes.numel()) and int(st.codes.min()) < -qmax  # the extra negative code is used
         codes = st.codes.to(torch.int32) + qmax + full  # non-negative symbols; qmax (+1 if full) means 0
         entry.update(kind="q", bits=int(st.bits), nscale=int(st.scale.numel()))
@@ -107,7 +107,7 @@ class Grid:
             scale = from_bytes(name, stream(streams, f"{key}/scale"), torch.float16, nscale).float()
         if group is not None:
             scale = scale.reshape(rows, -1)
-        qmax = 2 ** (bits - 1) - 1
+        qmax = code_range(bits)[1]
         zero = qmax + (entry.get("full_range") is True)  # the symbol of code 0: files without the field are symmetric
         if codes.numel() and int(codes.max()) > zero + qmax:
             raise CorruptStream(f"tensor {name!r}: a code is outside the {bits}-bit range")

@@ -30,6 +30,9 @@ def batchnorm_readers(model: nn.Module, layers: dict[str, nn.Module], batch: Any
     """Per layer (by name), the BatchNorms in eval mode with running statistics that read its output as it
     came out (the same tensor, not changed in place in between), found by passing one calibration batch;
     a BatchNorm fed by more than one layer is left out."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None and not m.training]
+    if not norms:  # a transformer: no forward pass to make
+        return {}
     made: dict[int, tuple[str, weakref.ref, int]] = {}
     fed: dict[_BatchNorm, set[str]] = {}
 
@@ -48,8 +51,7 @@ def batchnorm_readers(model: nn.Module, layers: dict[str, nn.Module], batch: Any
         return hook
 
     handles = [m.register_forward_hook(wrote(name)) for name, m in layers.items()]
-    handles += [m.register_forward_pre_hook(read(m)) for m in model.modules()
-                if isinstance(m, _BatchNorm) and m.running_mean is not None and not m.training]
+    handles += [m.register_forward_pre_hook(read(m)) for m in norms]
     was_training = model.training
     model.eval()
     try:

@@ -16,7 +16,7 @@ _SHRINK = torch.linspace(1.0, 0.5, 11)  # candidate clip ratios of max|w| below 
 
 def symmetric_scale(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
     """max|w| / qmax per output channel (or per tensor), float16-representable and never zero."""
-    qmax = 2 ** (bits - 1) - 1
+    qmax = code_range(bits)[1]
     amax = w.abs().flatten(1).amax(1) if per_channel and w.dim() > 1 else w.abs().max().reshape(1)
     return _f16_scale(amax / qmax)
 
