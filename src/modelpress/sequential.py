@@ -407,7 +407,8 @@ def compress_sequential(folder: str | os.PathLike, recipe: Recipe, calib_data: I
         for n in names:  # each target quantized, coded and let go before the next
             state[n] = ParamState()
             h = hess.pop(n, None) if cfg.method == "gptq" else None
-            quantize_param(run.tensor(n), state[n], widths[n], cfg.group_size, h, cfg.per_channel, write_back=False)
+            quantize_param(run.tensor(n), state[n], widths[n], cfg.group_size, h, cfg.per_channel, write_back=False,
+                           act_order=cfg.act_order)
             if h is not None and cfg.bias_correction and n in means:  # as `quantize` does (no BatchNorm in an LM)
                 layer = split_name(n)[0]
                 shift = output_shift(run.tensor(n), dequantized(state[n], run.tensor(n)), means.pop(n))

@@ -198,3 +198,32 @@ def test_sensitivity_without_per_layer_bits_is_refused():
     with pytest.raises(Exception, match="add avg_bits or budget_mb, or drop sensitivity"):
         Recipe.from_yaml("stages:\n  - quantize: {bits: 4, sensitivity: layer}\n")
     Recipe.from_yaml("stages:\n  - quantize: {bits: 4, avg_bits: 4.5, sensitivity: layer}\n")  # accepted
+
+
+def test_act_order_lowers_the_output_error_and_keeps_static_group_scales():
+    torch.manual_seed(0)
+    x = correlated_inputs() * torch.logspace(-1, 1, 64)[torch.randperm(64)]  # inputs of very different energy
+    w = torch.randn(32, 64)
+    H = 2 * x.t() @ x / len(x)
+    errs = {}
+    for order in (False, True):
+        codes, scale = gptq(w, H, 3, 16, act_order=order)
+        assert -4 <= codes.min() and codes.max() <= 3 and scale.shape == (32, 4)
+        errs[order] = float(((x @ (w - codes.float() * broadcast_scale(scale, w, 16)).t()) ** 2).mean())
+    assert torch.equal(scale, group_scale(w, 3, 16))  # fixed from the original weight: the file's layout
+    assert errs[True] < 0.5 * errs[False]
+
+
+def test_act_order_permutes_each_group_of_a_grouped_convolution_on_its_own():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 12, 3, padding=1, groups=3, bias=False)
+    x = nn.functional.avg_pool2d(torch.randn(8, 6, 12, 12), 3, 1, 1) * torch.tensor([0.1, 3.0] * 3)[:, None, None]
+    H = collect_hessians(conv, {"c": conv}, [x])["c"]  # (3, 18, 18): the batched, gathered permutation
+    w = conv.weight.detach()
+    mask = (torch.rand(w.shape) > 0.3).float()
+    codes, scale = gptq(w, H, 3, None, mask=mask)
+    for g in range(3):  # each group alone: one Hessian, permuted in place
+        rows = slice(4 * g, 4 * g + 4)
+        c, s = gptq(w[rows], H[g], 3, None, mask=mask[rows])
+        assert torch.equal(codes[rows], c) and torch.equal(scale[rows], s)
+    assert bool((codes[mask == 0] == 0).all())

@@ -15,7 +15,8 @@ ROWS = 8192  # output rows solved at once (an LM head's 32k-150k rows in steps)
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *, mask: torch.Tensor | None = None,
-         block: int = 128, damp: float = 0.01, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+         block: int = 128, damp: float = 0.01, overwrite: bool = False,
+         act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int32 like w, scales (out,) or (out, groups)) for a weight whose flattened inputs have the
     Hessian `hessian`: (in, in), or (G, k, k) for a grouped convolution whose G groups of output
     channels each see their own k inputs (a depthwise convolution: one group per channel). With
@@ -26,7 +27,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
         codes, scales = torch.empty(w.shape, dtype=torch.int32), None
         for i in range(0, w.shape[0], ROWS):
             codes[i:i + ROWS], s = gptq(w[i:i + ROWS], hessian, bits, group, block=block, damp=damp,
-                                        mask=None if mask is None else mask[i:i + ROWS])
+                                        mask=None if mask is None else mask[i:i + ROWS], act_order=act_order)
             scales = s.new_empty(w.shape[0], *s.shape[1:]) if scales is None else scales
             scales[i:i + ROWS] = s
         return codes, scales
@@ -44,16 +45,27 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
     diag = diag + (diag == 0).to(H.dtype)  # inputs never active in calibration: rounded to nearest, not
     #                                        zeroed, as other data may reach them
     H.diagonal(dim1=-2, dim2=-1).copy_(diag + damp * diag.mean(-1)[:, None])
+    if group is not None and act_order:  # static: from the original weight, as columns are solved out of order
+        n_cols = -(-cols // group)
+        padded = torch.nn.functional.pad(W.reshape(out, cols), (0, n_cols * group - cols))
+        scale = row_scale(padded.reshape(-1, group), bits).reshape(n_groups, rows, n_cols)
+    elif group is not None:  # each group's from its columns as updated when it is reached
+        scale = torch.empty(n_groups, rows, -(-cols // group))
+    else:
+        scale = row_scale(W.reshape(out, cols), bits).reshape(n_groups, rows)
+    perm = None
+    if act_order:
+        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # (G, cols)
+        _permute_(H, perm)
+        W = W.gather(2, perm[:, None, :].expand(-1, rows, -1))
+        M = None if M is None else M.gather(2, perm[:, None, :].expand(-1, rows, -1))
     _cholesky(H)  # each step in H's own memory: an MLP's 10k-input Hessian is 0.8 GB in float64
     torch.cholesky_inverse(H, out=H)
     torch.linalg.cholesky(H, upper=True, out=H)
     Hinv = H.float()
     del H
-    if group is not None:
+    if group is not None and perm is None:
         block = max(group, block // group * group)  # groups never straddle two blocks
-        scale = torch.empty(n_groups, rows, -(-cols // group))
-    else:
-        scale = row_scale(W.reshape(out, cols), bits).reshape(n_groups, rows)
     Q = torch.zeros_like(W)
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
@@ -61,10 +73,15 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
         Err1 = torch.zeros_like(W1)
         for i in range(b1 - b0):
             col = b0 + i
-            if group is not None and col % group == 0:
-                chunk = W1[:, :, i:i + group]
-                scale[:, :, col // group] = row_scale(chunk.reshape(out, -1), bits).reshape(n_groups, rows)
-            s = scale[:, :, col // group] if group is not None else scale
+            if group is None:
+                s = scale
+            elif perm is not None:
+                s = scale.gather(2, (perm[:, col] // group)[:, None, None].expand(-1, rows, 1))[..., 0]
+            else:
+                if col % group == 0:
+                    chunk = W1[:, :, i:i + group]
+                    scale[:, :, col // group] = row_scale(chunk.reshape(out, -1), bits).reshape(n_groups, rows)
+                s = scale[:, :, col // group]
             q = torch.round(W1[:, :, i] / s).clamp(lo, hi)
             if M is not None:
                 q = q * M[:, :, col]
@@ -73,7 +90,35 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
             W1[:, :, i:] -= err.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)
             Err1[:, :, i] = err
         W[:, :, b1:] -= Err1 @ Hinv[:, b0:b1, b1:]
+    if perm is not None:
+        Q = Q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(-1, rows, -1))
     return Q.reshape(w.shape).to(torch.int32), scale.reshape(out, -1) if group is not None else scale.reshape(out)
+
+
+def _permute_(H: torch.Tensor, perm: torch.Tensor) -> None:
+    """H[g] <- H[g][perm[g]][:, perm[g]] for each matrix of the batch H (G, k, k). One matrix is permuted
+    in place, cycle by cycle (an MLP's Hessian is too big for a second copy); a batch (a grouped
+    convolution's small Hessians) through one gathered copy."""
+    if H.shape[0] > 1:
+        idx = perm[:, :, None].expand_as(H)
+        H.copy_(H.gather(1, idx).gather(2, idx.transpose(1, 2)))
+        return
+    order = perm[0].tolist()
+    A = H[0]
+    for view in (A, A.t()):  # rows, then columns
+        seen = [False] * len(order)
+        for start, first in enumerate(order):
+            if seen[start] or first == start:
+                continue
+            held, i = view[start].clone(), start
+            while True:  # new[i] = old[order[i]] along the cycle
+                seen[i] = True
+                j = order[i]
+                if j == start:
+                    view[i] = held
+                    break
+                view[i] = view[j]
+                i = j
 
 
 def _cholesky(H: torch.Tensor) -> None:

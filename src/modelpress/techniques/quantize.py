@@ -46,6 +46,7 @@ class QuantizeConfig(StageConfig):
     budget_mb: Optional[float] = Field(default=None, gt=0.0, le=10**7)  # per-layer bits: file size budget
     sensitivity: Literal["output", "layer"] = "output"  # per-layer bits: the model's output, or each layer's
     bias_correction: bool = True  # with gptq: each layer's mean output shift goes back into its bias or BatchNorm
+    act_order: bool = True  # with gptq: columns solved by decreasing Hessian diagonal (static group scales)
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeConfig":
@@ -74,7 +75,7 @@ def _apply(model: nn.Module, state: CompressionState, cfg: QuantizeConfig, run: 
     quantize(model, state, bits=cfg.bits, per_channel=cfg.per_channel, group_size=cfg.group_size,
              method=cfg.method, activations=cfg.activations, embeddings=cfg.embeddings,
              avg_bits=cfg.avg_bits, budget_mb=cfg.budget_mb, sensitivity=cfg.sensitivity,
-             include_bias=cfg.include_bias, bias_correction=cfg.bias_correction,
+             include_bias=cfg.include_bias, bias_correction=cfg.bias_correction, act_order=cfg.act_order,
              exclude=run.excluded(cfg), calib_data=run.calib_data, progress=run.progress)
 
 
@@ -97,12 +98,12 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
              group_size: int | None = None, method: str = "rtn", activations: str = "none",
              embeddings: bool = True, include_bias: bool = False, exclude: tuple[str, ...] = (),
              avg_bits: float | None = None, budget_mb: float | None = None, sensitivity: str = "output",
-             bias_correction: bool = True, calib_data: Iterable | None = None,
+             bias_correction: bool = True, act_order: bool = True, calib_data: Iterable | None = None,
              progress: Callable[[str, float], None] | None = None) -> None:
     """Snap target weights (or their codebooks) to a uniform grid of `bits` bits, or of per-tensor
     bits chosen by measured sensitivity (`sensitivity`: "output" or "layer", see `mixed.py`) when
     `avg_bits` or `budget_mb` is given. With GPTQ and `bias_correction`, each layer's mean output shift
-    on the calibration data is put back (`bias_correction.py`)."""
+    on the calibration data is put back (`bias_correction.py`); `act_order`: see `gptq.py`."""
     params = quant_targets(model, exclude, bias=include_bias, embeddings=embeddings)
     if not params:
         raise ModelpressError("quantize: the model has no Linear, Conv or Embedding layer left after 'exclude'; "
@@ -135,7 +136,8 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
         st = state.get(name)
         hessian = hessians.pop(name, None)
         before = p.detach().clone() if hessian is not None and means and name in means else None
-        quantize_param(p, st, bits if st.codebook is not None else widths[name], group_size, hessian, per_channel)
+        quantize_param(p, st, bits if st.codebook is not None else widths[name], group_size, hessian, per_channel,
+                       act_order=act_order)
         if before is not None:
             layer = split_name(name)[0]
             shift = output_shift(before, p, means.pop(name))
@@ -153,7 +155,7 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
 
 @torch.no_grad()
 def quantize_param(p: nn.Parameter, st: ParamState, bits: int, group_size: int | None, hessian: torch.Tensor | None,
-                   per_channel: bool = True, write_back: bool = True) -> None:
+                   per_channel: bool = True, write_back: bool = True, act_order: bool = True) -> None:
     """Snap one parameter to its grid in place (GPTQ when its input Hessian is given), recording codes and
     scales in `st`; a clustered tensor's codebook is snapped instead, so its codes stay shared. Without
     `write_back` only `st` is set (the caller codes it and lets the parameter go). The Hessian is used up:
@@ -165,7 +167,7 @@ def quantize_param(p: nn.Parameter, st: ParamState, bits: int, group_size: int |
         return
     group = _group_for(p, group_size)
     if hessian is not None and per_channel:
-        st.codes, st.scale = gptq(p.detach(), hessian, bits, group, mask=st.mask, overwrite=True)
+        st.codes, st.scale = gptq(p.detach(), hessian, bits, group, mask=st.mask, overwrite=True, act_order=act_order)
     elif p.dim() > 1 and per_channel:
         st.scale = group_scale(p, bits, group)
         st.codes = quantize_tensor(p, st.scale, bits, group)
