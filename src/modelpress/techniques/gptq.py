@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..state import code_range
-from .grid import row_scale
+from .grid import row_chunks, row_scale
 
 ROWS = 8192  # output rows solved at once (an LM head's 32k-150k rows in steps)
 
@@ -97,28 +97,28 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
 
 def _permute_(H: torch.Tensor, perm: torch.Tensor) -> None:
     """H[g] <- H[g][perm[g]][:, perm[g]] for each matrix of the batch H (G, k, k). One matrix is permuted
-    in place, cycle by cycle (an MLP's Hessian is too big for a second copy); a batch (a grouped
-    convolution's small Hessians) through one gathered copy."""
+    in place (an MLP's Hessian is too big for a second copy): its rows cycle by cycle, then its columns a
+    band of rows at a time; a batch (a grouped convolution's small Hessians) through one gathered copy."""
     if H.shape[0] > 1:
         idx = perm[:, :, None].expand_as(H)
         H.copy_(H.gather(1, idx).gather(2, idx.transpose(1, 2)))
         return
-    order = perm[0].tolist()
-    A = H[0]
-    for view in (A, A.t()):  # rows, then columns
-        seen = [False] * len(order)
-        for start, first in enumerate(order):
-            if seen[start] or first == start:
-                continue
-            held, i = view[start].clone(), start
-            while True:  # new[i] = old[order[i]] along the cycle
-                seen[i] = True
-                j = order[i]
-                if j == start:
-                    view[i] = held
-                    break
-                view[i] = view[j]
-                i = j
+    A, order = H[0], perm[0].tolist()
+    seen = [False] * len(order)
+    for start, first in enumerate(order):
+        if seen[start] or first == start:
+            continue
+        held, i = A[start].clone(), start
+        while True:  # new row i = old row order[i], along the cycle
+            seen[i] = True
+            j = order[i]
+            if j == start:
+                A[i] = held
+                break
+            A[i] = A[j]
+            i = j
+    for r in row_chunks(A):
+        A[r] = A[r].index_select(1, perm[0])
 
 
 def _cholesky(H: torch.Tensor) -> None:
