@@ -227,3 +227,20 @@ def test_act_order_permutes_each_group_of_a_grouped_convolution_on_its_own():
         c, s = gptq(w[rows], H[g], 3, None, mask=mask[rows])
         assert torch.equal(codes[rows], c) and torch.equal(scale[rows], s)
     assert bool((codes[mask == 0] == 0).all())
+
+
+@pytest.mark.parametrize("kind, bits, expect", [("linear", 4, True), ("linear", 8, False), ("conv", 4, False)])
+def test_act_order_by_default_only_for_matrix_weights_below_8_bits(kind, bits, expect):
+    from modelpress.state import ParamState
+    from modelpress.techniques.quantize import quantize_param
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 16, bias=False) if kind == "linear" else nn.Conv2d(4, 16, 4, bias=False)
+    x = correlated_inputs(512) * torch.logspace(-1, 1, 64)[torch.randperm(64)]
+    x = x if kind == "linear" else x.reshape(-1, 4, 4, 4)
+    H = collect_hessians(layer, {"l": layer}, [x])["l"]
+    st = ParamState()
+    quantize_param(layer.weight, st, bits, 16, H.clone(), write_back=False)
+    codes = {order: gptq(layer.weight.detach(), H, bits, 16, act_order=order)[0] for order in (False, True)}
+    assert not torch.equal(codes[False], codes[True])  # the two orders give different codes here
+    assert torch.equal(st.codes, codes[expect])

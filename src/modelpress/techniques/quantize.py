@@ -46,7 +46,7 @@ class QuantizeConfig(StageConfig):
     budget_mb: Optional[float] = Field(default=None, gt=0.0, le=10**7)  # per-layer bits: file size budget
     sensitivity: Literal["output", "layer"] = "output"  # per-layer bits: the model's output, or each layer's
     bias_correction: bool = True  # with gptq: each layer's mean output shift goes back into its bias or BatchNorm
-    act_order: bool = True  # with gptq: columns solved by decreasing Hessian diagonal (static group scales)
+    act_order: Optional[bool] = None  # with gptq: columns by decreasing Hessian diagonal; None: Linear below 8 bits
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeConfig":
@@ -98,7 +98,7 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
              group_size: int | None = None, method: str = "rtn", activations: str = "none",
              embeddings: bool = True, include_bias: bool = False, exclude: tuple[str, ...] = (),
              avg_bits: float | None = None, budget_mb: float | None = None, sensitivity: str = "output",
-             bias_correction: bool = True, act_order: bool = True, calib_data: Iterable | None = None,
+             bias_correction: bool = True, act_order: bool | None = None, calib_data: Iterable | None = None,
              progress: Callable[[str, float], None] | None = None) -> None:
     """Snap target weights (or their codebooks) to a uniform grid of `bits` bits, or of per-tensor
     bits chosen by measured sensitivity (`sensitivity`: "output" or "layer", see `mixed.py`) when
@@ -155,11 +155,14 @@ def quantize(model: nn.Module, state: CompressionState, *, bits: int, per_channe
 
 @torch.no_grad()
 def quantize_param(p: nn.Parameter, st: ParamState, bits: int, group_size: int | None, hessian: torch.Tensor | None,
-                   per_channel: bool = True, write_back: bool = True, act_order: bool = True) -> None:
+                   per_channel: bool = True, write_back: bool = True, act_order: bool | None = None) -> None:
     """Snap one parameter to its grid in place (GPTQ when its input Hessian is given), recording codes and
     scales in `st`; a clustered tensor's codebook is snapped instead, so its codes stay shared. Without
     `write_back` only `st` is set (the caller codes it and lets the parameter go). The Hessian is used up:
-    GPTQ factors it in its own memory."""
+    GPTQ factors it in its own memory. `act_order` None: GPTQ's act order for a matrix weight (Linear,
+    recurrent) below 8 bits, where it was measured to help (SmolLM2-135M w3 ppl 58.5 -> 52.5, all-MiniLM-L6-v2
+    4 and 3 bits); convolutions and 8 bits keep the natural order, as act order lost top-1 agreement there
+    (MobileNetV2 w4 85.5% -> 83.9%, int8 97.3% -> 96.8%)."""
     if st.codebook is not None:
         s = symmetric_scale(st.codebook, bits, per_channel=False)
         st.codebook = quantize_tensor(st.codebook, s, bits).float() * s
@@ -167,7 +170,8 @@ def quantize_param(p: nn.Parameter, st: ParamState, bits: int, group_size: int |
         return
     group = _group_for(p, group_size)
     if hessian is not None and per_channel:
-        st.codes, st.scale = gptq(p.detach(), hessian, bits, group, mask=st.mask, overwrite=True, act_order=act_order)
+        order = p.dim() == 2 and bits < 8 if act_order is None else act_order
+        st.codes, st.scale = gptq(p.detach(), hessian, bits, group, mask=st.mask, overwrite=True, act_order=order)
     elif p.dim() > 1 and per_channel:
         st.scale = group_scale(p, bits, group)
         st.codes = quantize_tensor(p, st.scale, bits, group)
