@@ -5,7 +5,7 @@ and a grouped convolution has one Hessian per group). The same grid as round-to-
 channel or per group, float16-exact scales), so the result stores and runs the same way; only the
 codes are chosen to keep the layer's outputs, not its weights, close. With `act_order` the columns are solved
 by decreasing Hessian diagonal (the inputs carrying most energy first, while most columns remain to absorb
-their error) and group scales are fixed from the original weight; `quantize_param` picks it by weight kind.
+their error) and group scales are fixed from the original weight; `quantize_param` picks it by weight kind."""
 from __future__ import annotations
 
 import torch
