@@ -46,7 +46,7 @@ class QuantizeConfig(StageConfig):
     budget_mb: Optional[float] = Field(default=None, gt=0.0, le=10**7)  # per-layer bits: file size budget
     sensitivity: Literal["output", "layer"] = "output"  # per-layer bits: the model's output, or each layer's
     bias_correction: bool = True  # with gptq: each layer's mean output shift goes back into its bias or BatchNorm
-    act_order: Optional[bool] = None  # with gptq: columns by decreasing Hessian diagonal; None: Linear below 8 bits
+    act_order: Optional[bool] = None  # gptq: columns by decreasing Hessian diagonal; None: 2-D weights below 8 bits
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeConfig":
