@@ -139,14 +139,18 @@ def logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Te
 CLEAR = 0.1  # fp32's top-1 probability ahead of its second by this much: a decision, not a near tie
 
 
+def clear(ref: torch.Tensor) -> torch.Tensor:
+    """Which rows of the logits `ref` have a top-1 probability at least CLEAR ahead of the second."""
+    p = ref.softmax(1).topk(2, dim=1).values
+    return p[:, 0] - p[:, 1] >= CLEAR
+
+
 def agreement(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
     """Top-1 agreement with fp32 (`ref` logits) on all crops and on those where fp32 is clear (CLEAR),
     fp32's top class within `out`'s top 5, and the logits' mean cosine."""
     top5 = ref.topk(5, dim=1).indices
     same = ref.argmax(1) == out.argmax(1)
-    p = ref.softmax(1).topk(2, dim=1).values
-    clear = p[:, 0] - p[:, 1] >= CLEAR
-    return {"top1": same.float().mean().item(), "top1_clear": same[clear].float().mean().item(),
+    return {"top1": same.float().mean().item(), "top1_clear": same[clear(ref)].float().mean().item(),
             "in_top5": (top5 == out.argmax(1, keepdim=True)).any(1).float().mean().item(),
             "cos": F.cosine_similarity(ref, out, dim=1).mean().item()}
 
@@ -198,8 +202,7 @@ def main() -> None:
     calib = [x_cal[i:i + 16] for i in range(0, len(x_cal), 16)]
     ref = logits(model, x_eval)
     one, many = x_eval[:1], x_eval[:32]
-    p = ref.softmax(1).topk(2, dim=1).values
-    n_clear = int((p[:, 0] - p[:, 1] >= CLEAR).sum())
+    n_clear = int(clear(ref).sum())
     print(f"{args.model}, {len(x_eval)} crops of {len(EVAL_PHOTOS)} photos ({len(x_cal)} calibration crops of "
           f"{len(CALIB_PHOTOS)} others; fp32 clear on {n_clear}: top-1 probability {CLEAR} or more ahead of the "
           f"second); torch {torch.__version__}; {machine_line()}")
