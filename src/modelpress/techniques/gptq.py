@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..state import code_range
-from .grid import row_chunks, row_scale
+from .grid import group_scale, row_chunks, row_scale
 
 ROWS = 8192  # output rows solved at once (an LM head's 32k-150k rows in steps)
 
@@ -48,9 +48,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, *
     #                                        zeroed, as other data may reach them
     H.diagonal(dim1=-2, dim2=-1).copy_(diag + damp * diag.mean(-1)[:, None])
     if group is not None and act_order:  # static: from the original weight, as columns are solved out of order
-        n_cols = -(-cols // group)
-        padded = torch.nn.functional.pad(W.reshape(out, cols), (0, n_cols * group - cols))
-        scale = row_scale(padded.reshape(-1, group), bits).reshape(n_groups, rows, n_cols)
+        scale = group_scale(W.reshape(out, cols), bits, group).reshape(n_groups, rows, -1)
     elif group is not None:  # each group's from its columns as updated when it is reached
         scale = torch.empty(n_groups, rows, -(-cols // group))
     else:
